@@ -1,0 +1,77 @@
+// Helpers for the CPU kernels: the row source (explicit idx or in-kernel Philox)
+// and the vectorisable inner loops over one bank row.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <atomic>
+#include <cstdint>
+
+#include "npid/philox.h"
+
+namespace npid {
+namespace cpu {
+
+// Where row (b, k) of the gathered set comes from.
+struct RowSource {
+  const int64_t* idx = nullptr;  // (B, K+1) contiguous, or null for Philox sampling
+  const int64_t* y = nullptr;    // positives, used when sampling
+  int64_t columns = 0;           // K + 1
+  int64_t n_data = 0;
+  uint64_t seed = 0, offset = 0;
+
+  int64_t operator()(int64_t b, int64_t k) const {
+    if (idx != nullptr) return idx[b * columns + k];
+    return sampled_row(b, k, columns - 1, y[b], seed, offset, n_data);
+  }
+};
+
+// `idx_storage` keeps a contiguous copy alive while the RowSource points into it.
+inline RowSource make_row_source(const at::Tensor& bank, const at::Tensor& y,
+                                 const c10::optional<at::Tensor>& idx,
+                                 const c10::optional<at::Tensor>& rng_state, int64_t columns,
+                                 at::Tensor& idx_storage, at::Tensor& y_storage) {
+  RowSource src;
+  src.columns = columns;
+  src.n_data = bank.size(0);
+  y_storage = y.contiguous();
+  src.y = y_storage.data_ptr<int64_t>();
+  if (idx.has_value()) {
+    idx_storage = idx->contiguous();
+    src.idx = idx_storage.data_ptr<int64_t>();
+  } else {
+    const int64_t* state = rng_state->data_ptr<int64_t>();
+    src.seed = static_cast<uint64_t>(state[0]);
+    src.offset = static_cast<uint64_t>(state[1]);
+  }
+  return src;
+}
+
+// Records the first out-of-range row seen by any thread, reported after the loop.
+struct BadIndexFlag {
+  std::atomic<bool> set{false};
+  int64_t value = 0;
+  void record(int64_t v) {
+    bool expected = false;
+    if (set.compare_exchange_strong(expected, true)) value = v;
+  }
+};
+
+template <typename acc_t, typename bank_t>
+inline acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < d; ++j) s += static_cast<acc_t>(row[j]) * x[j];
+  return s;
+}
+
+template <typename acc_t, typename bank_t>
+inline void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t* __restrict__ out, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) out[j] += a * static_cast<acc_t>(row[j]);
+}
+
+// Per-sample work is ~K*d multiply-adds; one sample per grain keeps both cores busy at B=1..4.
+constexpr int64_t kSampleGrain = 1;
+
+}  // namespace cpu
+}  // namespace npid

@@ -1,0 +1,341 @@
+// CPU kernels for the sampled-row ops: negative sampling, lemniscate's NCE scores
+// and their backward, Z estimation, and the fused one-pass NCE / softmax-CE losses.
+// Each sample b is independent: at::parallel_for over the batch, the sample's
+// features held in a small acc_t buffer, every bank row read once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "npid/checks.h"
+#include "npid/dispatch.h"
+#include "npid/loss_terms.h"
+
+namespace npid {
+namespace cpu {
+namespace {
+
+void report_bad_index(const BadIndexFlag& bad, const char* name, int64_t n_data) {
+  TORCH_CHECK(!bad.set.load(), name, " holds row ", bad.value, ", outside the bank [0, ", n_data,
+              ")");
+}
+
+at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
+                            int64_t num_negatives) {
+  TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
+              y.scalar_type(), " of shape ", y.sizes());
+  check_rng_state(rng_state, y);
+  TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
+              n_data);
+  TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  const at::Tensor yc = y.contiguous();
+  const int64_t B = y.size(0), columns = num_negatives + 1;
+  at::Tensor out = at::empty({B, columns}, y.options());
+  const int64_t* yp = yc.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t* state = rng_state.data_ptr<int64_t>();
+  const uint64_t seed = state[0], offset = state[1];
+  BadIndexFlag bad;
+  at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (yp[b] < 0 || yp[b] >= n_data) bad.record(yp[b]);
+      for (int64_t k = 0; k < columns; ++k)
+        op[b * columns + k] = sampled_row(b, k, num_negatives, yp[b], seed, offset, n_data);
+    }
+  });
+  report_bad_index(bad, "y", n_data);
+  return out;
+}
+
+at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
+                      double temperature) {
+  check_features(x_in, "x");
+  check_bank(bank_in, x_in);
+  check_idx_matrix(idx, x_in);
+  check_temperature(temperature);
+  const at::Tensor x = x_in.contiguous(), bank = bank_in.contiguous(), idxc = idx.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), columns = idx.size(1), n = bank.size(0);
+  at::Tensor out = at::empty({B, columns}, x.options());
+  BadIndexFlag bad;
+  dispatch_features_bank(x.scalar_type(), bank.scalar_type(), "nce_scores", [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const bank_t* bp = bank.data_ptr<bank_t>();
+    const int64_t* ip = idxc.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xb(d);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
+        for (int64_t k = 0; k < columns; ++k) {
+          const int64_t r = ip[b * columns + k];
+          if (r < 0 || r >= n) {
+            bad.record(r);
+            op[b * columns + k] = std::numeric_limits<scalar_t>::quiet_NaN();
+            continue;
+          }
+          op[b * columns + k] = static_cast<scalar_t>(std::exp(dot_row(bp + r * d, xb.data(), d) * inv_t));
+        }
+      }
+    });
+  });
+  report_bad_index(bad, "idx", n);
+  return out;
+}
+
+at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                               const at::Tensor& x_in, const at::Tensor& bank_in,
+                               const at::Tensor& idx, double temperature) {
+  check_features(x_in, "x");
+  check_bank(bank_in, x_in);
+  check_idx_matrix(idx, x_in);
+  check_temperature(temperature);
+  TORCH_CHECK(grad_out.sizes() == idx.sizes() && out.sizes() == idx.sizes(),
+              "grad_out and out must have idx's shape ", idx.sizes(), ", got ", grad_out.sizes(),
+              " and ", out.sizes());
+  const at::Tensor x = x_in.contiguous(), bank = bank_in.contiguous(), idxc = idx.contiguous();
+  const at::Tensor go = grad_out.to(x.scalar_type()).contiguous();
+  const at::Tensor oc = out.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), d = x.size(1), columns = idx.size(1), n = bank.size(0);
+  at::Tensor grad_x = at::empty_like(x);
+  BadIndexFlag bad;
+  dispatch_features_bank(x.scalar_type(), bank.scalar_type(), "nce_scores_backward",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    using acc_t = acc_type_t<scalar_t>;
+    const bank_t* bp = bank.data_ptr<bank_t>();
+    const int64_t* ip = idxc.data_ptr<int64_t>();
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* opp = oc.data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t k = 0; k < columns; ++k) {
+          const int64_t r = ip[b * columns + k];
+          if (r < 0 || r >= n) {
+            bad.record(r);
+            continue;
+          }
+          const acc_t coef = static_cast<acc_t>(gp[b * columns + k]) *
+                             static_cast<acc_t>(opp[b * columns + k]) * inv_t;
+          axpy_row(coef, bp + r * d, acc.data(), d);
+        }
+        for (int64_t j = 0; j < d; ++j) gx[b * d + j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+  report_bad_index(bad, "idx", n);
+  return grad_x;
+}
+
+void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
+  check_z(z, scores);
+  TORCH_CHECK(scores.is_floating_point() && scores.numel() > 0,
+              "scores must be a non-empty floating tensor");
+  TORCH_CHECK(n_data >= 1, "n_data must be >= 1, got ", n_data);
+  if (z.item<double>() > 0) return;  // already estimated: Z is fixed after the first batch
+  const double mean = scores.to(at::kDouble).mean().item<double>();
+  z.fill_(mean * static_cast<double>(n_data));
+}
+
+struct FusedArgs {
+  at::Tensor x, bank, idx_storage, y_storage;
+  RowSource rows;
+  int64_t columns;
+};
+
+FusedArgs prepare_fused(const at::Tensor& x_in, const at::Tensor& bank_in,
+                        const at::Tensor& y, const c10::optional<at::Tensor>& idx,
+                        const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
+                        double temperature) {
+  check_features(x_in, "x");
+  check_bank(bank_in, x_in);
+  check_index_vector(y, x_in, "y");
+  check_temperature(temperature);
+  FusedArgs a;
+  a.columns = check_rows_source(x_in, bank_in, idx, rng_state, num_negatives);
+  a.x = x_in.contiguous();
+  a.bank = bank_in.contiguous();
+  a.rows = make_row_source(a.bank, y, idx, rng_state, a.columns, a.idx_storage, a.y_storage);
+  return a;
+}
+
+// Scores every gathered row of every sample: `visit(b, k, row_ptr, s)`, s = row . x_b / T.
+// Out-of-range rows are recorded in `bad` and skipped.
+template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
+void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad, Begin begin_sample,
+               Visit visit, End end_sample) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
+  const scalar_t* xp = a.x.data_ptr<scalar_t>();
+  const bank_t* bp = a.bank.data_ptr<bank_t>();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  at::parallel_for(0, B, kSampleGrain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> xb(d);
+    for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
+      begin_sample(b);
+      for (int64_t k = 0; k < a.columns; ++k) {
+        const int64_t r = a.rows(b, k);
+        if (r < 0 || r >= n) {
+          bad.record(r);
+          continue;
+        }
+        const bank_t* row = bp + r * d;
+        visit(b, k, row, dot_row(row, xb.data(), d) * inv_t);
+      }
+      end_sample(b);
+    }
+  });
+}
+
+void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
+                     const at::Tensor& y, const c10::optional<at::Tensor>& idx,
+                     const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
+                     double temperature) {
+  check_z(z, x);
+  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives,
+                              temperature);
+  TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
+  if (z.item<double>() > 0) return;
+  const int64_t B = a.x.size(0);
+  std::vector<double> per_sample(B, 0.0);
+  BadIndexFlag bad;
+  dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_estimate_z_",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, [](int64_t) {},
+        [&](int64_t b, int64_t, const bank_t*, auto s) { per_sample[b] += std::exp(double(s)); },
+        [](int64_t) {});
+  });
+  report_bad_index(bad, idx.has_value() ? "idx" : "y", a.bank.size(0));
+  double total = 0;
+  for (double v : per_sample) total += v;
+  z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(a.bank.size(0)));
+}
+
+std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
+                                            const at::Tensor& y,
+                                            const c10::optional<at::Tensor>& idx,
+                                            const c10::optional<at::Tensor>& rng_state,
+                                            const at::Tensor& z, int64_t num_negatives,
+                                            double temperature) {
+  check_z(z, x);
+  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const double zv = z.item<double>();
+  TORCH_CHECK(zv > 0 && std::isfinite(zv),
+              "z must be set (positive) before nce_loss; estimate it with nce_estimate_z_, got ", zv);
+  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
+  at::Tensor loss = at::empty({B}, a.x.options());
+  at::Tensor grad_x = at::empty_like(a.x);
+  BadIndexFlag bad;
+  dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_loss",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t inv_z = static_cast<acc_t>(1.0 / zv);
+    const acc_t c = static_cast<acc_t>(double(a.columns - 1) / double(n));
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    scalar_t* lp = loss.data_ptr<scalar_t>();
+    scalar_t* gp = grad_x.data_ptr<scalar_t>();
+    // One accumulator set per sample, indexed by b (threads own disjoint b ranges).
+    std::vector<acc_t> grad(B * d, acc_t(0));
+    std::vector<double> sample_loss(B, 0.0);
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, [](int64_t) {},
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) {
+          acc_t l, dl_ds;
+          nce_term<acc_t>(s, k == 0, inv_z, c, l, dl_ds);
+          sample_loss[b] += l;
+          axpy_row(dl_ds * inv_t, row, grad.data() + b * d, d);
+        },
+        [&](int64_t b) {
+          lp[b] = static_cast<scalar_t>(sample_loss[b]);
+          for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
+        });
+  });
+  report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
+  return {loss, grad_x};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,
+                                                   const at::Tensor& y,
+                                                   const c10::optional<at::Tensor>& idx,
+                                                   const c10::optional<at::Tensor>& rng_state,
+                                                   int64_t num_negatives, double temperature) {
+  FusedArgs a =
+      prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
+  at::Tensor loss = at::empty({B}, a.x.options());
+  at::Tensor grad_x = at::empty_like(a.x);
+  BadIndexFlag bad;
+  dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "softmax_ce_loss",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    scalar_t* lp = loss.data_ptr<scalar_t>();
+    scalar_t* gp = grad_x.data_ptr<scalar_t>();
+    // Per sample: running max m, sum l = sum exp(s - m), acc = sum exp(s - m) * row,
+    // the positive's score s0 and row w0 (grad = (acc / l - w0) / T).
+    std::vector<acc_t> acc(B * d, acc_t(0)), w0(B * d, acc_t(0));
+    std::vector<acc_t> m(B, -std::numeric_limits<acc_t>::infinity()), l(B, 0), s0(B, 0);
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, [](int64_t) {},
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) {
+          acc_t* ab = acc.data() + b * d;
+          if (k == 0) {
+            s0[b] = s;
+            for (int64_t j = 0; j < d; ++j) w0[b * d + j] = static_cast<acc_t>(row[j]);
+          }
+          if (s > m[b]) {  // new running max: rescale what was summed so far
+            const acc_t scale = std::exp(m[b] - s);
+            l[b] *= scale;
+            for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
+            m[b] = s;
+          }
+          const acc_t e = std::exp(s - m[b]);
+          l[b] += e;
+          axpy_row(e, row, ab, d);
+        },
+        [&](int64_t b) {
+          lp[b] = static_cast<scalar_t>(m[b] + std::log(l[b]) - s0[b]);
+          const acc_t inv_l = acc_t(1) / l[b];
+          for (int64_t j = 0; j < d; ++j)
+            gp[b * d + j] =
+                static_cast<scalar_t>((acc[b * d + j] * inv_l - w0[b * d + j]) * inv_t);
+        });
+  });
+  report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
+  return {loss, grad_x};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(npid, CPU, m) {
+  m.impl("sample_negatives", &sample_negatives);
+  m.impl("nce_scores", &nce_scores);
+  m.impl("nce_scores_backward", &nce_scores_backward);
+  m.impl("nce_init_z_", &nce_init_z_);
+  m.impl("nce_estimate_z_", &nce_estimate_z_);
+  m.impl("nce_loss", &nce_loss);
+  m.impl("softmax_ce_loss", &softmax_ce_loss);
+}
+
+}  // namespace cpu
+}  // namespace npid

@@ -1,0 +1,69 @@
+// Philox4x32-10 (Salmon et al., SC'11), usable from host and device code.
+//
+// Negative (b, k), k = 1..K, is element e = b*K + (k-1) of the stream. Two elements
+// share one Philox call: counter = (e/2 low, e/2 high, offset low, offset high),
+// key = (seed low, seed high); element e takes 64 bits, words 2*(e%2) and 2*(e%2)+1,
+// and its row is that 64-bit value mod n_data. The CPU kernels, the CUDA kernels and
+// reference.py's pure-PyTorch Philox all produce the same indices from (seed, offset).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define NPID_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NPID_HOST_DEVICE inline
+#endif
+
+namespace npid {
+
+struct Philox4x32Out {
+  uint32_t v[4];
+};
+
+NPID_HOST_DEVICE void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+NPID_HOST_DEVICE Philox4x32Out philox4x32_10(uint64_t counter, uint64_t offset, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    philox_mulhilo(0xD2511F53u, c0, hi0, lo0);
+    philox_mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4x32Out{{c0, c1, c2, c3}};
+}
+
+// Row of negative element e (see the header comment), uniform in [0, n_data).
+NPID_HOST_DEVICE int64_t philox_negative_index(uint64_t e, uint64_t seed, uint64_t offset,
+                                               int64_t n_data) {
+  const Philox4x32Out r = philox4x32_10(e >> 1, offset, seed);
+  const int w = static_cast<int>(e & 1) * 2;
+  const uint64_t bits = static_cast<uint64_t>(r.v[w]) | (static_cast<uint64_t>(r.v[w + 1]) << 32);
+  return static_cast<int64_t>(bits % static_cast<uint64_t>(n_data));
+}
+
+// Row for column k of sample b: the positive y_b at k = 0, else a Philox negative.
+NPID_HOST_DEVICE int64_t sampled_row(int64_t b, int64_t k, int64_t K, int64_t positive,
+                                     uint64_t seed, uint64_t offset, int64_t n_data) {
+  if (k == 0) return positive;
+  return philox_negative_index(static_cast<uint64_t>(b * K + (k - 1)), seed, offset, n_data);
+}
+
+}  // namespace npid

@@ -1,0 +1,260 @@
+"""nn modules: lemniscate drop-ins (NCEAverage, NCECriterion, LinearAverage) and the
+recommended fast path, NPIDLoss (alias NCELoss): sampling, one-pass loss and the bank
+update in one module whose state_dict holds the bank, Z and the sampler state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops, reference
+
+LOSSES = ("nce", "softmax-ce", "softmax")
+
+
+def lemniscate_bank_init(num_data: int, dim: int, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
+    """lemniscate's memory initialisation: uniform in [-s, s], s = 1 / sqrt(dim / 3), rows not normalised."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    bank = torch.rand(num_data, dim, device=device, generator=generator).mul_(2 * stdv).add_(-stdv)
+    return bank.to(dtype)
+
+
+def _check_sizes(num_data: int, dim: int, num_negatives: Optional[int] = None):
+    if num_data < 1 or dim < 1:
+        raise ValueError(f"the bank needs num_data >= 1 and dim >= 1, got {num_data} x {dim}")
+    if num_negatives is not None and not 1 <= num_negatives < num_data:
+        raise ValueError(f"K (num_negatives) must be in [1, num_data = {num_data}), got {num_negatives}")
+
+
+class MemoryBank(nn.Module):
+    """The (num_data, dim) memory bank V, one row per training instance, as a buffer `memory`.
+
+    dtype may be float32 (faithful), float64, or bfloat16/float16 (half the bytes per step).
+    """
+
+    def __init__(self, num_data: int, dim: int = 128, dtype: torch.dtype = torch.float32, device=None,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        _check_sizes(num_data, dim)
+        self.register_buffer("memory", lemniscate_bank_init(num_data, dim, dtype, device, generator))
+
+    @property
+    def num_data(self) -> int:
+        return self.memory.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.memory.shape[1]
+
+    @torch.no_grad()
+    def update_(self, features: torch.Tensor, indices: torch.Tensor, momentum: float = 0.5) -> None:
+        """memory[indices] <- normalise(momentum * memory[indices] + (1 - momentum) * features)."""
+        ops.momentum_update_(self.memory, features, indices, momentum)
+
+    def nearest_neighbors(self, query: torch.Tensor, k: int):
+        return ops.knn_topk(query, self.memory, k)
+
+    def extra_repr(self) -> str:
+        return f"num_data={self.num_data}, dim={self.dim}, dtype={self.memory.dtype}"
+
+
+class _UpdateBankAfterBackward(torch.autograd.Function):
+    """Identity on the features whose backward runs the momentum update, after the loss's
+    backward has read the bank (lemniscate updates the memory in backward, too)."""
+
+    @staticmethod
+    def forward(ctx, x, memory, y, momentum):
+        ctx.memory, ctx.y, ctx.momentum = memory, y, momentum
+        ctx.features = x.detach()
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ops.momentum_update_(ctx.memory, ctx.features, ctx.y, ctx.momentum)
+        return grad, None, None, None
+
+
+class NCEAverage(nn.Module):
+    """Drop-in for lemniscate's lib/NCEAverage.py: forward(x, y) returns P (B, K+1), the
+    normalised exp scores of the positive (column 0) and K uniform noise rows; the memory
+    is updated during backward. Z (params[2]) is estimated from the first batch on the device.
+
+    forward(x, y, idx=None): an explicit (B, K+1) idx replaces sampling (column 0 is
+    overwritten with y, as lemniscate does).
+    """
+
+    def __init__(self, inputSize: int, outputSize: int, K: int, T: float = 0.07, momentum: float = 0.5,
+                 Z: Optional[float] = None):
+        super().__init__()
+        _check_sizes(outputSize, inputSize, K)
+        self.nLem = outputSize
+        self.K = K
+        self.register_buffer("params", torch.tensor([K, T, -1 if Z is None else Z, momentum]))
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch = x.shape[0]
+        if idx is None:
+            idx = torch.randint(0, self.nLem, (batch, self.K + 1), device=x.device)
+        else:
+            if idx.shape != (batch, self.K + 1):
+                raise ValueError(f"idx must have shape (batch, K+1) = ({batch}, {self.K + 1}), got {tuple(idx.shape)}")
+            idx = idx.clone()
+        idx[:, 0] = y
+        T, momentum = float(self.params[1]), float(self.params[3])
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _UpdateBankAfterBackward.apply(x, self.memory, y, momentum)
+        scores = ops.nce_scores(x, self.memory, idx, T)
+        z = self.params[2:3]
+        ops.nce_init_z_(z, scores, self.nLem)
+        return scores / z
+
+
+class NCECriterion(nn.Module):
+    """Drop-in for lemniscate's NCECriterion(nLem): the NCE loss of NCEAverage's output,
+    summed over the K+1 columns and averaged over the batch (eps = 1e-7)."""
+
+    def __init__(self, nLem: int):
+        super().__init__()
+        self.nLem = nLem
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return reference.nce_criterion(x, self.nLem).sum() / x.shape[0]
+
+
+class LinearAverage(nn.Module):
+    """Drop-in for lemniscate's lib/LinearAverage.py: forward(x, y) returns the logits
+    x @ memory.T / T over every instance (feed them to nn.CrossEntropyLoss); the memory is
+    updated during backward. For large banks prefer NPIDLoss(loss="softmax"), which never
+    materialises the B x n logits."""
+
+    def __init__(self, inputSize: int, outputSize: int, T: float = 0.07, momentum: float = 0.5):
+        super().__init__()
+        _check_sizes(outputSize, inputSize)
+        self.nLem = outputSize
+        self.register_buffer("params", torch.tensor([T, momentum]))
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        T, momentum = float(self.params[0]), float(self.params[1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _UpdateBankAfterBackward.apply(x, self.memory, y, momentum)
+        return x @ self.memory.to(x.dtype).t() / T
+
+
+class NPIDLoss(nn.Module):
+    """NPID in one module: sample negatives, compute the loss in one fused pass, update the bank.
+
+    Args:
+        num_data: n, the number of training instances (bank rows).
+        dim: feature dimension d (128 in the paper).
+        num_negatives: K noise rows per sample for "nce" and "softmax-ce" (4096 in the paper).
+        temperature: T (0.07).
+        momentum: proximal bank momentum (0.5).
+        loss: "nce" (NCE with Z estimated on the first batch, lemniscate's NCECriterion),
+            "softmax-ce" (InfoNCE over the same rows, positive first), or
+            "softmax" (the exact non-parametric softmax over all n rows, streamed).
+        bank_dtype: float32, or bfloat16/float16 to halve the bank traffic.
+        z: a fixed NCE normalisation constant; None estimates it on the first batch.
+        seed: seed of the in-kernel Philox sampler; None draws one from torch's global RNG.
+
+    forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
+    L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
+    bank rows `indices` are momentum-updated right after the loss is computed (the loss's
+    backward never reads the bank, so this is lemniscate's update-in-backward, earlier).
+    An explicit (B, K+1) idx (column 0 = indices) replaces sampling, e.g. for non-uniform
+    noise drawn with AliasSampler.
+    """
+
+    def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
+                 momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
+                 z: Optional[float] = None, seed: Optional[int] = None, device=None):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.num_negatives = num_negatives
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        self.loss_type = loss
+        self.bank = MemoryBank(num_data, dim, bank_dtype, device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.register_buffer("z", torch.tensor([-1.0 if z is None else float(z)], device=device))
+        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64, device=device))
+
+    @property
+    def memory(self) -> torch.Tensor:
+        return self.bank.memory
+
+    def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        memory = self.bank.memory
+        if features.dtype != memory.dtype and features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()  # autocast output: the kernels take fp32 features with a 16-bit bank
+        sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
+                        num_negatives=self.num_negatives, temperature=self.temperature)
+        if self.loss_type == "nce":
+            ops.nce_estimate_z_(self.z, features, memory, indices, **sampling)
+            per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
+        elif self.loss_type == "softmax-ce":
+            per_sample = ops.softmax_ce_loss(features, memory, indices, **sampling)
+        else:
+            per_sample = ops.full_softmax_loss(features, memory, indices, self.temperature)
+        if self.training:
+            self.bank.update_(features, indices, self.momentum)
+            if idx is None and self.loss_type != "softmax":
+                with torch.no_grad():
+                    self.rng_state[1] += 1  # a fresh Philox stream for the next step
+        return per_sample.mean()
+
+    def extra_repr(self) -> str:
+        return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
+                f"momentum={self.momentum}")
+
+
+NCELoss = NPIDLoss
+
+
+class AliasSampler(nn.Module):
+    """Walker/Vose alias table for drawing from any noise distribution over the bank rows in
+    O(1) per draw (lemniscate's AliasMethod). Draws are (B, K+1) index tensors to pass as idx."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        probs = torch.as_tensor(probs, dtype=torch.float64).flatten()
+        if probs.numel() == 0 or (probs < 0).any() or not torch.isfinite(probs).all() or probs.sum() <= 0:
+            raise ValueError("probs must be a non-empty vector of finite, non-negative weights with a positive sum")
+        n = probs.numel()
+        scaled = (probs / probs.sum() * n).tolist()
+        prob, alias = [0.0] * n, list(range(n))
+        small = [i for i, p in enumerate(scaled) if p < 1.0]
+        large = [i for i, p in enumerate(scaled) if p >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            prob[s], alias[s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+        for i in small + large:
+            prob[i] = 1.0
+        self.register_buffer("prob", torch.tensor(prob, dtype=torch.float32))
+        self.register_buffer("alias", torch.tensor(alias, dtype=torch.int64))
+
+    def draw(self, *shape: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n = self.prob.numel()
+        device = self.prob.device
+        k = torch.randint(0, n, shape, device=device, generator=generator)
+        keep = torch.rand(shape, device=device, generator=generator) < self.prob[k]
+        return torch.where(keep, k, self.alias[k])
+
+    def draw_rows(self, y: torch.Tensor, num_negatives: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, K+1) rows for the losses' idx argument: column 0 = y, the rest drawn from the table."""
+        rows = self.draw(y.shape[0], num_negatives + 1, generator=generator)
+        rows[:, 0] = y
+        return rows

@@ -1,0 +1,175 @@
+"""The npid operators: loading the compiled library, fake (meta) implementations for
+torch.compile, autograd formulas, and thin Python entry points.
+
+The schemas live in csrc/npid_ops.cpp. Loss ops return (per-sample loss, grad_x) from one
+pass over the gathered bank rows; their autograd backward only scales the saved grad_x,
+so no (B, K+1, d) tensor exists in forward or backward. The bank never receives a
+gradient (it is a buffer updated by momentum_update_, as in lemniscate).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
+
+npid = torch.ops.npid
+
+__all__ = [
+    "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss",
+    "softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available",
+]
+
+
+def cuda_available() -> bool:
+    """Whether the compiled library holds CUDA kernels (and a GPU is visible)."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("npid::nce_loss", "CUDA")
+
+
+# ---------------------------------------------------------------- fake implementations
+
+def _rows(x, idx, num_negatives):
+    return idx.shape[1] if idx is not None else num_negatives + 1
+
+
+@torch.library.register_fake("npid::sample_negatives")
+def _(y, rng_state, n_data, num_negatives):
+    return y.new_empty((y.shape[0], num_negatives + 1))
+
+
+@torch.library.register_fake("npid::nce_scores")
+def _(x, bank, idx, temperature):
+    torch._check(idx.shape[0] == x.shape[0], lambda: "idx and x must have the same batch size")
+    return x.new_empty(idx.shape)
+
+
+@torch.library.register_fake("npid::nce_scores_backward")
+def _(grad_out, out, x, bank, idx, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("npid::nce_init_z_")
+def _(z, scores, n_data):
+    return None
+
+
+@torch.library.register_fake("npid::nce_estimate_z_")
+def _(z, x, bank, y, idx, rng_state, num_negatives, temperature):
+    return None
+
+
+def _loss_and_grad_fake(x):
+    return x.new_empty((x.shape[0],)), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("npid::nce_loss")
+def _(x, bank, y, idx, rng_state, z, num_negatives, temperature):
+    return _loss_and_grad_fake(x)
+
+
+@torch.library.register_fake("npid::softmax_ce_loss")
+def _(x, bank, y, idx, rng_state, num_negatives, temperature):
+    return _loss_and_grad_fake(x)
+
+
+@torch.library.register_fake("npid::full_softmax_loss")
+def _(x, bank, y, temperature):
+    return _loss_and_grad_fake(x)
+
+
+@torch.library.register_fake("npid::momentum_update_")
+def _(bank, x, y, momentum):
+    return None
+
+
+@torch.library.register_fake("npid::knn_topk")
+def _(query, bank, k):
+    return query.new_empty((query.shape[0], k)), query.new_empty((query.shape[0], k), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- autograd
+
+def _scores_setup(ctx, inputs, output):
+    x, bank, idx, temperature = inputs
+    ctx.save_for_backward(output, x, bank, idx)
+    ctx.temperature = temperature
+
+
+def _scores_backward(ctx, grad_out):
+    out, x, bank, idx = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = npid.nce_scores_backward(grad_out.contiguous(), out, x, bank, idx, ctx.temperature)
+    return grad_x, None, None, None
+
+
+torch.library.register_autograd("npid::nce_scores", _scores_backward, setup_context=_scores_setup)
+
+
+def _fused_setup(ctx, inputs, output):
+    # Only grad_x (B, d) is kept for backward: the loss's gradient w.r.t. x is
+    # grad_loss[b] * grad_x[b]; the second output (grad_x itself) is not differentiable.
+    ctx.save_for_backward(output[1])
+    ctx.num_inputs = len(inputs)
+
+
+def _fused_backward(ctx, grad_loss, _grad_of_grad_x):
+    (grad_x,) = ctx.saved_tensors
+    return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
+
+
+for _op in ("npid::nce_loss", "npid::softmax_ce_loss", "npid::full_softmax_loss"):
+    torch.library.register_autograd(_op, _fused_backward, setup_context=_fused_setup)
+
+
+# ---------------------------------------------------------------- Python entry points
+
+def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
+    """(B, K+1) int64 rows, column 0 = y, the rest uniform in [0, n_data): the same rows the
+    fused losses draw in-kernel from the same rng_state = [seed, offset]."""
+    return npid.sample_negatives(y, rng_state, n_data, num_negatives)
+
+
+def nce_scores(x: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """exp(bank[idx[b, k]] . x[b] / T), (B, K+1), differentiable w.r.t. x (lemniscate's
+    NCEAverage before the division by Z)."""
+    return npid.nce_scores(x, bank, idx, temperature)
+
+
+def nce_init_z_(z: torch.Tensor, scores: torch.Tensor, n_data: int) -> None:
+    """Where z <= 0 (not set yet): z = mean(scores) * n_data, without a host sync on the GPU."""
+    npid.nce_init_z_(z, scores.detach(), n_data)
+
+
+def nce_estimate_z_(z, x, bank, y, *, idx=None, rng_state=None, num_negatives: int = -1, temperature: float = 0.07) -> None:
+    """nce_init_z_ computed from the rows themselves (the fused path's first step)."""
+    npid.nce_estimate_z_(z, x.detach(), bank, y, idx, rng_state, num_negatives, temperature)
+
+
+def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
+             num_negatives: int = -1, temperature: float = 0.07) -> torch.Tensor:
+    """Per-sample NCE loss (lemniscate's NCECriterion times the batch size), one fused pass.
+    Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel."""
+    return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature)[0]
+
+
+def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
+                    num_negatives: int = -1, temperature: float = 0.07) -> torch.Tensor:
+    """Per-sample -log softmax over the positive and K negatives (InfoNCE), one fused pass."""
+    return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature)[0]
+
+
+def full_softmax_loss(x, bank, y, temperature: float = 0.07) -> torch.Tensor:
+    """Per-sample exact non-parametric softmax loss over the whole bank, streamed in chunks."""
+    return npid.full_softmax_loss(x, bank, y, temperature)[0]
+
+
+def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.5) -> None:
+    """bank[y] <- normalise(momentum * bank[y] + (1 - momentum) * x) in place; duplicates: last wins."""
+    npid.momentum_update_(bank, x.detach(), y, momentum)
+
+
+def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int):
+    """(similarities, indices) of the k largest query . bank rows, sorted descending."""
+    return npid.knn_topk(query, bank, k)

@@ -1,0 +1,138 @@
+"""Pure-PyTorch reference for every npid op: the ground truth for the tests and the
+"torch" provider in the benchmarks. Written for clarity, not speed: it materialises the
+(B, K+1, d) gathered rows, as a straightforward PyTorch implementation would.
+
+Arithmetic follows DESIGN.md (lemniscate's semantics); tests run it in float64.
+"""
+from __future__ import annotations
+
+import torch
+
+NCE_EPS = 1e-7  # lemniscate's NCECriterion eps
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of a * b for a < 2^32 and uint32 values b held in int64,
+    without overflowing int64: split b into 16-bit halves."""
+    t_lo = a * (b & 0xFFFF)
+    t_hi = a * (b >> 16)
+    u = t_lo + ((t_hi & 0xFFFF) << 16)
+    return (t_hi >> 16) + (u >> 32), u & _MASK32
+
+
+def philox4x32_10(counter: torch.Tensor, offset: int, seed: int):
+    """Philox4x32-10 on int64 tensors of counters; returns the four uint32 output words."""
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2 = torch.full_like(counter, offset & _MASK32)
+    c3 = torch.full_like(counter, (offset >> 32) & _MASK32)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
+    """(B, K+1) rows: column 0 = y, columns 1..K uniform in [0, n_data) from Philox (philox.h)."""
+    seed, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in rng_state.tolist())
+    B, K = y.shape[0], num_negatives
+    e = torch.arange(B * K, dtype=torch.int64, device=y.device)
+    words = torch.stack(philox4x32_10(e >> 1, offset, seed))  # (4, B*K)
+    w = (e & 1) * 2
+    lo = words.gather(0, w.unsqueeze(0)).squeeze(0)
+    hi = words.gather(0, (w + 1).unsqueeze(0)).squeeze(0)
+    # (hi * 2^32 + lo) mod n without 64-bit unsigned arithmetic (n < 2^31 keeps it in int64).
+    rows = ((hi % n_data) * ((1 << 32) % n_data) + lo) % n_data
+    return torch.cat([y.view(B, 1), rows.view(B, K)], dim=1)
+
+
+def gathered_scores(x: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """s[b, k] = bank[idx[b, k]] . x[b] / T, in x's dtype."""
+    weight = bank.index_select(0, idx.reshape(-1)).view(*idx.shape, bank.shape[1]).to(x.dtype)
+    return torch.einsum("bkd,bd->bk", weight, x) / temperature
+
+
+def nce_scores(x, bank, idx, temperature):
+    """lemniscate's NCEAverage output before dividing by Z: exp(s)."""
+    return gathered_scores(x, bank, idx, temperature).exp()
+
+
+def estimate_z(scores: torch.Tensor, n_data: int) -> torch.Tensor:
+    """lemniscate: Z = mean(exp scores of the first batch) * n."""
+    return scores.mean() * n_data
+
+
+def nce_criterion(probs: torch.Tensor, n_data: int) -> torch.Tensor:
+    """lemniscate's NCECriterion on NCEAverage's output P (B, K+1): per-sample losses.
+    log1p forms of -log(P0 / (P0 + c + eps)) and -log(c / (Pk + c + eps))."""
+    K = probs.shape[1] - 1
+    c = K / n_data
+    positive = torch.log1p((c + NCE_EPS) / probs[:, 0])
+    negatives = torch.log1p((probs[:, 1:] + NCE_EPS) / c).sum(1)
+    return positive + negatives
+
+
+def nce_loss(x, bank, y, idx, z, temperature):
+    """Per-sample fused NCE loss (autograd gives grad_x); z is the normalisation constant."""
+    probs = nce_scores(x, bank, idx, temperature) / z
+    return nce_criterion(probs, bank.shape[0])
+
+
+def softmax_ce_loss(x, bank, y, idx, temperature):
+    """Per-sample -log softmax(s)[0] over the K+1 gathered rows (InfoNCE, positive at column 0)."""
+    s = gathered_scores(x, bank, idx, temperature)
+    return torch.logsumexp(s, dim=1) - s[:, 0]
+
+
+def full_softmax_loss(x, bank, y, temperature):
+    """Per-sample exact non-parametric softmax: cross_entropy(x @ bank.T / T, y)."""
+    logits = x @ bank.to(x.dtype).t() / temperature
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def momentum_update(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float) -> torch.Tensor:
+    """A new bank: rows y <- normalise(momentum * bank[y] + (1 - momentum) * x), computed from the
+    old rows; for duplicates in y the last occurrence wins (sequential index_copy_)."""
+    old = bank.index_select(0, y).to(x.dtype)
+    mixed = old * momentum + x.detach() * (1 - momentum)
+    updated = mixed / mixed.pow(2).sum(1, keepdim=True).sqrt()
+    out = bank.clone()
+    for b in range(y.shape[0]):  # sequential: the last duplicate wins, on every device
+        out[y[b]] = updated[b].to(bank.dtype)
+    return out
+
+
+def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int):
+    """The k largest query . bank[j], sorted descending, from the full similarity matrix."""
+    sims = query @ bank.to(query.dtype).t()
+    return sims.topk(k, dim=1, largest=True, sorted=True)
+
+
+def knn_vote(sims, indices, bank_labels, num_classes: int, temperature: float) -> torch.Tensor:
+    """lemniscate's weighted kNN vote: class score = sum over neighbours of exp(s / T)."""
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return scores.scatter_add_(1, bank_labels[indices], weights)
+
+
+def knn_predict(query, bank, bank_labels, num_classes: int, k: int = 200, temperature: float = 0.07):
+    sims, indices = knn_topk(query, bank, k)
+    return knn_vote(sims, indices, bank_labels, num_classes, temperature)
+
+
+def nce_step(x, bank, y, idx, z, temperature, momentum):
+    """The pure-PyTorch training step the benchmarks time: NCE loss (mean over the batch),
+    backward to x, and lemniscate's in-place momentum update of the bank (index_copy_)."""
+    loss = nce_loss(x, bank, y, idx, z, temperature).mean()
+    loss.backward()
+    with torch.no_grad():
+        mixed = bank.index_select(0, y).to(x.dtype) * momentum + x.detach() * (1 - momentum)
+        bank.index_copy_(0, y, (mixed / mixed.norm(dim=1, keepdim=True)).to(bank.dtype))
+    return loss
