@@ -29,6 +29,16 @@ def _check_sizes(num_data: int, dim: int, num_negatives: Optional[int] = None):
         raise ValueError(f"K (num_negatives) must be in [1, num_data = {num_data}), got {num_negatives}")
 
 
+def _check_batch(features: torch.Tensor, indices: torch.Tensor, memory: torch.Tensor):
+    """Python-side checks that need no device sync (the kernels check the rest)."""
+    if features.dim() != 2 or features.shape[1] != memory.shape[1]:
+        raise ValueError(f"features must have shape (batch, {memory.shape[1]}), got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("features is an empty batch (batch size 0)")
+    if indices.shape != (features.shape[0],):
+        raise ValueError(f"indices must have shape ({features.shape[0]},), got {tuple(indices.shape)}")
+
+
 class MemoryBank(nn.Module):
     """The (num_data, dim) memory bank V, one row per training instance, as a buffer `memory`.
 
@@ -96,6 +106,7 @@ class NCEAverage(nn.Module):
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_batch(x, y, self.memory)
         batch = x.shape[0]
         if idx is None:
             idx = torch.randint(0, self.nLem, (batch, self.K + 1), device=x.device)
@@ -139,6 +150,7 @@ class LinearAverage(nn.Module):
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_batch(x, y, self.memory)
         T, momentum = float(self.params[0]), float(self.params[1])
         if torch.is_grad_enabled() and x.requires_grad:
             x = _UpdateBankAfterBackward.apply(x, self.memory, y, momentum)
@@ -196,6 +208,7 @@ class NPIDLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
+        _check_batch(features, indices, memory)
         if features.dtype != memory.dtype and features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()  # autocast output: the kernels take fp32 features with a 16-bit bank
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,

@@ -56,8 +56,34 @@ struct BadIndexFlag {
   }
 };
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define NPID_ALWAYS_INLINE inline __attribute__((always_inline))
+#define NPID_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define NPID_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// Lambdas called from a target-specific loop must be inlined into it to get its ISA.
+#define NPID_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define NPID_ALWAYS_INLINE_LAMBDA
+#define NPID_ALWAYS_INLINE inline
+#define NPID_TARGET_AVX512
+#define NPID_TARGET_AVX2
+#endif
+
+// The vector ISA the hot loops run with: the best the CPU has, unless the environment
+// variable NPID_CPU_ISA=baseline|avx2|avx512 asks for less (tests use it to cover all paths).
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+CpuIsa cpu_isa();
+
+// Rows are visited in random order; fetch this many rows ahead.
+constexpr int64_t kPrefetchDistance = 6;
+
+NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 template <typename acc_t, typename bank_t>
-inline acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
+NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < d; ++j) s += static_cast<acc_t>(row[j]) * x[j];
@@ -65,7 +91,7 @@ inline acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x
 }
 
 template <typename acc_t, typename bank_t>
-inline void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t* __restrict__ out, int64_t d) {
+NPID_ALWAYS_INLINE void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t* __restrict__ out, int64_t d) {
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) out[j] += a * static_cast<acc_t>(row[j]);
 }

@@ -51,45 +51,6 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
   return out;
 }
 
-at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
-                      double temperature) {
-  check_features(x_in, "x");
-  check_bank(bank_in, x_in);
-  check_idx_matrix(idx, x_in);
-  check_temperature(temperature);
-  const at::Tensor x = x_in.contiguous(), bank = bank_in.contiguous(), idxc = idx.contiguous();
-  const int64_t B = x.size(0), d = x.size(1), columns = idx.size(1), n = bank.size(0);
-  at::Tensor out = at::empty({B, columns}, x.options());
-  BadIndexFlag bad;
-  dispatch_features_bank(x.scalar_type(), bank.scalar_type(), "nce_scores", [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const bank_t* bp = bank.data_ptr<bank_t>();
-    const int64_t* ip = idxc.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xb(d);
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
-        for (int64_t k = 0; k < columns; ++k) {
-          const int64_t r = ip[b * columns + k];
-          if (r < 0 || r >= n) {
-            bad.record(r);
-            op[b * columns + k] = std::numeric_limits<scalar_t>::quiet_NaN();
-            continue;
-          }
-          op[b * columns + k] = static_cast<scalar_t>(std::exp(dot_row(bp + r * d, xb.data(), d) * inv_t));
-        }
-      }
-    });
-  });
-  report_bad_index(bad, "idx", n);
-  return out;
-}
-
 at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out,
                                const at::Tensor& x_in, const at::Tensor& bank_in,
                                const at::Tensor& idx, double temperature) {
@@ -171,33 +132,106 @@ FusedArgs prepare_fused(const at::Tensor& x_in, const at::Tensor& bank_in,
   return a;
 }
 
-// Scores every gathered row of every sample: `visit(b, k, row_ptr, s)`, s = row . x_b / T.
-// Out-of-range rows are recorded in `bad` and skipped.
+// Scores every gathered row of samples [lo, hi): `visit(b, k, row_ptr, s)` with
+// s = row . x_b / T, between begin_sample(b) and end_sample(b). Out-of-range rows are
+// recorded in `bad` and skipped. A sample's rows are resolved first (Philox or idx) so
+// the loop can prefetch the row kPrefetchDistance ahead: the rows are random, so the
+// hardware prefetcher cannot guess them and each one would otherwise stall on the cache.
+template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
+NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIndexFlag& bad,
+                                   int64_t lo, int64_t hi, Begin& begin_sample, Visit& visit,
+                                   End& end_sample) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t d = a.x.size(1), n = a.bank.size(0), columns = a.columns;
+  const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+  const bank_t* bp = a.bank.const_data_ptr<bank_t>();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
+  std::vector<acc_t> xb(d);
+  std::vector<int64_t> rows(columns);
+  for (int64_t b = lo; b < hi; ++b) {
+    for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
+    for (int64_t k = 0; k < columns; ++k) {
+      const int64_t r = a.rows(b, k);
+      if (r < 0 || r >= n) bad.record(r);
+      rows[k] = (r < 0 || r >= n) ? -1 : r;
+    }
+    begin_sample(b);
+    for (int64_t k = 0; k < columns; ++k) {
+      if (k + kPrefetchDistance < columns && rows[k + kPrefetchDistance] >= 0)
+        prefetch_row(bp + rows[k + kPrefetchDistance] * d, row_bytes);
+      if (rows[k] < 0) continue;
+      const bank_t* row = bp + rows[k] * d;
+      visit(b, k, row, dot_row(row, xb.data(), d) * inv_t);
+    }
+    end_sample(b);
+  }
+}
+
+// scan_range compiled for AVX-512 and AVX2 (picked at run time, see cpu_isa()) and for
+// the baseline ISA: the extension is built without -march flags so one wheel runs anywhere.
+#define NPID_DEFINE_SCAN_VARIANT(NAME, TARGET)                                              \
+  template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End> \
+  TARGET void NAME(const FusedArgs& a, double temperature, BadIndexFlag& bad, int64_t lo,    \
+                   int64_t hi, Begin& begin_sample, Visit& visit, End& end_sample) {          \
+    scan_range<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,           \
+                                 end_sample);                                                \
+  }
+NPID_DEFINE_SCAN_VARIANT(scan_range_avx512, NPID_TARGET_AVX512)
+NPID_DEFINE_SCAN_VARIANT(scan_range_avx2, NPID_TARGET_AVX2)
+NPID_DEFINE_SCAN_VARIANT(scan_range_baseline, )
+#undef NPID_DEFINE_SCAN_VARIANT
+
 template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
 void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad, Begin begin_sample,
                Visit visit, End end_sample) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
-  const scalar_t* xp = a.x.data_ptr<scalar_t>();
-  const bank_t* bp = a.bank.data_ptr<bank_t>();
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  at::parallel_for(0, B, kSampleGrain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> xb(d);
-    for (int64_t b = lo; b < hi; ++b) {
-      for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
-      begin_sample(b);
-      for (int64_t k = 0; k < a.columns; ++k) {
-        const int64_t r = a.rows(b, k);
-        if (r < 0 || r >= n) {
-          bad.record(r);
-          continue;
-        }
-        const bank_t* row = bp + r * d;
-        visit(b, k, row, dot_row(row, xb.data(), d) * inv_t);
-      }
-      end_sample(b);
+  const CpuIsa isa = cpu_isa();
+  at::parallel_for(0, a.x.size(0), kSampleGrain, [&](int64_t lo, int64_t hi) {
+    switch (isa) {
+      case CpuIsa::kAvx512:
+        scan_range_avx512<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                            end_sample);
+        break;
+      case CpuIsa::kAvx2:
+        scan_range_avx2<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                          end_sample);
+        break;
+      default:
+        scan_range_baseline<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                              end_sample);
     }
   });
+}
+
+at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
+                      double temperature) {
+  check_features(x_in, "x");
+  check_bank(bank_in, x_in);
+  check_idx_matrix(idx, x_in);
+  check_temperature(temperature);
+  FusedArgs a;
+  a.columns = idx.size(1);
+  a.x = x_in.contiguous();
+  a.bank = bank_in.contiguous();
+  a.rows = make_row_source(a.bank, idx.select(1, 0), idx, c10::nullopt, a.columns, a.idx_storage,
+                           a.y_storage);
+  at::Tensor out = at::full(idx.sizes(), std::numeric_limits<double>::quiet_NaN(), a.x.options());
+  BadIndexFlag bad;
+  dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_scores",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    auto nothing = [](int64_t) {};
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, nothing,
+        [&](int64_t b, int64_t k, const bank_t*, auto s) NPID_ALWAYS_INLINE_LAMBDA {
+          op[b * a.columns + k] = static_cast<scalar_t>(std::exp(s));
+        },
+        nothing);
+  });
+  report_bad_index(bad, "idx", a.bank.size(0));
+  return out;
 }
 
 void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
@@ -218,12 +252,15 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
     using bank_t = decltype(bt);
     scan_rows<scalar_t, bank_t>(
         a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t, const bank_t*, auto s) { per_sample[b] += std::exp(double(s)); },
+        [&](int64_t b, int64_t, const bank_t*, auto s) NPID_ALWAYS_INLINE_LAMBDA { per_sample[b] += std::exp(double(s)); },
         [](int64_t) {});
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", a.bank.size(0));
   double total = 0;
   for (double v : per_sample) total += v;
+  TORCH_CHECK(std::isfinite(total),
+              "x (or bank) holds NaN or inf features: the first batch's mean score is ", total,
+              "; z left unset");
   z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(a.bank.size(0)));
 }
 
@@ -252,19 +289,35 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     scalar_t* lp = loss.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
+    const double inv_c = double(n) / double(a.columns - 1), eps = kNceEps;
     // One accumulator set per sample, indexed by b (threads own disjoint b ranges).
+    // The negatives' terms log1p((P + eps) / c) are summed as the log of a running
+    // double-precision product of (1 + (P + eps) / c): one log per sample instead of one
+    // log1p per row (the transcendental was a third of the loop), accurate to ~K * 1e-16.
     std::vector<acc_t> grad(B * d, acc_t(0));
-    std::vector<double> sample_loss(B, 0.0);
+    std::vector<double> sample_loss(B, 0.0), negatives_product(B, 1.0);
     scan_rows<scalar_t, bank_t>(
         a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) {
-          acc_t l, dl_ds;
-          nce_term<acc_t>(s, k == 0, inv_z, c, l, dl_ds);
-          sample_loss[b] += l;
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+          acc_t dl_ds;
+          if (k == 0) {
+            acc_t l;
+            nce_term<acc_t>(s, true, inv_z, c, l, dl_ds);
+            sample_loss[b] += l;
+          } else {
+            const acc_t p = std::exp(s) * inv_z;
+            dl_ds = p / (p + c + static_cast<acc_t>(eps));
+            double& prod = negatives_product[b];
+            prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
+            if (prod > 1e280) {  // fold into the sum long before double overflows
+              sample_loss[b] += std::log(prod);
+              prod = 1.0;
+            }
+          }
           axpy_row(dl_ds * inv_t, row, grad.data() + b * d, d);
         },
         [&](int64_t b) {
-          lp[b] = static_cast<scalar_t>(sample_loss[b]);
+          lp[b] = static_cast<scalar_t>(sample_loss[b] + std::log(negatives_product[b]));
           for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
         });
   });
@@ -297,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     std::vector<acc_t> m(B, -std::numeric_limits<acc_t>::infinity()), l(B, 0), s0(B, 0);
     scan_rows<scalar_t, bank_t>(
         a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) {
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
           acc_t* ab = acc.data() + b * d;
           if (k == 0) {
             s0[b] = s;

@@ -1,0 +1,223 @@
+// CUDA ops on the whole bank: the momentum (proximal) update, the exact non-parametric
+// softmax loss and the kNN top-k.
+//
+// momentum_update_: one warp per sample, 8 warps per block. A sample writes its row only if
+// it is the last occurrence of that row in y (lemniscate's sequential index_copy_): for
+// B <= kScanDuplicatesMax each warp scans y[b+1:] (coalesced, L1/L2-resident); for larger
+// batches y is stably sorted once (at::sort, no host sync) and the last entry of each run of
+// equal rows wins. Exactly one warp writes a given row, and it reads the row (its pre-call
+// value) before writing it, so the result does not depend on scheduling. Pass 1 computes
+// |mu w + (1 - mu) x|^2 in acc_t (fp32, double for double features), pass 2 rewrites the
+// row normalised, in the bank dtype. Samples with an out-of-range row or non-finite features,
+// or whose new row has zero / infinite norm, are skipped (see cuda_common.cuh).
+//
+// full_softmax_loss / knn_topk: the chunked ATen implementation of the CPU ops (cuBLAS GEMM
+// per chunk, online logsumexp / running top-k), with larger chunks and no host sync: the
+// row-range check of y is a NaN mask on the device instead of .item(). A fused tensor-core
+// kernel is future work.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cuda_common.cuh"
+#include "npid/checks.h"
+#include "npid/dispatch.h"
+
+namespace npid {
+namespace cuda {
+namespace {
+
+constexpr int kMomentumWarps = 8;
+constexpr int64_t kScanDuplicatesMax = 2048;
+
+template <typename scalar_t, typename bank_t>
+__global__ void __launch_bounds__(kMomentumWarps * 32)
+    momentum_update_kernel(bank_t* __restrict__ bank, const scalar_t* __restrict__ x,
+                           const int64_t* __restrict__ y, const int64_t* __restrict__ sorted_y,
+                           const int64_t* __restrict__ order, int64_t B, int64_t d, int64_t n,
+                           double momentum) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kMomentumWarps + (threadIdx.x >> 5);
+  if (i >= B) return;  // whole warp
+
+  int64_t b, row_id;
+  bool winner;
+  if (order != nullptr) {  // sorted path: last of each run of equal rows (stable sort)
+    b = order[i];
+    row_id = sorted_y[i];
+    winner = i + 1 == B || sorted_y[i + 1] != row_id;
+  } else {  // scan path: no later duplicate in y
+    b = i;
+    row_id = y[b];
+    bool later = false;
+    for (int64_t j = b + 1 + lane; j < B; j += 32) later |= y[j] == row_id;
+    winner = !__any_sync(kFullMask, later);
+  }
+  if (!winner || row_id < 0 || row_id >= n) return;  // whole warp
+
+  bank_t* row = bank + row_id * d;
+  const scalar_t* xb = x + b * d;
+  const acc_t mu = static_cast<acc_t>(momentum);
+  const acc_t one_minus_mu = static_cast<acc_t>(1.0 - momentum);
+  acc_t sq = acc_t(0);
+  bool finite = true;
+  for (int64_t j = lane; j < d; j += 32) {
+    const acc_t xv = to_acc<acc_t>(xb[j]);
+    finite = finite && isfinite(xv);
+    const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * xv;
+    sq += wv * wv;
+  }
+  sq = group_sum(sq, 32);  // bitwise identical on every lane
+  if (!__all_sync(kFullMask, finite) || !(sq > acc_t(0)) || isinf(sq)) return;
+  const acc_t inv_norm = acc_t(1) / ::sqrt(sq);
+  for (int64_t j = lane; j < d; j += 32) {
+    const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
+    row[j] = static_cast<bank_t>(wv * inv_norm);
+  }
+}
+
+void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor& y_in,
+                      double momentum) {
+  check_features(x_in, "x", /*allow_bf16=*/true);
+  check_bank(bank, x_in);
+  check_index_vector(y_in, x_in, "y");
+  TORCH_CHECK(bank.is_contiguous(), "bank must be contiguous to be updated in place");
+  TORCH_CHECK(momentum >= 0 && momentum <= 1, "momentum must be in [0, 1], got ", momentum);
+  const c10::cuda::CUDAGuard guard(bank.device());
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), n = bank.size(0);
+  if (sync_checks_enabled() && B > 0) {
+    // Same checks and messages as the CPU op, before anything is written.
+    const at::Tensor bad = y.lt(0).logical_or_(y.ge(n));
+    if (bad.any().item<bool>()) {
+      const int64_t b = bad.to(at::kInt).argmax().item<int64_t>();
+      TORCH_CHECK(false, "y[", b, "] = ", y[b].item<int64_t>(), " is outside the bank [0, ", n,
+                  ")");
+    }
+    TORCH_CHECK(at::isfinite(x).all().item<bool>(),
+                "x holds NaN or inf features; refusing to write them into the bank");
+  }
+  if (B == 0 || d == 0) return;
+
+  at::Tensor sorted_y, order;
+  if (B > kScanDuplicatesMax) {
+    auto sorted = at::sort(y, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    sorted_y = std::get<0>(sorted);
+    order = std::get<1>(sorted);
+  }
+  const unsigned blocks = static_cast<unsigned>((B + kMomentumWarps - 1) / kMomentumWarps);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_features_bank(x.scalar_type(), bank.scalar_type(), "momentum_update_",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    momentum_update_kernel<scalar_t, bank_t><<<blocks, kMomentumWarps * 32, 0, stream>>>(
+        bank.data_ptr<bank_t>(), x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
+        sorted_y.defined() ? sorted_y.data_ptr<int64_t>() : nullptr,
+        order.defined() ? order.data_ptr<int64_t>() : nullptr, B, d, n, momentum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Rows of the bank per GEMM chunk: about 2^24 logits (64 MiB fp32) per chunk, at least 8192.
+int64_t bank_chunk_rows(int64_t B, int64_t n) {
+  const int64_t rows = (int64_t(1) << 24) / std::max<int64_t>(B, 1);
+  return std::min(n, std::max<int64_t>(8192, rows));
+}
+
+// Positions of y outside [0, n) become NaN (no host sync); rows are read clamped.
+std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
+                                                     const at::Tensor& bank,
+                                                     const at::Tensor& y_in, double temperature) {
+  check_features(x_in, "x", /*allow_bf16=*/true);
+  check_bank(bank, x_in);
+  check_index_vector(y_in, x_in, "y");
+  check_temperature(temperature);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = bank.size(0);
+  if (sync_checks_enabled()) sync_check_rows(y_in, n, "y");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x.to(acc_type);
+  const double inv_t = 1.0 / temperature;
+  const int64_t B = x.size(0);
+  if (B == 0) return {at::empty({0}, x.options()), at::empty_like(x)};
+
+  // Online logsumexp over the chunks: m = running max, l = sum exp(s - m),
+  // acc = sum exp(s - m) * w (the softmax-weighted mean of the rows, unnormalised).
+  at::Tensor m = at::full({B}, -std::numeric_limits<double>::infinity(), xa.options());
+  at::Tensor l = at::zeros({B}, xa.options());
+  at::Tensor acc = at::zeros_like(xa);
+  const int64_t chunk = bank_chunk_rows(B, n);
+  for (int64_t start = 0; start < n; start += chunk) {
+    const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start)).to(acc_type);
+    const at::Tensor s = at::mm(xa, w.t()).mul_(inv_t);
+    const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
+    const at::Tensor scale = (m - m_new).exp_();
+    const at::Tensor p = (s - m_new.unsqueeze(1)).exp_();
+    l = l * scale + p.sum(1);
+    acc = acc * scale.unsqueeze(1) + at::mm(p, w);
+    m = m_new;
+  }
+  const at::Tensor valid = y.ge(0).logical_and_(y.lt(n));
+  const at::Tensor w_pos = bank.index_select(0, y.clamp(0, n - 1)).to(acc_type);
+  const at::Tensor s_pos = (xa * w_pos).sum(1).mul_(inv_t);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const at::Tensor loss = at::where(valid, m + l.log() - s_pos, nan);
+  const at::Tensor grad_x =
+      at::where(valid.unsqueeze(1), (acc / l.unsqueeze(1) - w_pos).mul_(inv_t), nan);
+  return {loss.to(x.scalar_type()), grad_x.to(x.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query_in, const at::Tensor& bank,
+                                            int64_t k) {
+  check_features(query_in, "query", /*allow_bf16=*/true);
+  check_bank(bank, query_in, "query");
+  const int64_t n = bank.size(0), Q = query_in.size(0);
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor query = query_in.to(acc_type).contiguous();
+  at::Tensor out_sims = at::empty({Q, k}, query.options());
+  at::Tensor out_idx = at::empty({Q, k}, query.options().dtype(at::kLong));
+  // 2048 queries x 32768 rows of fp32 similarities = 256 MiB per chunk.
+  constexpr int64_t kQueryChunk = 2048;
+  const int64_t bank_chunk = std::max<int64_t>(32768, k);
+  for (int64_t q0 = 0; q0 < Q; q0 += kQueryChunk) {
+    const int64_t qn = std::min(kQueryChunk, Q - q0);
+    const at::Tensor q = query.narrow(0, q0, qn);
+    // Running top-k, merged with each chunk's similarities by one topk over k + chunk columns.
+    at::Tensor best_sims = at::full({qn, 0}, 0.0, query.options());
+    at::Tensor best_idx = at::empty({qn, 0}, out_idx.options());
+    for (int64_t start = 0; start < n; start += bank_chunk) {
+      const int64_t rows = std::min(bank_chunk, n - start);
+      const at::Tensor s = at::mm(q, bank.narrow(0, start, rows).to(acc_type).t());
+      const at::Tensor ids = at::arange(start, start + rows, out_idx.options()).expand({qn, rows});
+      const at::Tensor cand_sims = at::cat({best_sims, s}, 1);
+      const at::Tensor cand_idx = at::cat({best_idx, ids}, 1);
+      const int64_t keep = std::min(k, cand_sims.size(1));
+      auto top = at::topk(cand_sims, keep, 1, /*largest=*/true, /*sorted=*/true);
+      best_sims = std::get<0>(top);
+      best_idx = cand_idx.gather(1, std::get<1>(top));
+    }
+    out_sims.narrow(0, q0, qn).copy_(best_sims);
+    out_idx.narrow(0, q0, qn).copy_(best_idx);
+  }
+  return {out_sims.to(query_in.scalar_type()), out_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(npid, CUDA, m) {
+  m.impl("momentum_update_", &momentum_update_);
+  m.impl("full_softmax_loss", &full_softmax_loss);
+  m.impl("knn_topk", &knn_topk);
+}
+
+}  // namespace cuda
+}  // namespace npid

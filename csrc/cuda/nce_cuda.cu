@@ -1,0 +1,992 @@
+// CUDA kernels for the sampled-row ops: negative sampling, lemniscate's NCE scores and
+// their backward, Z estimation, and the fused one-pass NCE / softmax-CE losses.
+//
+// Kernel design (see DESIGN.md, "Where the time goes"):
+//  * One block of 256 threads (8 warps) per (sample b, column split). Each warp takes
+//    batches of 32 consecutive columns of idx: lane l loads idx[b, k] (coalesced) or draws
+//    the Philox row for column k in-kernel (seed/offset read from rng_state on the device),
+//    range-checks it, and the rows are handed to the lanes by __shfl_sync.
+//  * A bank row is read by a group of G lanes (G = 8, 16 or 32, a power of two covering the
+//    row) with 16-byte loads (float4 / 2 doubles / 8 halves or bfloat16s) when the bank base
+//    and row pitch are 16-byte aligned, else element loads. Each lane issues 8 independent
+//    16-byte loads before using any (R rows x NV vectors per row, R * NV = 8), so a warp
+//    keeps 4 KiB in flight. x_b sits in registers in the same lane layout; the dot product is
+//    reduced inside the group with __shfl_xor_sync (every lane ends with the same score).
+//  * Accumulation in fp32 (double for double features): grad_x partial sums live in
+//    registers, the per-sample loss is summed in double by the group's first lane.
+//    Softmax-CE keeps an online (max, sum) per group, rescaling its accumulators when the
+//    max grows.
+//  * End of block: groups are merged with shuffles, warps through shared memory, in a fixed
+//    order (deterministic, no atomics). With one split the block writes loss and grad_x;
+//    with several (small batches: B < #SMs, so that enough blocks are in flight) each block
+//    writes a partial state and a finalize kernel merges the splits in order.
+//  * Rows too long for the register layout (more than 128 vectors, e.g. d > 512 fp32, or
+//    d > 32 without 16-byte alignment) go through a general kernel: one warp per row, element
+//    loads, the warp's accumulators in a global workspace; the finalize kernel merges the
+//    warps' partial states the same way.
+// Errors are reported without a host sync (NaN results); see cuda_common.cuh.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cuda_common.cuh"
+#include "npid/checks.h"
+#include "npid/dispatch.h"
+#include "npid/loss_terms.h"
+#include "npid/philox.h"
+
+namespace npid {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kFinalizeThreads = 128;
+constexpr int kReduceThreads = 512;
+// A split holds at least one 32-column batch per warp.
+constexpr int64_t kMinColsPerSplit = kThreads;
+constexpr size_t kMaxFastSmem = 40 * 1024;  // plus a few static bytes, under the 48 KiB default
+
+enum class Mode : int { kScores, kScoresBwd, kEstZ, kNce, kSoftmax };
+
+template <Mode M>
+struct ModeTraits {
+  static constexpr bool kDot = M != Mode::kScoresBwd;  // needs s = row . x / T
+  static constexpr bool kAcc = M == Mode::kScoresBwd || M == Mode::kNce || M == Mode::kSoftmax;
+  static constexpr bool kLsum = M == Mode::kNce || M == Mode::kEstZ;  // double sum per sample
+};
+
+template <typename scalar_t, typename bank_t>
+struct ScanArgs {
+  using acc_t = acc_type_t<scalar_t>;
+  const scalar_t* x = nullptr;     // (B, d)
+  const bank_t* bank = nullptr;    // (n, d)
+  const int64_t* idx = nullptr;    // (B, cols) or null: Philox sampling
+  const int64_t* y = nullptr;      // (B,) positives when sampling
+  const int64_t* rng = nullptr;    // [seed, offset] when sampling
+  int64_t B = 0, d = 0, n = 0, cols = 0;
+  int64_t cols_per_split = 0;
+  int S = 1;  // column splits per sample (blocks per sample)
+  int P = 1;  // partial states per sample in the workspace
+  double inv_t = 1.0;
+  double c = 0.0;            // NCE: K / n
+  const void* z = nullptr;   // NCE / Z estimation: float32 or float64 scalar
+  bool z_double = false;
+  scalar_t* scores = nullptr;          // kScores: (B, cols)
+  const scalar_t* go = nullptr;        // kScoresBwd: grad_out (B, cols)
+  const scalar_t* so = nullptr;        // kScoresBwd: out (B, cols)
+  scalar_t* loss = nullptr;            // (B,)
+  scalar_t* grad = nullptr;            // (B, d)
+  // Workspace (partial states), P per sample.
+  double* ws_lsum = nullptr;  // (B, P)
+  acc_t* ws_m = nullptr;      // (B, P)
+  acc_t* ws_l = nullptr;      // (B, P)
+  acc_t* ws_acc = nullptr;    // (B, P, d)
+  acc_t* ws_s0 = nullptr;     // (B,)
+};
+
+// ---------------------------------------------------------------------------------------
+// Device pieces shared by the kernels
+
+// Row for column kc of sample b (kc < k1), range-checked: the row, or -2 when it is outside
+// the bank (never dereferenced). Lanes with kc >= k1 get -1 (padding).
+template <Mode M, typename scalar_t, typename bank_t, typename acc_t>
+__device__ __forceinline__ long long stage_row(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
+                                               int64_t kc, int64_t k1, int64_t yb,
+                                               uint64_t seed, uint64_t offset, acc_t inv_t,
+                                               acc_t* s0_ptr, acc_t& coef, bool& bad) {
+  coef = acc_t(0);
+  if (kc >= k1) return -1;
+  const int64_t r = a.idx != nullptr ? a.idx[b * a.cols + kc]
+                                     : sampled_row(b, kc, a.cols - 1, yb, seed, offset, a.n);
+  if (r < 0 || r >= a.n) {
+    bad = true;
+    if constexpr (M == Mode::kSoftmax) {
+      if (kc == 0) *s0_ptr = quiet_nan<acc_t>();
+    }
+    return -2;
+  }
+  if constexpr (M == Mode::kScoresBwd) {
+    coef = to_acc<acc_t>(a.go[b * a.cols + kc]) * to_acc<acc_t>(a.so[b * a.cols + kc]) * inv_t;
+  }
+  return static_cast<long long>(r);
+}
+
+__device__ __forceinline__ int64_t imin64(int64_t p, int64_t q) { return p < q ? p : q; }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t softmax_weight(acc_t m_i, acc_t m_max) {
+  return m_i == neg_inf<acc_t>() ? acc_t(0) : ::exp(m_i - m_max);
+}
+
+// A list of `count` partial states: lsum[i], m[i], l[i], acc[i * stride + j].
+template <typename acc_t>
+struct PartialList {
+  const double* lsum;
+  const acc_t* m;
+  const acc_t* l;
+  const acc_t* acc;
+  int64_t stride;
+  int count;
+};
+
+template <Mode M, typename acc_t>
+__device__ __forceinline__ void merge_scalars(const PartialList<acc_t>& p, double& lsum,
+                                              acc_t& m_max, acc_t& l_sum) {
+  lsum = 0.0;
+  m_max = neg_inf<acc_t>();
+  l_sum = acc_t(0);
+  if constexpr (ModeTraits<M>::kLsum) {
+    for (int i = 0; i < p.count; ++i) lsum += p.lsum[i];
+  }
+  if constexpr (M == Mode::kSoftmax) {
+    for (int i = 0; i < p.count; ++i) m_max = p.m[i] > m_max ? p.m[i] : m_max;
+    for (int i = 0; i < p.count; ++i) l_sum += softmax_weight(p.m[i], m_max) * p.l[i];
+  }
+}
+
+template <Mode M, typename acc_t>
+__device__ __forceinline__ acc_t merge_elem(const PartialList<acc_t>& p, acc_t m_max, int64_t j) {
+  acc_t v = acc_t(0);
+  for (int i = 0; i < p.count; ++i) {
+    const acc_t a = p.acc[i * p.stride + j];
+    if constexpr (M == Mode::kSoftmax) {
+      v += softmax_weight(p.m[i], m_max) * a;
+    } else {
+      v += a;
+    }
+  }
+  return v;
+}
+
+// Whole block: merge the partial states of sample b and write its loss / grad_x.
+template <Mode M, typename scalar_t, typename bank_t>
+__device__ void emit_final(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
+                           const PartialList<acc_type_t<scalar_t>>& p, acc_type_t<scalar_t> s0) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t d = a.d;
+  double lsum;
+  acc_t m_max, l_sum;
+  merge_scalars<M>(p, lsum, m_max, l_sum);
+  if constexpr (M == Mode::kNce) {
+    if (threadIdx.x == 0) a.loss[b] = static_cast<scalar_t>(lsum);
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+      a.grad[b * d + j] = static_cast<scalar_t>(merge_elem<M>(p, m_max, j));
+  } else if constexpr (M == Mode::kScoresBwd) {
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+      a.grad[b * d + j] = static_cast<scalar_t>(merge_elem<M>(p, m_max, j));
+  } else if constexpr (M == Mode::kSoftmax) {
+    // loss = logsumexp - s0; grad = (softmax-weighted mean of the rows - w0) / T.
+    if (threadIdx.x == 0) a.loss[b] = static_cast<scalar_t>(m_max + ::log(l_sum) - s0);
+    const acc_t inv_l = acc_t(1) / l_sum;
+    const acc_t inv_t = static_cast<acc_t>(a.inv_t);
+    const int64_t r0 = a.idx != nullptr ? a.idx[b * a.cols] : a.y[b];
+    const bool ok = r0 >= 0 && r0 < a.n;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const acc_t w0 = ok ? to_acc<acc_t>(a.bank[r0 * d + j]) : quiet_nan<acc_t>();
+      a.grad[b * d + j] = static_cast<scalar_t>((merge_elem<M>(p, m_max, j) * inv_l - w0) * inv_t);
+    }
+  }
+}
+
+// Whole block: merge the partial states into one and store it as partial `pidx`.
+template <Mode M, typename scalar_t, typename bank_t>
+__device__ void emit_partial(const ScanArgs<scalar_t, bank_t>& a, int64_t pidx,
+                             const PartialList<acc_type_t<scalar_t>>& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  double lsum;
+  acc_t m_max, l_sum;
+  merge_scalars<M>(p, lsum, m_max, l_sum);
+  if (threadIdx.x == 0) {
+    if constexpr (ModeTraits<M>::kLsum) a.ws_lsum[pidx] = lsum;
+    if constexpr (M == Mode::kSoftmax) {
+      a.ws_m[pidx] = m_max;
+      a.ws_l[pidx] = l_sum;
+    }
+  }
+  if constexpr (ModeTraits<M>::kAcc) {
+    for (int64_t j = threadIdx.x; j < a.d; j += blockDim.x)
+      a.ws_acc[pidx * a.d + j] = merge_elem<M>(p, m_max, j);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast kernel: rows of at most 32 * NV vectors of VEC elements, held in registers.
+// Grid: B * S blocks of kThreads; dynamic shared memory kWarps * d acc_t (accumulating modes).
+// G (lanes per row) is a power of two in [R, 32], with nvec <= G * NV.
+
+// Two blocks per SM (<= 128 registers) except for the widest register layouts.
+template <typename scalar_t, int VEC, int NV>
+constexpr int fast_min_blocks() {
+  return (NV >= 4 || (sizeof(acc_type_t<scalar_t>) == 8 && VEC == 8)) ? 1 : 2;
+}
+
+template <Mode M, typename scalar_t, typename bank_t, int VEC, int NV>
+__global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>()))
+    scan_fast_kernel(const ScanArgs<scalar_t, bank_t> a, const int G) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Tr = ModeTraits<M>;
+  using raw_t = typename RawOf<bank_t, VEC>::type;
+  constexpr int R = 8 / NV;  // rows in flight per group
+  static_assert(R >= 1 && R * NV == 8, "8 loads in flight per lane");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double sm_lsum[kWarps];
+  __shared__ acc_t sm_m[kWarps];
+  __shared__ acc_t sm_l[kWarps];
+  __shared__ acc_t sm_s0;
+
+  const int64_t b = blockIdx.x / a.S;
+  const int split = static_cast<int>(blockIdx.x - b * a.S);
+  const int64_t k0 = static_cast<int64_t>(split) * a.cols_per_split;
+  const int64_t k1 = imin64(a.cols, k0 + a.cols_per_split);
+  const int lane = threadIdx.x & 31;
+  const int w = threadIdx.x >> 5;
+  const int P = 32 / G;       // groups per warp
+  const int g = lane / G;     // this lane's group
+  const int li = lane & (G - 1);
+  const int64_t d = a.d;
+  const int64_t nvec = d / VEC;
+
+  if constexpr (M == Mode::kEstZ) {
+    if (read_z(a.z, a.z_double) > 0) return;  // Z already set: nothing to do (whole block)
+  }
+
+  const uint64_t seed = a.rng != nullptr ? static_cast<uint64_t>(a.rng[0]) : 0;
+  const uint64_t offset = a.rng != nullptr ? static_cast<uint64_t>(a.rng[1]) : 0;
+  const int64_t yb = a.idx != nullptr ? 0 : a.y[b];
+  const acc_t inv_t = static_cast<acc_t>(a.inv_t);
+  acc_t inv_z = acc_t(0), c = acc_t(0);
+  if constexpr (M == Mode::kNce) {
+    const double zv = read_z(a.z, a.z_double);
+    inv_z = (zv > 0.0 && zv <= 1.7976931348623157e308) ? static_cast<acc_t>(1.0 / zv)
+                                                      : quiet_nan<acc_t>();
+    c = static_cast<acc_t>(a.c);
+  }
+  acc_t* s0_ptr = a.S > 1 ? a.ws_s0 + b : &sm_s0;
+
+  // x_b in the lane layout of the rows: vector t = li + G * s.
+  acc_t xr[NV][VEC];
+#pragma unroll
+  for (int s = 0; s < NV; ++s) {
+    const int64_t t = li + static_cast<int64_t>(G) * s;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      xr[s][e] = (Tr::kDot && t < nvec) ? to_acc<acc_t>(a.x[b * d + t * VEC + e]) : acc_t(0);
+  }
+  acc_t acc[NV][VEC];
+#pragma unroll
+  for (int s = 0; s < NV; ++s)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[s][e] = acc_t(0);
+  double lsum = 0.0;
+  acc_t m = neg_inf<acc_t>(), l = acc_t(0);
+  bool bad = false;
+
+  for (int64_t kb = k0 + 32 * w; kb < k1; kb += 32 * kWarps) {
+    acc_t my_coef;
+    const long long my_row = stage_row<M>(a, b, kb + lane, k1, yb, seed, offset, inv_t, s0_ptr,
+                                          my_coef, bad);
+    const int nvalid = static_cast<int>(imin64(32, k1 - kb));
+    for (int j0 = 0; j0 < nvalid; j0 += P * R) {
+      long long rr[R];
+      acc_t cf[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int src = j0 + r * P + g;  // < 32: P * R divides 32
+        rr[r] = __shfl_sync(kFullMask, my_row, src);
+        cf[r] = Tr::kAcc && !Tr::kDot ? __shfl_sync(kFullMask, my_coef, src) : acc_t(0);
+      }
+      raw_t raw[R][NV];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int s = 0; s < NV; ++s) {
+          const int64_t t = li + static_cast<int64_t>(G) * s;
+          raw[r][s] = (rr[r] >= 0 && t < nvec) ? load_raw<bank_t, VEC>(a.bank + rr[r] * d, t)
+                                               : raw_zero<bank_t, VEC>();
+        }
+      }
+
+      if constexpr (M == Mode::kSoftmax) {
+        acc_t sr[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          acc_t dot = acc_t(0);
+#pragma unroll
+          for (int s = 0; s < NV; ++s) {
+            acc_t v[VEC];
+            decode<acc_t, bank_t, VEC>(raw[r][s], v);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dot += xr[s][e] * v[e];
+          }
+          sr[r] = group_sum(dot, G) * inv_t;
+        }
+        acc_t m_new = m;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (rr[r] >= 0 && sr[r] > m_new) m_new = sr[r];
+        if (m_new > m) {  // new running max: rescale what was summed so far
+          const acc_t scale = ::exp(m - m_new);
+          l *= scale;
+#pragma unroll
+          for (int s = 0; s < NV; ++s)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[s][e] *= scale;
+          m = m_new;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (rr[r] < 0) continue;
+          const int64_t kcol = kb + j0 + r * P + g;
+          if (kcol == 0 && li == 0) *s0_ptr = sr[r];
+          const acc_t ex = ::exp(sr[r] - m);
+          l += ex;
+#pragma unroll
+          for (int s = 0; s < NV; ++s) {
+            acc_t v[VEC];
+            decode<acc_t, bank_t, VEC>(raw[r][s], v);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[s][e] += ex * v[e];
+          }
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          acc_t v[NV][VEC];
+#pragma unroll
+          for (int s = 0; s < NV; ++s) decode<acc_t, bank_t, VEC>(raw[r][s], v[s]);
+          acc_t sc = acc_t(0);
+          if constexpr (Tr::kDot) {
+            acc_t dot = acc_t(0);
+#pragma unroll
+            for (int s = 0; s < NV; ++s)
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) dot += xr[s][e] * v[s][e];
+            sc = group_sum(dot, G) * inv_t;
+          }
+          const int64_t kcol = kb + j0 + r * P + g;
+          if constexpr (M == Mode::kScores) {
+            if (li == 0 && rr[r] != -1)
+              a.scores[b * a.cols + kcol] =
+                  static_cast<scalar_t>(rr[r] >= 0 ? ::exp(sc) : quiet_nan<acc_t>());
+          } else if constexpr (M == Mode::kEstZ) {
+            if (li == 0 && rr[r] >= 0) lsum += ::exp(static_cast<double>(sc));
+          } else if constexpr (M == Mode::kNce) {
+            if (rr[r] >= 0) {
+              acc_t term, dl_ds;
+              nce_term<acc_t>(sc, kcol == 0, inv_z, c, term, dl_ds);
+              if (li == 0) lsum += static_cast<double>(term);
+              const acc_t coef = dl_ds * inv_t;
+#pragma unroll
+              for (int s = 0; s < NV; ++s)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[s][e] += coef * v[s][e];
+            }
+          } else {  // kScoresBwd
+            if (rr[r] >= 0) {
+#pragma unroll
+              for (int s = 0; s < NV; ++s)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[s][e] += cf[r] * v[s][e];
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if constexpr (M != Mode::kScores) {
+    // Merge the groups of each warp (lanes li, li + G, ... hold the same elements).
+    const bool warp_bad = __any_sync(kFullMask, bad);
+    if constexpr (M == Mode::kSoftmax) {
+      const acc_t m_w = across_groups_max(m, G);
+      const acc_t scale = softmax_weight(m, m_w);
+      l = across_groups_sum(l * scale, G);
+#pragma unroll
+      for (int s = 0; s < NV; ++s)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[s][e] *= scale;
+      m = m_w;
+    }
+    if constexpr (Tr::kAcc) {
+#pragma unroll
+      for (int s = 0; s < NV; ++s)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[s][e] = across_groups_sum(acc[s][e], G);
+    }
+    if constexpr (Tr::kLsum) lsum = group_sum(lsum, 32);  // only each group's lane 0 summed
+    if (warp_bad) {
+      lsum = quiet_nan<double>();
+      l = quiet_nan<acc_t>();
+#pragma unroll
+      for (int s = 0; s < NV; ++s)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[s][e] = quiet_nan<acc_t>();
+    }
+    acc_t* sm_acc = reinterpret_cast<acc_t*>(smem_raw);  // (kWarps, d)
+    if constexpr (Tr::kAcc) {
+      if (g == 0) {
+#pragma unroll
+        for (int s = 0; s < NV; ++s) {
+          const int64_t t = li + static_cast<int64_t>(G) * s;
+          if (t < nvec) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) sm_acc[w * d + t * VEC + e] = acc[s][e];
+          }
+        }
+      }
+    }
+    if (lane == 0) {
+      sm_lsum[w] = lsum;
+      sm_m[w] = m;
+      sm_l[w] = l;
+    }
+    __syncthreads();
+    const PartialList<acc_t> parts{sm_lsum, sm_m, sm_l, sm_acc, d, kWarps};
+    if (a.S == 1 && M != Mode::kEstZ) {
+      emit_final<M>(a, b, parts, M == Mode::kSoftmax ? sm_s0 : acc_t(0));
+    } else {
+      emit_partial<M>(a, b * a.S + split, parts);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// General kernel: any d, element loads, one row per warp at a time. Each warp is its own
+// partial state (P = S * kWarps per sample), its accumulators a lane-owned slice of the
+// workspace (element j belongs to lane j % 32). Grid: B * S blocks of kThreads.
+
+template <Mode M, typename scalar_t, typename bank_t>
+__global__ void __launch_bounds__(kThreads)
+    scan_general_kernel(const ScanArgs<scalar_t, bank_t> a) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Tr = ModeTraits<M>;
+  const int64_t b = blockIdx.x / a.S;
+  const int split = static_cast<int>(blockIdx.x - b * a.S);
+  const int64_t k0 = static_cast<int64_t>(split) * a.cols_per_split;
+  const int64_t k1 = imin64(a.cols, k0 + a.cols_per_split);
+  const int lane = threadIdx.x & 31;
+  const int w = threadIdx.x >> 5;
+  const int64_t d = a.d;
+  const int64_t pidx = b * a.P + static_cast<int64_t>(split) * kWarps + w;
+
+  if constexpr (M == Mode::kEstZ) {
+    if (read_z(a.z, a.z_double) > 0) return;
+  }
+
+  const uint64_t seed = a.rng != nullptr ? static_cast<uint64_t>(a.rng[0]) : 0;
+  const uint64_t offset = a.rng != nullptr ? static_cast<uint64_t>(a.rng[1]) : 0;
+  const int64_t yb = a.idx != nullptr ? 0 : a.y[b];
+  const acc_t inv_t = static_cast<acc_t>(a.inv_t);
+  acc_t inv_z = acc_t(0), c = acc_t(0);
+  if constexpr (M == Mode::kNce) {
+    const double zv = read_z(a.z, a.z_double);
+    inv_z = (zv > 0.0 && zv <= 1.7976931348623157e308) ? static_cast<acc_t>(1.0 / zv)
+                                                      : quiet_nan<acc_t>();
+    c = static_cast<acc_t>(a.c);
+  }
+  acc_t* s0_ptr = a.ws_s0 != nullptr ? a.ws_s0 + b : nullptr;
+  acc_t* accp = Tr::kAcc ? a.ws_acc + pidx * d : nullptr;
+  if constexpr (Tr::kAcc) {
+    for (int64_t j = lane; j < d; j += 32) accp[j] = acc_t(0);
+  }
+  const scalar_t* xb = a.x + b * d;
+
+  double lsum = 0.0;
+  acc_t m = neg_inf<acc_t>(), l = acc_t(0);
+  bool bad = false;
+  for (int64_t kb = k0 + 32 * w; kb < k1; kb += 32 * kWarps) {
+    acc_t my_coef;
+    const long long my_row = stage_row<M>(a, b, kb + lane, k1, yb, seed, offset, inv_t, s0_ptr,
+                                          my_coef, bad);
+    const int nvalid = static_cast<int>(imin64(32, k1 - kb));
+    for (int jl = 0; jl < nvalid; ++jl) {
+      const long long r = __shfl_sync(kFullMask, my_row, jl);
+      const acc_t cf = Tr::kAcc && !Tr::kDot ? __shfl_sync(kFullMask, my_coef, jl) : acc_t(0);
+      const int64_t kcol = kb + jl;
+      if (r < 0) {  // warp-uniform
+        if constexpr (M == Mode::kScores) {
+          if (r == -2 && lane == 0) a.scores[b * a.cols + kcol] = static_cast<scalar_t>(quiet_nan<acc_t>());
+        }
+        continue;
+      }
+      const bank_t* row = a.bank + r * d;
+      acc_t sc = acc_t(0);
+      if constexpr (Tr::kDot) {
+        acc_t dot = acc_t(0);
+        for (int64_t j = lane; j < d; j += 32) dot += to_acc<acc_t>(xb[j]) * to_acc<acc_t>(row[j]);
+        sc = group_sum(dot, 32) * inv_t;
+      }
+      if constexpr (M == Mode::kScores) {
+        if (lane == 0) a.scores[b * a.cols + kcol] = static_cast<scalar_t>(::exp(sc));
+      } else if constexpr (M == Mode::kEstZ) {
+        if (lane == 0) lsum += ::exp(static_cast<double>(sc));
+      } else if constexpr (M == Mode::kNce) {
+        acc_t term, dl_ds;
+        nce_term<acc_t>(sc, kcol == 0, inv_z, c, term, dl_ds);
+        if (lane == 0) lsum += static_cast<double>(term);
+        const acc_t coef = dl_ds * inv_t;
+        for (int64_t j = lane; j < d; j += 32) accp[j] += coef * to_acc<acc_t>(row[j]);
+      } else if constexpr (M == Mode::kScoresBwd) {
+        for (int64_t j = lane; j < d; j += 32) accp[j] += cf * to_acc<acc_t>(row[j]);
+      } else {  // kSoftmax
+        if (kcol == 0 && lane == 0) *s0_ptr = sc;
+        if (sc > m) {
+          const acc_t scale = ::exp(m - sc);
+          l *= scale;
+          for (int64_t j = lane; j < d; j += 32) accp[j] *= scale;
+          m = sc;
+        }
+        const acc_t ex = ::exp(sc - m);
+        l += ex;
+        for (int64_t j = lane; j < d; j += 32) accp[j] += ex * to_acc<acc_t>(row[j]);
+      }
+    }
+  }
+
+  if constexpr (M != Mode::kScores) {
+    const bool warp_bad = __any_sync(kFullMask, bad);
+    if (lane == 0) {
+      if constexpr (Tr::kLsum) a.ws_lsum[pidx] = warp_bad ? quiet_nan<double>() : lsum;
+      if constexpr (M == Mode::kSoftmax) {
+        a.ws_m[pidx] = m;
+        a.ws_l[pidx] = warp_bad ? quiet_nan<acc_t>() : l;
+      }
+    }
+    if constexpr (Tr::kAcc) {
+      if (warp_bad)
+        for (int64_t j = lane; j < d; j += 32) accp[j] = quiet_nan<acc_t>();
+    }
+  }
+}
+
+// One block per sample: merge its P partial states, write loss / grad_x.
+template <Mode M, typename scalar_t, typename bank_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const ScanArgs<scalar_t, bank_t> a) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t b = blockIdx.x;
+  const PartialList<acc_t> parts{a.ws_lsum != nullptr ? a.ws_lsum + b * a.P : nullptr,
+                                 a.ws_m != nullptr ? a.ws_m + b * a.P : nullptr,
+                                 a.ws_l != nullptr ? a.ws_l + b * a.P : nullptr,
+                                 a.ws_acc != nullptr ? a.ws_acc + b * a.P * a.d : nullptr,
+                                 a.d, a.P};
+  emit_final<M>(a, b, parts, M == Mode::kSoftmax ? a.ws_s0[b] : acc_t(0));
+}
+
+// Deterministic block sum of doubles (blockDim.x a multiple of 32, <= 1024).
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  v = group_sum(v, 32);
+  if (lane == 0) warp_sums[w] = v;
+  __syncthreads();
+  double total = 0.0;
+  const int nw = blockDim.x >> 5;
+  for (int i = 0; i < nw; ++i) total += warp_sums[i];
+  return total;
+}
+
+__device__ void write_z(void* z, bool z_double, double value) {
+  if (z_double) {
+    *static_cast<double*>(z) = value;
+  } else {
+    *static_cast<float*>(z) = static_cast<float>(value);
+  }
+}
+
+// z = sum(values) / denom * n_data where z <= 0 (or NaN); one block. With only_finite, a
+// non-finite result (NaN / inf features, or an out-of-range row, whose partial is NaN)
+// leaves z unset, as the CPU nce_estimate_z_ does (it raises there).
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    set_z_kernel(const T* values, int64_t count, void* z, bool z_double, double denom,
+                 double n_data, bool only_finite) {
+  if (read_z(z, z_double) > 0) return;  // every thread reads z before thread 0 writes it
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += static_cast<double>(values[i]);
+  const double total = block_sum(s);
+  const double value = total / denom * n_data;
+  if (threadIdx.x == 0 && (!only_finite || isfinite(value))) write_z(z, z_double, value);
+}
+
+__global__ void sample_negatives_kernel(const int64_t* y, const int64_t* rng, int64_t B,
+                                        int64_t K, int64_t n, int64_t* out) {
+  const uint64_t seed = static_cast<uint64_t>(rng[0]), offset = static_cast<uint64_t>(rng[1]);
+  const int64_t cols = K + 1, total = B * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = e / cols, k = e - b * cols;
+    out[e] = sampled_row(b, k, K, k == 0 ? y[b] : 0, seed, offset, n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+// Carves the workspace out of one byte tensor (kept alive by the caller until the kernels
+// using it are enqueued; the caching allocator orders reuse on the stream).
+struct Carver {
+  char* base = nullptr;
+  size_t used = 0;
+  template <typename T>
+  size_t reserve(int64_t count) {
+    used = (used + 15) / 16 * 16;
+    const size_t at = used;
+    used += static_cast<size_t>(count) * sizeof(T);
+    return at;
+  }
+};
+
+template <Mode M, typename scalar_t, typename bank_t>
+void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Tr = ModeTraits<M>;
+  const int64_t B = a.B, d = a.d, cols = a.cols;
+  if (B == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  // Column splits: enough blocks in flight when the batch is smaller than the GPU.
+  const int sms = num_sms();
+  int64_t S = 1;
+  if (B < sms) {
+    const int64_t want = (2 * static_cast<int64_t>(sms) + B - 1) / B;
+    const int64_t most = (cols + kMinColsPerSplit - 1) / kMinColsPerSplit;
+    S = std::max<int64_t>(1, std::min(want, most));
+  }
+  int64_t cps = (cols + S - 1) / S;
+  cps = (cps + 31) / 32 * 32;
+  S = (cols + cps - 1) / cps;
+  TORCH_CHECK(B * S <= std::numeric_limits<int>::max(), "batch too large for one launch: ", B);
+  a.S = static_cast<int>(S);
+  a.cols_per_split = cps;
+
+  // Row layout.
+  constexpr int kVec = full_vec<bank_t>();
+  const bool vec_ok = aligned16(a.bank) && (d * static_cast<int64_t>(sizeof(bank_t))) % 16 == 0;
+  const int vec = vec_ok ? kVec : 1;
+  const int64_t nvec = d / vec;
+  int nv = nvec <= 32 ? 1 : (nvec <= 64 ? 2 : (nvec <= 128 ? 4 : 0));
+  if (vec == 1 && nv > 1) nv = 0;  // element loads: register layout for short rows only
+  const size_t smem = Tr::kAcc ? static_cast<size_t>(kWarps) * d * sizeof(acc_t) : 0;
+  const bool fast = nv > 0 && smem <= kMaxFastSmem;
+  const int G = nv == 1 ? std::min(32, std::max(8, next_pow2(nvec))) : 32;
+
+  // Workspace.
+  a.P = static_cast<int>(fast ? S : S * kWarps);
+  const bool need_ws = !fast || S > 1 || M == Mode::kEstZ;
+  at::Tensor ws;
+  if (need_ws && M != Mode::kScores) {
+    const int64_t np = B * a.P;
+    Carver cv;
+    const size_t o_lsum = Tr::kLsum ? cv.reserve<double>(np) : 0;
+    const size_t o_m = M == Mode::kSoftmax ? cv.reserve<acc_t>(np) : 0;
+    const size_t o_l = M == Mode::kSoftmax ? cv.reserve<acc_t>(np) : 0;
+    const size_t o_s0 = M == Mode::kSoftmax ? cv.reserve<acc_t>(B) : 0;
+    const size_t o_acc = Tr::kAcc ? cv.reserve<acc_t>(np * d) : 0;
+    ws = at::empty({static_cast<int64_t>(std::max<size_t>(cv.used, 16))}, opts.dtype(at::kByte));
+    char* base = static_cast<char*>(ws.data_ptr());
+    if (Tr::kLsum) a.ws_lsum = reinterpret_cast<double*>(base + o_lsum);
+    if (M == Mode::kSoftmax) {
+      a.ws_m = reinterpret_cast<acc_t*>(base + o_m);
+      a.ws_l = reinterpret_cast<acc_t*>(base + o_l);
+      a.ws_s0 = reinterpret_cast<acc_t*>(base + o_s0);
+    }
+    if (Tr::kAcc) a.ws_acc = reinterpret_cast<acc_t*>(base + o_acc);
+  }
+
+  const unsigned grid = static_cast<unsigned>(B * S);
+  if (fast) {
+    auto launch = [&](auto vec_c, auto nv_c) {
+      constexpr int V = decltype(vec_c)::value;
+      constexpr int NV = decltype(nv_c)::value;
+      scan_fast_kernel<M, scalar_t, bank_t, V, NV><<<grid, kThreads, smem, stream>>>(a, G);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec == 1) {
+      launch(IntC<1>{}, IntC<1>{});
+    } else if (nv == 1) {
+      launch(IntC<kVec>{}, IntC<1>{});
+    } else if (nv == 2) {
+      launch(IntC<kVec>{}, IntC<2>{});
+    } else {
+      launch(IntC<kVec>{}, IntC<4>{});
+    }
+  } else {
+    scan_general_kernel<M, scalar_t, bank_t><<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if constexpr (M == Mode::kEstZ) {
+    set_z_kernel<double><<<1, kReduceThreads, 0, stream>>>(
+        a.ws_lsum, B * a.P, const_cast<void*>(a.z), a.z_double,
+        static_cast<double>(B * cols), static_cast<double>(a.n), /*only_finite=*/true);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if constexpr (M != Mode::kScores) {
+    if (need_ws) {
+      finalize_kernel<M, scalar_t, bank_t><<<static_cast<unsigned>(B), kFinalizeThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+// Validated, contiguous inputs of the fused ops.
+struct Fused {
+  at::Tensor x, bank, y, idx, rng;
+  int64_t columns = 0;
+};
+
+Fused prepare_fused(const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+                    const c10::optional<at::Tensor>& idx,
+                    const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
+                    double temperature) {
+  check_features(x, "x", /*allow_bf16=*/true);
+  check_bank(bank, x);
+  check_index_vector(y, x, "y");
+  check_temperature(temperature);
+  Fused f;
+  f.columns = check_rows_source(x, bank, idx, rng_state, num_negatives);
+  f.x = x.contiguous();
+  f.bank = bank.contiguous();
+  f.y = y.contiguous();
+  if (idx.has_value()) {
+    f.idx = idx->contiguous();
+  } else {
+    f.rng = rng_state->contiguous();
+  }
+  return f;
+}
+
+template <typename scalar_t, typename bank_t>
+ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
+  ScanArgs<scalar_t, bank_t> a;
+  a.x = f.x.data_ptr<scalar_t>();
+  a.bank = f.bank.data_ptr<bank_t>();
+  a.idx = f.idx.defined() ? f.idx.data_ptr<int64_t>() : nullptr;
+  a.y = f.y.defined() ? f.y.data_ptr<int64_t>() : nullptr;
+  a.rng = f.rng.defined() ? f.rng.data_ptr<int64_t>() : nullptr;
+  a.B = f.x.size(0);
+  a.d = f.x.size(1);
+  a.n = f.bank.size(0);
+  a.cols = f.columns;
+  a.inv_t = 1.0 / temperature;
+  return a;
+}
+
+void sync_check_fused_rows(const Fused& f) {
+  if (f.idx.defined()) {
+    sync_check_rows(f.idx, f.bank.size(0), "idx");
+  } else {
+    sync_check_rows(f.y, f.bank.size(0), "y");
+  }
+}
+
+at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
+                            int64_t num_negatives) {
+  TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
+              y.scalar_type(), " of shape ", y.sizes());
+  check_rng_state(rng_state, y);
+  TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
+              n_data);
+  TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  const c10::cuda::CUDAGuard guard(y.device());
+  if (sync_checks_enabled()) sync_check_rows(y, n_data, "y");
+  const at::Tensor yc = y.contiguous(), rc = rng_state.contiguous();
+  const int64_t B = y.size(0), columns = num_negatives + 1;
+  at::Tensor out = at::empty({B, columns}, y.options());
+  const int64_t total = B * columns;
+  if (total == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 32LL * num_sms());
+  sample_negatives_kernel<<<static_cast<unsigned>(blocks), threads, 0,
+                            at::cuda::getCurrentCUDAStream()>>>(
+      yc.data_ptr<int64_t>(), rc.data_ptr<int64_t>(), B, num_negatives, n_data,
+      out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
+                      double temperature) {
+  check_features(x_in, "x", /*allow_bf16=*/true);
+  check_bank(bank_in, x_in);
+  check_idx_matrix(idx, x_in);
+  check_temperature(temperature);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  Fused f;
+  f.x = x_in.contiguous();
+  f.bank = bank_in.contiguous();
+  f.idx = idx.contiguous();
+  f.columns = idx.size(1);
+  if (sync_checks_enabled()) sync_check_rows(f.idx, f.bank.size(0), "idx");
+  at::Tensor out = at::empty({f.x.size(0), f.columns}, f.x.options());
+  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_scores",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.scores = out.data_ptr<scalar_t>();
+    run_scan<Mode::kScores>(a, f.x.options());
+  });
+  return out;
+}
+
+at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                               const at::Tensor& x_in, const at::Tensor& bank_in,
+                               const at::Tensor& idx, double temperature) {
+  check_features(x_in, "x", /*allow_bf16=*/true);
+  check_bank(bank_in, x_in);
+  check_idx_matrix(idx, x_in);
+  check_temperature(temperature);
+  TORCH_CHECK(grad_out.sizes() == idx.sizes() && out.sizes() == idx.sizes(),
+              "grad_out and out must have idx's shape ", idx.sizes(), ", got ", grad_out.sizes(),
+              " and ", out.sizes());
+  TORCH_CHECK(grad_out.device() == x_in.device() && out.device() == x_in.device(),
+              "grad_out and out must be on ", x_in.device(), ", got ", grad_out.device(), " and ",
+              out.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  Fused f;
+  f.x = x_in.contiguous();
+  f.bank = bank_in.contiguous();
+  f.idx = idx.contiguous();
+  f.columns = idx.size(1);
+  if (sync_checks_enabled()) sync_check_rows(f.idx, f.bank.size(0), "idx");
+  const at::Tensor go = grad_out.to(f.x.scalar_type()).contiguous();
+  const at::Tensor oc = out.to(f.x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(f.x);
+  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_scores_backward",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.go = go.data_ptr<scalar_t>();
+    a.so = oc.data_ptr<scalar_t>();
+    a.grad = grad_x.data_ptr<scalar_t>();
+    run_scan<Mode::kScoresBwd>(a, f.x.options());
+  });
+  return grad_x;
+}
+
+void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
+  check_z(z, scores);
+  TORCH_CHECK(scores.is_floating_point() && scores.numel() > 0,
+              "scores must be a non-empty floating tensor");
+  TORCH_CHECK(n_data >= 1, "n_data must be >= 1, got ", n_data);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor sc = scores.contiguous();
+  const bool z_double = z.scalar_type() == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "nce_init_z_", [&] {
+    set_z_kernel<scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        sc.data_ptr<scalar_t>(), sc.numel(), z.data_ptr(), z_double,
+        static_cast<double>(sc.numel()), static_cast<double>(n_data), /*only_finite=*/false);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
+                     const at::Tensor& y, const c10::optional<at::Tensor>& idx,
+                     const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
+                     double temperature) {
+  check_z(z, x);
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool sync_checks = sync_checks_enabled();
+  if (sync_checks) {
+    if (z.item<double>() > 0) return;
+    sync_check_fused_rows(f);
+  }
+  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_estimate_z_",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.z = z.data_ptr();
+    a.z_double = z.scalar_type() == at::kDouble;
+    run_scan<Mode::kEstZ>(a, f.x.options());
+  });
+  if (sync_checks) {
+    const double zv = z.item<double>();
+    TORCH_CHECK(zv > 0 && std::isfinite(zv),
+                "x (or bank) holds NaN or inf features: the first batch's mean score is not "
+                "finite (or zero); z left unset");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
+                                            const at::Tensor& y,
+                                            const c10::optional<at::Tensor>& idx,
+                                            const c10::optional<at::Tensor>& rng_state,
+                                            const at::Tensor& z, int64_t num_negatives,
+                                            double temperature) {
+  check_z(z, x);
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (sync_checks_enabled()) {
+    const double zv = z.item<double>();
+    TORCH_CHECK(zv > 0 && std::isfinite(zv),
+                "z must be set (positive) before nce_loss; estimate it with nce_estimate_z_, got ",
+                zv);
+    sync_check_fused_rows(f);
+  }
+  at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
+  at::Tensor grad_x = at::empty_like(f.x);
+  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_loss",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.z = z.data_ptr();
+    a.z_double = z.scalar_type() == at::kDouble;
+    a.c = static_cast<double>(f.columns - 1) / static_cast<double>(a.n);
+    a.loss = loss.data_ptr<scalar_t>();
+    a.grad = grad_x.data_ptr<scalar_t>();
+    run_scan<Mode::kNce>(a, f.x.options());
+  });
+  return {loss, grad_x};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,
+                                                   const at::Tensor& y,
+                                                   const c10::optional<at::Tensor>& idx,
+                                                   const c10::optional<at::Tensor>& rng_state,
+                                                   int64_t num_negatives, double temperature) {
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (sync_checks_enabled()) sync_check_fused_rows(f);
+  at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
+  at::Tensor grad_x = at::empty_like(f.x);
+  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "softmax_ce_loss",
+                         [&](auto xt, auto bt) {
+    using scalar_t = decltype(xt);
+    using bank_t = decltype(bt);
+    auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.loss = loss.data_ptr<scalar_t>();
+    a.grad = grad_x.data_ptr<scalar_t>();
+    run_scan<Mode::kSoftmax>(a, f.x.options());
+  });
+  return {loss, grad_x};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(npid, CUDA, m) {
+  m.impl("sample_negatives", &sample_negatives);
+  m.impl("nce_scores", &nce_scores);
+  m.impl("nce_scores_backward", &nce_scores_backward);
+  m.impl("nce_init_z_", &nce_init_z_);
+  m.impl("nce_estimate_z_", &nce_estimate_z_);
+  m.impl("nce_loss", &nce_loss);
+  m.impl("softmax_ce_loss", &softmax_ce_loss);
+}
+
+}  // namespace cuda
+}  // namespace npid

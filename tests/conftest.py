@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+import npid_kernels  # noqa: F401  (loads the compiled ops)
+from npid_kernels import ops
+
+HAS_CUDA = ops.cuda_available()
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible (or the extension was built CPU-only)")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def unit_rows(*shape, dtype=torch.float64, device="cpu", generator=None):
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    return torch.nn.functional.normalize(x, dim=-1).to(dtype=dtype, device=device)

@@ -1,0 +1,365 @@
+"""Every op against the pure-PyTorch reference in float64 on fresh random inputs, at odd
+shapes, plus gradcheck in double and torch.library.opcheck."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from npid_kernels import ops
+from npid_kernels import reference as R
+
+from conftest import relative_error, unit_rows
+
+T = 0.07
+
+# (B, K, n, d): B = 1, K = 1, d = 3 and 130, n < K, and one mid-sized case.
+SHAPES = [(1, 1, 5, 3), (3, 7, 50, 130), (5, 40, 9, 16), (4, 300, 1000, 128), (2, 5, 2, 1)]
+
+
+def make_problem(B, K, n, d, device, dtype=torch.float64, bank_dtype=None, seed=0, repeated=True):
+    g = torch.Generator().manual_seed(seed)
+    x = unit_rows(B, d, generator=g)
+    bank = unit_rows(n, d, generator=g)
+    y = torch.randint(0, n, (B,), generator=g)
+    idx = torch.randint(0, n, (B, K + 1), generator=g)
+    if repeated and K >= 2:
+        idx[:, 2] = idx[:, 1]  # the same row twice for a sample
+    idx[:, 0] = y
+    rng_state = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=g)), seed * 7 + 1])
+    bank = bank.to(bank_dtype or dtype)
+    return [t.to(device) for t in (x.to(dtype), bank, y, idx, rng_state)]
+
+
+def leaf(x, dtype=None):
+    """A fresh leaf copy of x that requires grad."""
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
+
+
+def reference_z(x, bank, idx):
+    return R.estimate_z(R.nce_scores(x.double(), bank.double(), idx, T), bank.shape[0])
+
+
+# ------------------------------------------------------------------ sampling
+
+@pytest.mark.parametrize("B,K,n", [(1, 1, 2), (3, 17, 5), (7, 64, 1_281_167), (2, 3, 2**31 - 1)])
+@pytest.mark.parametrize("state", [(0, 0), (12345, 3), (-5, 2**40 + 7), (2**62 + 11, 2**33)])
+def test_sample_negatives_matches_reference(device, B, K, n, state):
+    y = torch.randint(0, n, (B,), device=device)
+    rng_state = torch.tensor(state, device=device)
+    idx = ops.sample_negatives(y, rng_state, n, K)
+    assert idx.shape == (B, K + 1) and idx.dtype == torch.int64
+    assert torch.equal(idx[:, 0], y)
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
+    assert torch.equal(idx.cpu(), R.sample_negatives(y.cpu(), rng_state.cpu(), n, K))
+
+
+def test_sample_negatives_uniform_and_fresh_per_offset():
+    n, K = 10, 20_000
+    y = torch.zeros(2, dtype=torch.int64)
+    idx = ops.sample_negatives(y, torch.tensor([7, 0]), n, K)
+    counts = torch.bincount(idx[:, 1:].reshape(-1), minlength=n).double()
+    expected = 2 * K / n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 40, f"chi^2 = {chi2} with 9 degrees of freedom: not uniform"
+    other = ops.sample_negatives(y, torch.tensor([7, 1]), n, K)
+    assert (other != idx).float().mean() > 0.8  # a new offset gives a new stream
+
+
+# ------------------------------------------------------------------ NCE scores (NCEAverage)
+
+@pytest.mark.parametrize("B,K,n,d", SHAPES)
+def test_nce_scores_matches_reference(device, B, K, n, d):
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    out = ops.nce_scores(x, bank, idx, T)
+    assert relative_error(out, R.nce_scores(x, bank, idx, T)) < 1e-12
+
+
+@pytest.mark.parametrize("B,K,n,d", SHAPES)
+def test_nce_scores_float32(device, B, K, n, d):
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    out = ops.nce_scores(x.float(), bank.float(), idx, T)
+    assert out.dtype == torch.float32
+    assert relative_error(out, R.nce_scores(x, bank, idx, T)) < 1e-5
+
+
+@pytest.mark.parametrize("B,K,n,d", SHAPES[:3])
+def test_nce_scores_gradcheck(device, B, K, n, d):
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ops.nce_scores(x, bank, idx, T), (x,))
+
+
+# ------------------------------------------------------------------ Z
+
+def test_nce_init_z_sets_once(device):
+    x, bank, y, idx, _ = make_problem(4, 9, 30, 8, device)
+    scores = ops.nce_scores(x, bank, idx, T)
+    z = torch.tensor([-1.0], dtype=torch.float64, device=device)
+    ops.nce_init_z_(z, scores, 30)
+    assert z.item() == pytest.approx(R.estimate_z(scores, 30).item(), rel=1e-12)
+    ops.nce_init_z_(z, scores * 10, 30)  # already set: Z is fixed after the first batch
+    assert z.item() == pytest.approx(R.estimate_z(scores, 30).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("z_dtype", [torch.float32, torch.float64])
+def test_nce_estimate_z_matches_reference(device, sampled, z_dtype):
+    B, K, n, d = 6, 33, 100, 20
+    x, bank, y, idx, rng_state = make_problem(B, K, n, d, device)
+    if sampled:
+        idx = R.sample_negatives(y.cpu(), rng_state.cpu(), n, K).to(device)
+    z = torch.tensor([-1.0], dtype=z_dtype, device=device)
+    kwargs = dict(rng_state=rng_state) if sampled else dict(idx=idx)
+    ops.nce_estimate_z_(z, x, bank, y, num_negatives=K, temperature=T, **kwargs)
+    assert z.item() == pytest.approx(reference_z(x, bank, idx).item(), rel=1e-6 if z_dtype == torch.float32 else 1e-12)
+    before = z.clone()
+    ops.nce_estimate_z_(z, x * 0.5, bank, y, num_negatives=K, temperature=T, **kwargs)
+    assert torch.equal(z, before)
+
+
+# ------------------------------------------------------------------ fused losses
+
+LOSSES = {
+    "nce": (lambda x, bank, y, z, **kw: ops.nce_loss(x, bank, y, z, **kw),
+            lambda x, bank, y, idx, z: R.nce_loss(x, bank, y, idx, z, T)),
+    "softmax_ce": (lambda x, bank, y, z, **kw: ops.softmax_ce_loss(x, bank, y, **kw),
+                   lambda x, bank, y, idx, z: R.softmax_ce_loss(x, bank, y, idx, T)),
+}
+
+
+def reference_loss_and_grad(loss_name, x, bank, y, idx, z):
+    xr = x.detach().double().clone().requires_grad_(True)
+    loss = LOSSES[loss_name][1](xr, bank.double(), y, idx, z.double())
+    loss.sum().backward()
+    return loss.detach(), xr.grad
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("B,K,n,d", SHAPES)
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_loss_matches_reference(device, loss_name, B, K, n, d, sampled, dtype):
+    x, bank, y, idx, rng_state = make_problem(B, K, n, d, device)
+    if sampled:
+        idx = R.sample_negatives(y.cpu(), rng_state.cpu(), n, K).to(device)
+    z = reference_z(x, bank, idx)
+    kwargs = dict(rng_state=rng_state) if sampled else dict(idx=idx)
+    xs = leaf(x, dtype)
+    loss = LOSSES[loss_name][0](xs, bank.to(dtype), y, z.to(dtype).reshape(1), num_negatives=K, temperature=T, **kwargs)
+    loss.sum().backward()
+    expected_loss, expected_grad = reference_loss_and_grad(loss_name, x, bank, y, idx, z)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert loss.dtype == dtype and xs.grad.dtype == dtype
+    assert relative_error(loss, expected_loss) < tol
+    assert relative_error(xs.grad, expected_grad) < tol
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+def test_fused_loss_16bit_bank_within_twice_pytorch_error(device, loss_name, bank_dtype):
+    """A 16-bit bank: our error against the float64 truth (on the fp32 bank) may be at most
+    twice that of the same math done by PyTorch on the 16-bit bank."""
+    B, K, n, d = 8, 512, 2000, 128
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    z = reference_z(x, bank, idx)
+    expected_loss, expected_grad = reference_loss_and_grad(loss_name, x, bank, y, idx, z)
+    low_bank = bank.to(bank_dtype)
+    torch_loss, torch_grad = reference_loss_and_grad(loss_name, x.float(), low_bank.float(), y, idx, z.float())
+    xs = leaf(x, torch.float32)
+    loss = LOSSES[loss_name][0](xs, low_bank, y, z.float().reshape(1), idx=idx, num_negatives=K, temperature=T)
+    loss.sum().backward()
+    assert relative_error(loss, expected_loss) <= 2 * relative_error(torch_loss, expected_loss) + 1e-6
+    assert relative_error(xs.grad, expected_grad) <= 2 * relative_error(torch_grad, expected_grad) + 1e-6
+
+
+def test_nce_loss_negatives_keep_precision_when_p_much_smaller_than_c(device):
+    """With P/c ~ 1e-6 the negatives' terms are tiny; log1p keeps them, a naive fp32
+    log(c / (P + c)) would round them to zero."""
+    B, K, n, d = 2, 64, 100, 16
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    z = reference_z(x, bank, idx) * 1e6
+    loss = ops.nce_loss(x.float(), bank.float(), y, z.float().reshape(1), idx=idx, num_negatives=K, temperature=T)
+    expected = R.nce_loss(x, bank, y, idx, z, T)
+    negatives = expected - torch.log1p((K / n + R.NCE_EPS) / (R.nce_scores(x, bank, idx, T)[:, 0] / z))
+    assert negatives.min() < 1e-3  # the regime this test is about
+    assert relative_error(loss, expected) < 1e-6
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fused_loss_gradcheck(device, loss_name, sampled):
+    B, K, n, d = 3, 6, 11, 5
+    x, bank, y, idx, rng_state = make_problem(B, K, n, d, device)
+    z = reference_z(x, bank, idx).reshape(1)
+    kwargs = dict(rng_state=rng_state) if sampled else dict(idx=idx)
+    x.requires_grad_(True)
+    fn = LOSSES[loss_name][0]
+    assert torch.autograd.gradcheck(lambda x: fn(x, bank, y, z, num_negatives=K, temperature=T, **kwargs), (x,))
+
+
+def test_fused_loss_in_kernel_sampling_equals_explicit_idx(device):
+    B, K, n, d = 5, 100, 700, 32
+    x, bank, y, _, rng_state = make_problem(B, K, n, d, device, dtype=torch.float32)
+    idx = ops.sample_negatives(y, rng_state, n, K)
+    z = torch.tensor([float(n)], device=device)
+    a = ops.nce_loss(x, bank, y, z, rng_state=rng_state, num_negatives=K, temperature=T)
+    b = ops.nce_loss(x, bank, y, z, idx=idx, num_negatives=K, temperature=T)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ exact softmax over the bank
+
+@pytest.mark.parametrize("B,n,d", [(1, 1, 3), (4, 37, 130), (3, 8192 + 5, 16), (2, 20000, 128)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_softmax_loss_matches_reference(device, B, n, d, dtype):
+    x, bank, y, _, _ = make_problem(B, 1, n, d, device)
+    xs = leaf(x, dtype)
+    loss = ops.full_softmax_loss(xs, bank.to(dtype), y, T)
+    loss.sum().backward()
+    xr = leaf(x)
+    expected = R.full_softmax_loss(xr, bank, y, T)
+    expected.sum().backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(loss, expected) < tol
+    assert relative_error(xs.grad, xr.grad) < tol
+
+
+def test_full_softmax_loss_gradcheck(device):
+    x, bank, y, _, _ = make_problem(3, 1, 13, 7, device)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ops.full_softmax_loss(x, bank, y, T), (x,))
+
+
+def test_full_softmax_loss_bf16_bank(device):
+    x, bank, y, _, _ = make_problem(4, 1, 3000, 64, device)
+    xr = leaf(x)
+    expected = R.full_softmax_loss(xr, bank, y, T)
+    torch_bf16 = R.full_softmax_loss(x.float(), bank.bfloat16().float(), y, T)
+    loss = ops.full_softmax_loss(x.float(), bank.bfloat16(), y, T)
+    assert relative_error(loss, expected) <= 2 * relative_error(torch_bf16, expected) + 1e-6
+
+
+# ------------------------------------------------------------------ momentum update
+
+@pytest.mark.parametrize("B,n,d", [(1, 1, 3), (6, 4, 130), (64, 1000, 128), (9, 50, 7)])
+@pytest.mark.parametrize("bank_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_momentum_update_matches_reference(device, B, n, d, bank_dtype):
+    g = torch.Generator().manual_seed(B * n + d)
+    x = unit_rows(B, d, generator=g).to(device)
+    bank = unit_rows(n, d, generator=g).to(device=device, dtype=bank_dtype)
+    y = torch.randint(0, n, (B,), generator=g).to(device)  # n small: duplicates likely
+    xd = x if bank_dtype == torch.float64 else x.float()
+    expected = R.momentum_update(bank, xd, y, 0.5)
+    ops.momentum_update_(bank, xd, y, 0.5)
+    tol = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[bank_dtype]
+    assert relative_error(bank, expected) < tol
+    rows = bank[y].double()
+    assert torch.allclose(rows.norm(dim=1), torch.ones(B, dtype=torch.float64, device=device), atol=10 * tol)
+
+
+def test_momentum_update_duplicates_last_occurrence_wins(device):
+    bank = unit_rows(4, 8, device=device)
+    old = bank.clone()
+    x = unit_rows(3, 8, device=device)
+    y = torch.tensor([2, 2, 2], device=device)
+    ops.momentum_update_(bank, x, y, 0.25)
+    mixed = 0.25 * old[2] + 0.75 * x[2]
+    assert torch.allclose(bank[2], mixed / mixed.norm(), atol=1e-15)
+    assert torch.equal(bank[[0, 1, 3]], old[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_momentum_update_extremes(device, momentum):
+    bank = unit_rows(5, 6, device=device) * 3  # rows not unit (lemniscate's init)
+    x = unit_rows(2, 6, device=device)
+    y = torch.tensor([1, 4], device=device)
+    expected = R.momentum_update(bank, x, y, momentum)
+    ops.momentum_update_(bank, x, y, momentum)
+    assert torch.allclose(bank, expected, atol=1e-14)
+
+
+# ------------------------------------------------------------------ kNN
+
+@pytest.mark.parametrize("Q,n,d,k", [(1, 1, 3, 1), (5, 300, 130, 7), (40, 9000, 16, 200), (3, 50, 8, 50)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_topk_matches_reference(device, Q, n, d, k, dtype):
+    q = unit_rows(Q, d, device=device).to(dtype)
+    bank = unit_rows(n, d, device=device).to(dtype)
+    sims, idx = ops.knn_topk(q, bank, k)
+    ref_sims, ref_idx = R.knn_topk(q, bank, k)
+    assert torch.equal(idx, ref_idx)
+    assert relative_error(sims, ref_sims) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_knn_topk_bf16_bank(device):
+    q = unit_rows(20, 32, device=device, dtype=torch.float32)
+    bank = unit_rows(5000, 32, device=device).bfloat16()
+    sims, idx = ops.knn_topk(q, bank, 10)
+    ref_sims, _ = R.knn_topk(q, bank.float(), 10)
+    assert relative_error(sims, ref_sims) < 1e-6
+
+
+# ------------------------------------------------------------------ opcheck
+
+def opcheck_cases(device):
+    x, bank, y, idx, rng_state = make_problem(3, 5, 17, 10, device, dtype=torch.float32)
+    xg = x.clone().requires_grad_(True)
+    z = torch.tensor([17.0], device=device)
+    scores = ops.nce_scores(x, bank, idx, T)
+    return [
+        (ops.npid.sample_negatives, (y, rng_state, 17, 5)),
+        (ops.npid.nce_scores, (xg, bank, idx, T)),
+        (ops.npid.nce_scores_backward, (torch.ones_like(scores), scores, x, bank, idx, T)),
+        (ops.npid.nce_init_z_, (torch.tensor([-1.0], device=device), scores, 17)),
+        (ops.npid.nce_estimate_z_, (torch.tensor([-1.0], device=device), x, bank, y, None, rng_state, 5, T)),
+        (ops.npid.nce_estimate_z_, (torch.tensor([-1.0], device=device), x, bank, y, idx, None, 5, T)),
+        (ops.npid.nce_loss, (xg, bank, y, idx, None, z, 5, T)),
+        (ops.npid.nce_loss, (xg, bank, y, None, rng_state, z, 5, T)),
+        (ops.npid.softmax_ce_loss, (xg, bank, y, idx, None, 5, T)),
+        (ops.npid.softmax_ce_loss, (xg, bank, y, None, rng_state, 5, T)),
+        (ops.npid.momentum_update_, (bank.clone(), x, y, 0.5)),
+        (ops.npid.full_softmax_loss, (xg, bank, y, T)),
+        (ops.npid.knn_topk, (x, bank, 4)),
+    ]
+
+
+def test_opcheck_every_op(device):
+    cases = opcheck_cases(device)
+    covered = {op._qualified_op_name for op, _ in cases}
+    declared = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("npid::")}
+    assert declared and declared <= covered, f"ops without an opcheck case: {declared - covered}"
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------ every CPU vector ISA path
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_isa_fallbacks_agree(isa):
+    """The hot loops are compiled for AVX-512, AVX2 and the baseline ISA; the narrower
+    paths are only taken on older CPUs, so run them here on purpose."""
+    script = """
+import torch
+from npid_kernels import ops, reference as R
+g = torch.Generator().manual_seed(3)
+x = torch.nn.functional.normalize(torch.randn(5, 37, generator=g, dtype=torch.float64), dim=1)
+bank = torch.nn.functional.normalize(torch.randn(300, 37, generator=g, dtype=torch.float64), dim=1)
+y = torch.randint(0, 300, (5,), generator=g)
+idx = ops.sample_negatives(y, torch.tensor([1, 2]), 300, 50)
+z = R.estimate_z(R.nce_scores(x, bank, idx, 0.07), 300).reshape(1)
+for dt in (torch.float64, torch.float32):
+    tol = 1e-12 if dt == torch.float64 else 1e-5
+    got = ops.nce_loss(x.to(dt), bank.to(dt), y, z.to(dt), idx=idx, num_negatives=50, temperature=0.07)
+    want = R.nce_loss(x, bank, y, idx, z, 0.07)
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+    got = ops.softmax_ce_loss(x.to(dt), bank.to(dt), y, idx=idx, num_negatives=50, temperature=0.07)
+    want = R.softmax_ce_loss(x, bank, y, idx, 0.07)
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+print("ok")
+"""
+    env = dict(os.environ, NPID_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
