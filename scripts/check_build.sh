@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build checks CI runs besides the tests: the CUDA kernels really hold sm_90 machine code,
+# and CMakeLists.txt still builds a library that loads and runs (so it cannot rot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+so=$($PY -c "import npid_kernels._C as c; print(c.__file__)")
+if $PY -c "import sys, torch, npid_kernels; sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('npid::nce_loss', 'CUDA') else 1)"; then
+    cuobjdump_bin=$(command -v cuobjdump || true)
+    [ -z "$cuobjdump_bin" ] && [ -n "${CUDA_HOME:-}" ] && cuobjdump_bin="$CUDA_HOME/bin/cuobjdump"
+    [ -z "$cuobjdump_bin" ] && cuobjdump_bin=$(ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    echo "CUDA kernels in $so:"
+    "$cuobjdump_bin" --list-elf "$so" | tee /tmp/npid_elf.txt
+    grep -q "sm_90" /tmp/npid_elf.txt || { echo "no sm_90 SASS in $so"; exit 1; }
+else
+    echo "CPU-only build: no CUDA kernels to inspect"
+fi
+
+mkdir -p build
+echo "CMake build (WITH_CUDA=${NPID_CMAKE_WITH_CUDA:-OFF})"
+prefix=$($PY -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
+# A CUDA build of torch makes its CMake config look for the toolkit even for a CPU-only library.
+cuda_args=()
+cuda_home=$($PY scripts/find_cuda_home.py)
+if [ -n "$cuda_home" ]; then
+    cuda_args=(-DCUDAToolkit_ROOT="$cuda_home" -DCUDA_TOOLKIT_ROOT_DIR="$cuda_home" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc")
+fi
+cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DWITH_CUDA="${NPID_CMAKE_WITH_CUDA:-OFF}" "${cuda_args[@]}" \
+      -DPython3_EXECUTABLE="$(command -v $PY)" -G Ninja > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+cmake --build build/cmake -j2 >> build/cmake.log 2>&1 || { tail -50 build/cmake.log; exit 1; }
+lib=$(ls build/cmake/libnpid_ops.so)
+$PY - "$lib" <<'PY'
+import sys
+import torch
+torch.ops.load_library(sys.argv[1])
+x = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+bank = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+y = torch.tensor([1, 2, 3])
+loss, grad = torch.ops.npid.nce_loss(x, bank, y, None, torch.tensor([1, 0]), torch.tensor([20.0]), 5, 0.07)
+assert loss.shape == (3,) and torch.isfinite(loss).all() and grad.shape == (3, 8)
+print("CMake-built", sys.argv[1], "loads and runs: loss", loss.tolist())
+PY
