@@ -102,6 +102,9 @@ class NCEAverage(nn.Module):
         _check_sizes(outputSize, inputSize, K)
         self.nLem = outputSize
         self.K = K
+        # T and momentum as Python floats: reading them back from `params` would sync the GPU
+        # every step. `params` mirrors lemniscate's buffer (and holds Z) for its checkpoints.
+        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum
         self.register_buffer("params", torch.tensor([K, T, -1 if Z is None else Z, momentum]))
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
 
@@ -115,10 +118,9 @@ class NCEAverage(nn.Module):
                 raise ValueError(f"idx must have shape (batch, K+1) = ({batch}, {self.K + 1}), got {tuple(idx.shape)}")
             idx = idx.clone()
         idx[:, 0] = y
-        T, momentum = float(self.params[1]), float(self.params[3])
         if torch.is_grad_enabled() and x.requires_grad:
-            x = _UpdateBankAfterBackward.apply(x, self.memory, y, momentum)
-        scores = ops.nce_scores(x, self.memory, idx, T)
+            x = _UpdateBankAfterBackward.apply(x, self.memory, y, self.momentum)
+        scores = ops.nce_scores(x, self.memory, idx, self.T)
         z = self.params[2:3]
         ops.nce_init_z_(z, scores, self.nLem)
         return scores / z
@@ -146,15 +148,15 @@ class LinearAverage(nn.Module):
         super().__init__()
         _check_sizes(outputSize, inputSize)
         self.nLem = outputSize
+        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum  # see NCEAverage
         self.register_buffer("params", torch.tensor([T, momentum]))
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_batch(x, y, self.memory)
-        T, momentum = float(self.params[0]), float(self.params[1])
         if torch.is_grad_enabled() and x.requires_grad:
-            x = _UpdateBankAfterBackward.apply(x, self.memory, y, momentum)
-        return x @ self.memory.to(x.dtype).t() / T
+            x = _UpdateBankAfterBackward.apply(x, self.memory, y, self.momentum)
+        return x @ self.memory.to(x.dtype).t() / self.T
 
 
 class NPIDLoss(nn.Module):
@@ -209,8 +211,8 @@ class NPIDLoss(nn.Module):
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
         _check_batch(features, indices, memory)
-        if features.dtype != memory.dtype and features.dtype in (torch.float16, torch.bfloat16):
-            features = features.float()  # autocast output: the kernels take fp32 features with a 16-bit bank
+        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+            features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
                         num_negatives=self.num_negatives, temperature=self.temperature)
         if self.loss_type == "nce":
