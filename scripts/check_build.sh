@@ -6,9 +6,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 so=$($PY -c "import npid_kernels._C as c; print(c.__file__)")
 if $PY -c "import sys, torch, npid_kernels; sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('npid::nce_loss', 'CUDA') else 1)"; then
-    cuobjdump_bin=$(command -v cuobjdump || true)
-    [ -z "$cuobjdump_bin" ] && [ -n "${CUDA_HOME:-}" ] && cuobjdump_bin="$CUDA_HOME/bin/cuobjdump"
-    [ -z "$cuobjdump_bin" ] && cuobjdump_bin=$(ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    # cuobjdump: on PATH, in the toolkit, or (some toolkits ship without it) in Triton's wheel.
+    cuobjdump_bin=""
+    triton_bin=$($PY -c "import os, triton; print(os.path.dirname(triton.__file__))" 2>/dev/null || true)/backends/nvidia/bin/cuobjdump
+    for candidate in "$(command -v cuobjdump || true)" "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" \
+                     "$($PY scripts/find_cuda_home.py)/bin/cuobjdump" "$triton_bin"; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump_bin=$candidate; break; fi
+    done
+    [ -n "$cuobjdump_bin" ] || { echo "cuobjdump not found"; exit 1; }
     echo "CUDA kernels in $so:"
     "$cuobjdump_bin" --list-elf "$so" | tee /tmp/npid_elf.txt
     grep -q "sm_90" /tmp/npid_elf.txt || { echo "no sm_90 SASS in $so"; exit 1; }

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The CUDA ops never sync by default (CUDA graphs, torch.compile): bad rows give NaN results.
+# NPID_CUDA_SYNC_CHECKS=1 makes them check on the device, sync and raise the CPU's messages,
+# which is what the bad-input tests assert on both devices.
+os.environ.setdefault("NPID_CUDA_SYNC_CHECKS", "1")
 
 import npid_kernels  # noqa: F401  (loads the compiled ops)
 from npid_kernels import ops

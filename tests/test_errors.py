@@ -89,6 +89,14 @@ def test_momentum_update_bad_input_leaves_bank_unchanged(problem, bad):
     assert torch.equal(bank, before)
 
 
+def test_momentum_update_zero_norm_row_is_an_error_not_nan(problem):
+    x, bank, y, *_ = problem
+    before = bank.clone()
+    with pytest.raises(RuntimeError, match="zero norm"):
+        ops.momentum_update_(bank, -bank[y], y, 0.5)  # 0.5 * row + 0.5 * (-row) = 0
+    assert torch.equal(bank, before)
+
+
 def test_momentum_update_needs_contiguous_bank(problem):
     x, bank, y, *_ = problem
     wide = torch.zeros(50, 32, device=bank.device)

@@ -53,18 +53,34 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
     const scalar_t* xp = x.data_ptr<scalar_t>();
     bank_t* bp = bank.data_ptr<bank_t>();
     const acc_t mu = static_cast<acc_t>(momentum), one_minus_mu = static_cast<acc_t>(1.0 - momentum);
-    at::parallel_for(0, static_cast<int64_t>(writers.size()), 16, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> w(d);
+    const int64_t W = static_cast<int64_t>(writers.size());
+    // New rows go to a scratch buffer first: a row whose mix has zero norm (x = -m/(1-m) * row)
+    // would become NaN, and the check must come before any row is written.
+    std::vector<acc_t> fresh(W * d);
+    std::vector<char> degenerate(W, 0);
+    at::parallel_for(0, W, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = writers[i];
-        bank_t* row = bp + yp[b] * d;
+        const bank_t* row = bp + yp[b] * d;
+        acc_t* w = fresh.data() + i * d;
         acc_t sq = 0;
         for (int64_t j = 0; j < d; ++j) {
           w[j] = mu * static_cast<acc_t>(row[j]) + one_minus_mu * static_cast<acc_t>(xp[b * d + j]);
           sq += w[j] * w[j];
         }
         const acc_t inv_norm = acc_t(1) / std::sqrt(sq);
-        for (int64_t j = 0; j < d; ++j) row[j] = static_cast<bank_t>(w[j] * inv_norm);
+        degenerate[i] = !(sq > 0) || !std::isfinite(inv_norm);
+        for (int64_t j = 0; j < d; ++j) w[j] *= inv_norm;
+      }
+    });
+    for (int64_t i = 0; i < W; ++i)
+      TORCH_CHECK(!degenerate[i], "momentum update of bank row ", yp[writers[i]], " (x[", writers[i],
+                  "]) has zero norm and cannot be normalised; bank left unchanged");
+    at::parallel_for(0, W, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        bank_t* row = bp + yp[writers[i]] * d;
+        const acc_t* w = fresh.data() + i * d;
+        for (int64_t j = 0; j < d; ++j) row[j] = static_cast<bank_t>(w[j]);
       }
     });
   });

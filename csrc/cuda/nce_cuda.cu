@@ -6,12 +6,15 @@
 //    batches of 32 consecutive columns of idx: lane l loads idx[b, k] (coalesced) or draws
 //    the Philox row for column k in-kernel (seed/offset read from rng_state on the device),
 //    range-checks it, and the rows are handed to the lanes by __shfl_sync.
-//  * A bank row is read by a group of G lanes (G = 8, 16 or 32, a power of two covering the
-//    row) with 16-byte loads (float4 / 2 doubles / 8 halves or bfloat16s) when the bank base
-//    and row pitch are 16-byte aligned, else element loads. Each lane issues 8 independent
-//    16-byte loads before using any (R rows x NV vectors per row, R * NV = 8), so a warp
-//    keeps 4 KiB in flight. x_b sits in registers in the same lane layout; the dot product is
-//    reduced inside the group with __shfl_xor_sync (every lane ends with the same score).
+//  * A bank row is read by a group of G lanes (a power of two) with 16-byte loads
+//    (float4 / 2 doubles / 8 halves or bfloat16s) when the bank base and row pitch are
+//    16-byte aligned, else element loads. Each lane holds NV vectors of the row (NV = 4 for
+//    fp32 / fp64 rows and element loads, 2 or 4 for 16-bit rows) and each group R = 8 / NV
+//    rows at once, so every lane issues 8 independent loads before using any (a warp keeps
+//    4 KiB in flight with 16-byte loads), and G is as small as the row allows (d = 128 fp32:
+//    G = 8, four rows per warp instruction, 3 shuffles to reduce four dot products). x_b
+//    sits in registers in the same lane layout; the dot product is reduced inside the group
+//    with __shfl_xor_sync (every lane of the group ends with the same score).
 //  * Accumulation in fp32 (double for double features): grad_x partial sums live in
 //    registers, the per-sample loss is summed in double by the group's first lane.
 //    Softmax-CE keeps an online (max, sum) per group, rescaling its accumulators when the
@@ -20,8 +23,8 @@
 //    order (deterministic, no atomics). With one split the block writes loss and grad_x;
 //    with several (small batches: B < #SMs, so that enough blocks are in flight) each block
 //    writes a partial state and a finalize kernel merges the splits in order.
-//  * Rows too long for the register layout (more than 128 vectors, e.g. d > 512 fp32, or
-//    d > 32 without 16-byte alignment) go through a general kernel: one warp per row, element
+//  * Rows too long for the register layout (more than 128 vectors: d > 512 fp32, d > 256
+//    fp64, d > 1024 16-bit, or d > 128 without 16-byte alignment) go through a general kernel: one warp per row, element
 //    loads, the warp's accumulators in a global workspace; the finalize kernel merges the
 //    warps' partial states the same way.
 // Errors are reported without a host sync (NaN results); see cuda_common.cuh.
@@ -217,12 +220,13 @@ __device__ void emit_partial(const ScanArgs<scalar_t, bank_t>& a, int64_t pidx,
 // ---------------------------------------------------------------------------------------
 // Fast kernel: rows of at most 32 * NV vectors of VEC elements, held in registers.
 // Grid: B * S blocks of kThreads; dynamic shared memory kWarps * d acc_t (accumulating modes).
-// G (lanes per row) is a power of two in [R, 32], with nvec <= G * NV.
+// G (lanes per row) is a power of two in [R, 32], with nvec <= G * NV; a warp holds
+// P = 32 / G groups, each working on R rows at a time (P * R <= 32 rows of one batch).
 
 // Two blocks per SM (<= 128 registers) except for the widest register layouts.
 template <typename scalar_t, int VEC, int NV>
 constexpr int fast_min_blocks() {
-  return (NV >= 4 || (sizeof(acc_type_t<scalar_t>) == 8 && VEC == 8)) ? 1 : 2;
+  return (VEC == 8 && (NV >= 4 || sizeof(acc_type_t<scalar_t>) == 8)) ? 1 : 2;
 }
 
 template <Mode M, typename scalar_t, typename bank_t, int VEC, int NV>
@@ -674,11 +678,15 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
   const bool vec_ok = aligned16(a.bank) && (d * static_cast<int64_t>(sizeof(bank_t))) % 16 == 0;
   const int vec = vec_ok ? kVec : 1;
   const int64_t nvec = d / vec;
-  int nv = nvec <= 32 ? 1 : (nvec <= 64 ? 2 : (nvec <= 128 ? 4 : 0));
-  if (vec == 1 && nv > 1) nv = 0;  // element loads: register layout for short rows only
+  // Vectors per lane: 4 (fewest lanes per row: fewer shuffles and loss evaluations per
+  // row), 2 for 16-bit rows of up to 64 vectors (register budget), 0: general kernel.
+  int nv = nvec <= 128 ? 4 : 0;
+  if (kVec == 8 && vec == 8 && nvec <= 64) nv = 2;
   const size_t smem = Tr::kAcc ? static_cast<size_t>(kWarps) * d * sizeof(acc_t) : 0;
   const bool fast = nv > 0 && smem <= kMaxFastSmem;
-  const int G = nv == 1 ? std::min(32, std::max(8, next_pow2(nvec))) : 32;
+  // Lanes per row: covers the row with nv vectors per lane, at least R = 8 / nv (so that the
+  // R rows of every group of a warp come from one 32-column batch), at most 32.
+  const int G = nv > 0 ? std::min(32, std::max(8 / nv, next_pow2((nvec + nv - 1) / nv))) : 32;
 
   // Workspace.
   a.P = static_cast<int>(fast ? S : S * kWarps);
@@ -712,13 +720,11 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec == 1) {
-      launch(IntC<1>{}, IntC<1>{});
-    } else if (nv == 1) {
-      launch(IntC<kVec>{}, IntC<1>{});
-    } else if (nv == 2) {
-      launch(IntC<kVec>{}, IntC<2>{});
-    } else {
+      launch(IntC<1>{}, IntC<4>{});
+    } else if (nv == 4) {
       launch(IntC<kVec>{}, IntC<4>{});
+    } else if constexpr (kVec == 8) {
+      launch(IntC<kVec>{}, IntC<2>{});
     }
   } else {
     scan_general_kernel<M, scalar_t, bank_t><<<grid, kThreads, 0, stream>>>(a);

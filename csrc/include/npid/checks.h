@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <cmath>
 #include <cstdint>
 
 namespace npid {
