@@ -48,8 +48,8 @@ def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_
     w = (e & 1) * 2
     lo = words.gather(0, w.unsqueeze(0)).squeeze(0)
     hi = words.gather(0, (w + 1).unsqueeze(0)).squeeze(0)
-    # (hi * 2^32 + lo) mod n without 64-bit unsigned arithmetic (n < 2^31 keeps it in int64).
-    rows = ((hi % n_data) * ((1 << 32) % n_data) + lo) % n_data
+    # floor((hi * 2^32 + lo) * n / 2^64) in int64: hi * n and lo * n stay below 2^63 for n < 2^31.
+    rows = (hi * n_data + ((lo * n_data) >> 32)) >> 32
     return torch.cat([y.view(B, 1), rows.view(B, K)], dim=1)
 
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -19,9 +20,13 @@ struct RowSource {
   int64_t n_data = 0;
   uint64_t seed = 0, offset = 0;
 
-  int64_t operator()(int64_t b, int64_t k) const {
-    if (idx != nullptr) return idx[b * columns + k];
-    return sampled_row(b, k, columns - 1, y[b], seed, offset, n_data);
+  // All K+1 rows of sample b.
+  void fill(int64_t b, int64_t* rows) const {
+    if (idx != nullptr) {
+      std::copy(idx + b * columns, idx + (b + 1) * columns, rows);
+    } else {
+      fill_sampled_rows(b, columns - 1, y[b], seed, offset, n_data, rows);
+    }
   }
 };
 
@@ -74,8 +79,9 @@ struct BadIndexFlag {
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 CpuIsa cpu_isa();
 
-// Rows are visited in random order; fetch this many rows ahead.
-constexpr int64_t kPrefetchDistance = 6;
+// Rows are visited in random order; fetch this many rows ahead (measured at B=64, K=4096,
+// n=50k, d=128 on the 2-core dev machine: 2 rows ahead 10.6 ms, 6 rows 8.3 ms, 10 rows 8-9 ms).
+constexpr int64_t kPrefetchDistance = 10;
 
 NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);

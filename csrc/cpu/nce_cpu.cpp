@@ -43,8 +43,7 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (yp[b] < 0 || yp[b] >= n_data) bad.record(yp[b]);
-      for (int64_t k = 0; k < columns; ++k)
-        op[b * columns + k] = sampled_row(b, k, num_negatives, yp[b], seed, offset, n_data);
+      fill_sampled_rows(b, num_negatives, yp[b], seed, offset, n_data, op + b * columns);
     }
   });
   report_bad_index(bad, "y", n_data);
@@ -151,10 +150,13 @@ NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIn
   std::vector<int64_t> rows(columns);
   for (int64_t b = lo; b < hi; ++b) {
     for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
+    a.rows.fill(b, rows.data());
     for (int64_t k = 0; k < columns; ++k) {
-      const int64_t r = a.rows(b, k);
-      if (r < 0 || r >= n) bad.record(r);
-      rows[k] = (r < 0 || r >= n) ? -1 : r;
+      const int64_t r = rows[k];
+      if (r < 0 || r >= n) {
+        bad.record(r);
+        rows[k] = -1;
+      }
     }
     begin_sample(b);
     for (int64_t k = 0; k < columns; ++k) {

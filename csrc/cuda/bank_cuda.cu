@@ -100,6 +100,21 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
     }
     TORCH_CHECK(at::isfinite(x).all().item<bool>(),
                 "x holds NaN or inf features; refusing to write them into the bank");
+    // A winning row whose mix has zero norm cannot be normalised (the CPU op raises too).
+    const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor order_b = at::arange(B, y.options());
+    const at::Tensor last = at::full({n}, -1, y.options())
+                                .scatter_reduce_(0, y, order_b, "amax", /*include_self=*/true);
+    const at::Tensor winner = last.index_select(0, y).eq(order_b);  // last occurrence wins
+    const at::Tensor mixed = bank.index_select(0, y).to(acc_type).mul_(momentum)
+                                 .add_(x.to(acc_type), 1.0 - momentum);
+    const at::Tensor degenerate =
+        mixed.mul(mixed).sum(1).gt(0).logical_not_().logical_and_(winner);
+    if (degenerate.any().item<bool>()) {
+      const int64_t b = degenerate.to(at::kInt).argmax().item<int64_t>();
+      TORCH_CHECK(false, "momentum update of bank row ", y[b].item<int64_t>(), " (x[", b,
+                  "]) has zero norm and cannot be normalised; bank left unchanged");
+    }
   }
   if (B == 0 || d == 0) return;
 
@@ -123,10 +138,12 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
   });
 }
 
-// Rows of the bank per GEMM chunk: about 2^24 logits (64 MiB fp32) per chunk, at least 8192.
-int64_t bank_chunk_rows(int64_t B, int64_t n) {
-  const int64_t rows = (int64_t(1) << 24) / std::max<int64_t>(B, 1);
-  return std::min(n, std::max<int64_t>(8192, rows));
+// Rows of the bank per GEMM chunk: about 2^24 logits (64 MiB fp32) per chunk, at least 8192,
+// and at most 2^26 converted bank elements (a 16-bit bank is upcast one chunk at a time).
+int64_t bank_chunk_rows(int64_t B, int64_t n, int64_t d) {
+  int64_t rows = std::max<int64_t>(8192, (int64_t(1) << 24) / std::max<int64_t>(B, 1));
+  rows = std::min(rows, std::max<int64_t>(1024, (int64_t(1) << 26) / std::max<int64_t>(d, 1)));
+  return std::min(n, rows);
 }
 
 // Positions of y outside [0, n) become NaN (no host sync); rows are read clamped.
@@ -153,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
   at::Tensor m = at::full({B}, -std::numeric_limits<double>::infinity(), xa.options());
   at::Tensor l = at::zeros({B}, xa.options());
   at::Tensor acc = at::zeros_like(xa);
-  const int64_t chunk = bank_chunk_rows(B, n);
+  const int64_t chunk = bank_chunk_rows(B, n, x.size(1));
   for (int64_t start = 0; start < n; start += chunk) {
     const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start)).to(acc_type);
     const at::Tensor s = at::mm(xa, w.t()).mul_(inv_t);

@@ -3,8 +3,9 @@
 // Negative (b, k), k = 1..K, is element e = b*K + (k-1) of the stream. Two elements
 // share one Philox call: counter = (e/2 low, e/2 high, offset low, offset high),
 // key = (seed low, seed high); element e takes 64 bits, words 2*(e%2) and 2*(e%2)+1,
-// and its row is that 64-bit value mod n_data. The CPU kernels, the CUDA kernels and
-// reference.py's pure-PyTorch Philox all produce the same indices from (seed, offset).
+// and its row is floor(bits * n_data / 2^64) (Lemire's multiply-shift: no 64-bit division,
+// bias below n / 2^64). The CPU kernels, the CUDA kernels and reference.py's pure-PyTorch
+// Philox all produce the same indices from (seed, offset).
 #pragma once
 #include <cstdint>
 
@@ -50,13 +51,25 @@ NPID_HOST_DEVICE Philox4x32Out philox4x32_10(uint64_t counter, uint64_t offset, 
   return Philox4x32Out{{c0, c1, c2, c3}};
 }
 
+// floor(bits * n / 2^64): 64 random bits to a row in [0, n).
+NPID_HOST_DEVICE int64_t bits_to_row(uint64_t bits, int64_t n_data) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int64_t>(__umul64hi(bits, static_cast<uint64_t>(n_data)));
+#else
+  return static_cast<int64_t>((static_cast<unsigned __int128>(bits) * static_cast<uint64_t>(n_data)) >> 64);
+#endif
+}
+
+// The two 64-bit draws of one Philox call: elements 2p (words 0, 1) and 2p + 1 (words 2, 3).
+NPID_HOST_DEVICE uint64_t philox_draw_bits(const Philox4x32Out& r, int half) {
+  return static_cast<uint64_t>(r.v[2 * half]) | (static_cast<uint64_t>(r.v[2 * half + 1]) << 32);
+}
+
 // Row of negative element e (see the header comment), uniform in [0, n_data).
 NPID_HOST_DEVICE int64_t philox_negative_index(uint64_t e, uint64_t seed, uint64_t offset,
                                                int64_t n_data) {
   const Philox4x32Out r = philox4x32_10(e >> 1, offset, seed);
-  const int w = static_cast<int>(e & 1) * 2;
-  const uint64_t bits = static_cast<uint64_t>(r.v[w]) | (static_cast<uint64_t>(r.v[w + 1]) << 32);
-  return static_cast<int64_t>(bits % static_cast<uint64_t>(n_data));
+  return bits_to_row(philox_draw_bits(r, static_cast<int>(e & 1)), n_data);
 }
 
 // Row for column k of sample b: the positive y_b at k = 0, else a Philox negative.
@@ -64,6 +77,20 @@ NPID_HOST_DEVICE int64_t sampled_row(int64_t b, int64_t k, int64_t K, int64_t po
                                      uint64_t seed, uint64_t offset, int64_t n_data) {
   if (k == 0) return positive;
   return philox_negative_index(static_cast<uint64_t>(b * K + (k - 1)), seed, offset, n_data);
+}
+
+// Rows of sample b's columns 0..K (column 0 = positive) into rows[0..K]: one Philox call
+// per two negatives (sampled_row per element would compute each call twice).
+inline void fill_sampled_rows(int64_t b, int64_t K, int64_t positive, uint64_t seed,
+                              uint64_t offset, int64_t n_data, int64_t* rows) {
+  rows[0] = positive;
+  const uint64_t e0 = static_cast<uint64_t>(b * K);
+  Philox4x32Out r{};
+  for (int64_t k = 1; k <= K; ++k) {
+    const uint64_t e = e0 + static_cast<uint64_t>(k - 1);
+    if (k == 1 || (e & 1) == 0) r = philox4x32_10(e >> 1, offset, seed);
+    rows[k] = bits_to_row(philox_draw_bits(r, static_cast<int>(e & 1)), n_data);
+  }
 }
 
 }  // namespace npid
