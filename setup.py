@@ -30,7 +30,7 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     # No GPU to ask: build Ampere and Hopper (A100, H100/H200).
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-sources = [os.path.join("csrc", "npid_ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 # No -std flag: torch picks the standard its headers need (C++20 from torch 2.12 on).
 # -fopenmp: at::parallel_for's OpenMP backend is inline in the headers, so we must compile it.

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "npid/bank_scan.h"
 #include "npid/checks.h"
 
 namespace npid {
@@ -37,23 +38,8 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xa = x.to(acc_type);
   const double inv_t = 1.0 / temperature;
-  const int64_t B = x.size(0);
-
-  // Online logsumexp over the chunks: m = running max, l = sum exp(s - m),
-  // acc = sum exp(s - m) * w (the softmax-weighted mean of the rows, unnormalised).
-  at::Tensor m = at::full({B}, -std::numeric_limits<double>::infinity(), xa.options());
-  at::Tensor l = at::zeros({B}, xa.options());
-  at::Tensor acc = at::zeros_like(xa);
-  for (int64_t start = 0; start < n; start += kBankChunk) {
-    const at::Tensor w = bank.narrow(0, start, std::min(kBankChunk, n - start)).to(acc_type);
-    const at::Tensor s = at::mm(xa, w.t()).mul_(inv_t);
-    const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
-    const at::Tensor scale = (m - m_new).exp_();
-    const at::Tensor p = (s - m_new.unsqueeze(1)).exp_();
-    l = l * scale + p.sum(1);
-    acc = acc * scale.unsqueeze(1) + at::mm(p, w);
-    m = m_new;
-  }
+  at::Tensor m, l, acc;
+  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, kBankChunk);
   const at::Tensor w_pos = bank.index_select(0, y).to(acc_type);
   const at::Tensor s_pos = (xa * w_pos).sum(1).mul_(inv_t);
   const at::Tensor loss = m + l.log() - s_pos;
@@ -65,32 +51,12 @@ std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query_in, const at
                                             int64_t k) {
   check_features(query_in, "query");
   check_bank(bank, query_in, "query");
-  const int64_t n = bank.size(0), Q = query_in.size(0);
+  const int64_t n = bank.size(0);
   TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
   const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor query = query_in.to(acc_type).contiguous();
-  at::Tensor out_sims = at::empty({Q, k}, query.options());
-  at::Tensor out_idx = at::empty({Q, k}, query.options().dtype(at::kLong));
-  for (int64_t q0 = 0; q0 < Q; q0 += kQueryChunk) {
-    const int64_t qn = std::min(kQueryChunk, Q - q0);
-    const at::Tensor q = query.narrow(0, q0, qn);
-    // Running top-k, merged with each chunk's similarities by one topk over k + chunk columns.
-    at::Tensor best_sims = at::full({qn, 0}, 0.0, query.options());
-    at::Tensor best_idx = at::empty({qn, 0}, out_idx.options());
-    for (int64_t start = 0; start < n; start += kBankChunk) {
-      const int64_t rows = std::min(kBankChunk, n - start);
-      const at::Tensor s = at::mm(q, bank.narrow(0, start, rows).to(acc_type).t());
-      const at::Tensor ids = at::arange(start, start + rows, out_idx.options()).expand({qn, rows});
-      const at::Tensor cand_sims = at::cat({best_sims, s}, 1);
-      const at::Tensor cand_idx = at::cat({best_idx, ids}, 1);
-      const int64_t keep = std::min(k, cand_sims.size(1));
-      auto top = at::topk(cand_sims, keep, 1, /*largest=*/true, /*sorted=*/true);
-      best_sims = std::get<0>(top);
-      best_idx = cand_idx.gather(1, std::get<1>(top));
-    }
-    out_sims.narrow(0, q0, qn).copy_(best_sims);
-    out_idx.narrow(0, q0, qn).copy_(best_idx);
-  }
+  at::Tensor out_sims, out_idx;
+  std::tie(out_sims, out_idx) = streamed_topk(query, bank, k, kQueryChunk, kBankChunk);
   return {out_sims.to(query_in.scalar_type()), out_idx};
 }
 
