@@ -41,9 +41,11 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
     for (int64_t start = 0; start < n; start += bank_chunk) {
       const int64_t rows = std::min(bank_chunk, n - start);
       const at::Tensor s = at::mm(q, bank.narrow(0, start, rows).to(query.scalar_type()).t());
-      const at::Tensor ids = at::arange(start, start + rows, out_idx.options()).expand({qn, rows});
-      const at::Tensor cand_sims = at::cat({best_sims, s}, 1);
-      const at::Tensor cand_idx = at::cat({best_idx, ids}, 1);
+      // The chunk's own top-k first (no index matrix for the whole chunk), then a merge of
+      // 2k candidates with the running top-k.
+      auto chunk_top = at::topk(s, std::min(k, rows), 1, /*largest=*/true, /*sorted=*/false);
+      const at::Tensor cand_sims = at::cat({best_sims, std::get<0>(chunk_top)}, 1);
+      const at::Tensor cand_idx = at::cat({best_idx, std::get<1>(chunk_top).add_(start)}, 1);
       auto top = at::topk(cand_sims, std::min(k, cand_sims.size(1)), 1, /*largest=*/true,
                           /*sorted=*/true);
       best_sims = std::get<0>(top);

@@ -16,7 +16,9 @@ namespace {
 
 // 8192 rows x 256 queries of fp32 logits = 8 MiB: large GEMMs, bounded memory.
 constexpr int64_t kBankChunk = 8192;
+// kNN: 1024 queries x 16384 rows = 64 MiB of similarities per chunk.
 constexpr int64_t kQueryChunk = 1024;
+constexpr int64_t kKnnBankChunk = 16384;
 
 void check_rows_in_range(const at::Tensor& y, int64_t n, const char* name) {
   if (y.numel() == 0) return;
@@ -49,14 +51,14 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
 
 std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query_in, const at::Tensor& bank,
                                             int64_t k) {
-  check_features(query_in, "query");
+  check_features(query_in, "query", /*allow_bf16=*/true);
   check_bank(bank, query_in, "query");
   const int64_t n = bank.size(0);
   TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
   const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor query = query_in.to(acc_type).contiguous();
   at::Tensor out_sims, out_idx;
-  std::tie(out_sims, out_idx) = streamed_topk(query, bank, k, kQueryChunk, kBankChunk);
+  std::tie(out_sims, out_idx) = streamed_topk(query, bank, k, kQueryChunk, kKnnBankChunk);
   return {out_sims.to(query_in.scalar_type()), out_idx};
 }
 

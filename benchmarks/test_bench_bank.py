@@ -1,0 +1,253 @@
+"""Benchmarks of the ops that scan the whole bank: the exact non-parametric softmax and kNN top-k.
+
+Full softmax (test_full_softmax), providers:
+  torch          reference.full_softmax_loss: cross_entropy(x @ bank.T / T, y), materialises B x N logits
+  torch_compile  torch.compile(dynamic=False) of the same function
+  npid           ops.full_softmax_loss (streams the bank in chunks, online logsumexp)
+and passes forward / forward_backward / step (loss + backward + momentum update of bank[y];
+torch: bench_common.full_softmax_step, which mirrors reference.nce_step).
+
+kNN top-k (test_knn, inference only, pass "forward"), providers:
+  torch          chunked: for every 1,000 queries, (q @ bank.T).topk(k) (bench_common style,
+                 the bank converted to the query dtype once per call)
+  torch_compile  the same loop with the per-chunk matmul + topk compiled
+  npid           ops.knn_topk
+Queries are fp32 (ops.knn_topk takes fp32/fp64 queries with any bank dtype).
+
+Every case is checked once against float64 before timing: loss/grad/bank rows for the
+softmax; for kNN the top-k similarities of the first 256 queries and, for those, that the
+returned indices really have the returned similarities.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict
+
+import torch
+
+from npid_kernels import ops
+from npid_kernels import reference as ref
+
+from .bench_common import (
+    DTYPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled, elem_size,
+    expected_rows, full_softmax_shapes, full_softmax_step, knn_shapes, make_generator, require_compile,
+    run_benchmark, settings_from_config, sync, unit_rows,
+)
+
+FS_PROVIDERS = ("torch", "torch_compile", "npid")
+KNN_PROVIDERS = ("torch", "torch_compile", "npid")
+KNN_CHUNK = 1000          # queries per chunk for the torch providers
+KNN_CHECK_QUERIES = 256   # queries checked against the float64 reference
+LOSS_TOL, GRAD_TOL = 2e-5, 2e-4
+KNN_ABS_TOL = 1e-4        # similarities of unit vectors, fp32 accumulation
+
+
+def pytest_generate_tests(metafunc):
+    s = settings_from_config(metafunc.config)
+    if metafunc.function.__name__ == "test_full_softmax":
+        metafunc.parametrize("B,N,D,bank_dtype", full_softmax_shapes(s))
+        metafunc.parametrize("pass_", PASSES)
+        metafunc.parametrize("provider", FS_PROVIDERS)
+    elif metafunc.function.__name__ == "test_knn":
+        metafunc.parametrize("Q,N,D,bank_dtype,topk", knn_shapes(s))
+        metafunc.parametrize("provider", KNN_PROVIDERS)
+
+
+# ---------------------------------------------------------------- full softmax
+
+
+@dataclasses.dataclass
+class FsCase:
+    bank: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    expected: Dict[str, torch.Tensor]
+
+
+_FS: Dict[tuple, FsCase] = {}
+
+
+def get_fs_case(B, N, D, bank_dtype, device) -> FsCase:
+    key = (B, N, D, bank_dtype, device)
+    if key not in _FS:
+        _FS.clear()
+        g = make_generator("full_softmax", *key)
+        bank32 = unit_rows(N, D, g)
+        y = torch.randperm(N, generator=g)[:B]
+        x = torch.nn.functional.normalize(bank32[y] + 0.5 * torch.randn(B, D, generator=g), dim=1)
+        bank, x, y = bank32.to(DTYPES[bank_dtype]).to(device), x.to(device), y.to(device)
+        xd = x.double().requires_grad_()
+        mean = ref.full_softmax_loss(xd, bank.double(), y, TEMPERATURE).mean()
+        (grad,) = torch.autograd.grad(mean, xd)
+        exp = {"loss": mean.detach(), "grad": grad, "rows": expected_rows(bank, x, y, MOMENTUM)}
+        _FS[key] = FsCase(bank, x, y, exp)
+    return _FS[key]
+
+
+def fs_pass(provider: str, pass_: str, case: FsCase, x: torch.Tensor, bank: torch.Tensor, device: str):
+    T, y = TEMPERATURE, case.y
+    if provider == "npid":
+        def loss_fn(x, bank):
+            return ops.full_softmax_loss(x, bank, y, T)
+
+        def step_fn(x, bank):
+            mean = loss_fn(x, bank).mean()
+            mean.backward()
+            ops.momentum_update_(bank, x, y, MOMENTUM)
+            return mean
+    else:
+        wrap = compiled if provider == "torch_compile" else (lambda f: f)
+        if pass_ == "step":
+            step = wrap(full_softmax_step)
+            loss_fn, step_fn = None, (lambda x, bank: step(x, bank, y, T, MOMENTUM))
+        else:
+            f = wrap(ref.full_softmax_loss)
+            loss_fn, step_fn = (lambda x, bank: f(x, bank, y, T)), None
+
+    if pass_ == "forward":
+        def run():
+            out = loss_fn(x, bank).mean()
+            sync(device)
+            return out, None
+    elif pass_ == "forward_backward":
+        def run():
+            out = loss_fn(x, bank).mean()
+            (grad,) = torch.autograd.grad(out, x)
+            sync(device)
+            return out, grad
+    else:
+        def run():
+            x.grad = None
+            out = step_fn(x, bank)
+            sync(device)
+            return out, x.grad
+    return run
+
+
+def test_full_softmax(benchmark, settings, pass_, B, N, D, bank_dtype, provider):
+    device = settings.device
+    if provider == "torch_compile":
+        require_compile(settings)
+    case = get_fs_case(B, N, D, bank_dtype, device)
+    info: Dict[str, object] = {"op": "full_softmax", "pass": pass_, "provider": provider}
+    benchmark.group = f"full_softmax {pass_} B={B} N={N} D={D} {bank_dtype}"
+
+    x_check = case.x.detach().clone().requires_grad_()
+    bank_check = case.bank.clone() if pass_ == "step" else case.bank
+    t0 = time.perf_counter()
+    out, grad = fs_pass(provider, pass_, case, x_check, bank_check, device)()
+    if provider == "torch_compile":
+        info["compile_s"] = time.perf_counter() - t0
+    check_close("loss", out, case.expected["loss"], LOSS_TOL, info)
+    if pass_ != "forward":
+        check_close("grad", grad, case.expected["grad"], GRAD_TOL, info)
+    if pass_ == "step":
+        check_bank_update(case.bank, bank_check, case.y, case.expected["rows"], info)
+    del x_check, bank_check, out, grad
+
+    x = case.x.detach().clone().requires_grad_()
+    bank = case.bank.clone() if pass_ == "step" else case.bank
+    run = fs_pass(provider, pass_, case, x, bank, device)
+
+    def timed():
+        run()
+
+    eb = elem_size(case.bank.dtype)
+    bytes_moved, formula = N * D * eb, "N*D*bank_elem_size (one read of the bank)"
+    if pass_ == "step":
+        bytes_moved += 2 * B * D * eb
+        formula += " + 2*B*D*bank_elem_size (read and write of the updated rows)"
+    run_benchmark(benchmark, timed, settings, info, bytes_moved, formula)
+
+
+# ---------------------------------------------------------------- kNN top-k
+
+
+def knn_chunk_topk(q: torch.Tensor, bank_t: torch.Tensor, k: int):
+    """One chunk of the torch kNN: similarities to every bank row, then top-k."""
+    return (q @ bank_t).topk(k, dim=1, largest=True, sorted=True)
+
+
+def torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, chunk_fn=knn_chunk_topk, chunk: int = KNN_CHUNK):
+    """Pure-PyTorch chunked kNN top-k: never more than chunk x N similarities at once."""
+    bank_t = bank.to(query.dtype).t()
+    sims, idx = [], []
+    for q in query.split(chunk):
+        s, i = chunk_fn(q, bank_t, k)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+@dataclasses.dataclass
+class KnnCase:
+    bank: torch.Tensor
+    query: torch.Tensor
+    expected_sims: torch.Tensor  # float64 top-k of the first KNN_CHECK_QUERIES queries
+
+
+_KNN: Dict[tuple, KnnCase] = {}
+
+
+def get_knn_case(Q, N, D, bank_dtype, topk, device) -> KnnCase:
+    key = (Q, N, D, bank_dtype, topk, device)
+    if key not in _KNN:
+        _KNN.clear()
+        g = make_generator("knn", *key)
+        bank32 = unit_rows(N, D, g)
+        near = torch.randint(0, N, (Q,), generator=g)  # queries near some bank row, as test features are
+        query = torch.nn.functional.normalize(bank32[near] + 0.7 * torch.randn(Q, D, generator=g), dim=1)
+        bank, query = bank32.to(DTYPES[bank_dtype]).to(device), query.to(device)
+        m = min(Q, KNN_CHECK_QUERIES)
+        sims, _ = ref.knn_topk(query[:m].double(), bank.double(), topk)
+        _KNN[key] = KnnCase(bank, query, sims)
+    return _KNN[key]
+
+
+def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, provider):
+    device = settings.device
+    if provider == "torch_compile":
+        require_compile(settings)
+    case = get_knn_case(Q, N, D, bank_dtype, topk, device)
+    info: Dict[str, object] = {"op": "knn", "pass": "forward", "provider": provider}
+    benchmark.group = f"knn Q={Q} N={N} D={D} {bank_dtype} k={topk}"
+
+    if provider == "npid":
+        def call():
+            return ops.knn_topk(case.query, case.bank, topk)
+    else:
+        chunk_fn = compiled(knn_chunk_topk) if provider == "torch_compile" else knn_chunk_topk
+
+        def call():
+            return torch_knn(case.query, case.bank, topk, chunk_fn)
+
+    def run():
+        with torch.no_grad():
+            out = call()
+        sync(device)
+        return out
+
+    t0 = time.perf_counter()
+    sims, idx = run()
+    if provider == "torch_compile":
+        info["compile_s"] = time.perf_counter() - t0
+    assert sims.shape == (Q, topk) and idx.shape == (Q, topk)
+    m = case.expected_sims.shape[0]
+    err = (sims[:m].double() - case.expected_sims).abs().max().item()
+    info["check_sims_max_abs_err"] = err
+    assert err <= KNN_ABS_TOL, f"top-k similarities off by {err:.3g} (> {KNN_ABS_TOL:g}) vs float64"
+    recomputed = torch.einsum("qd,qkd->qk", case.query[:m].double(), case.bank.double()[idx[:m]])
+    err = (recomputed - case.expected_sims).abs().max().item()
+    info["check_index_sims_max_abs_err"] = err
+    assert err <= KNN_ABS_TOL, f"the returned indices' similarities are off by {err:.3g} vs float64"
+    assert bool((sims[:, :-1] >= sims[:, 1:]).all()), "top-k similarities are not sorted descending"
+    del sims, idx, recomputed
+
+    def timed():
+        run()
+
+    eb = elem_size(case.bank.dtype)
+    bytes_moved = N * D * eb + Q * D * case.query.element_size()
+    formula = "N*D*bank_elem_size + Q*D*4 (one read of the bank and the queries)"
+    run_benchmark(benchmark, timed, settings, info, bytes_moved, formula)
