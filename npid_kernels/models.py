@@ -1,0 +1,91 @@
+"""Encoders for the driver: a torchvision classifier (resnet18, resnet50, or any by name) whose
+classification layer becomes the low-dim linear head, L2-normalised, as in the paper."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """A small conv net for tiny images (8x8 digits, 28x28 Fashion-MNIST): fast on a CPU."""
+
+    def __init__(self, in_channels: int = 1, width: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.out_features = 2 * width
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Encoder(nn.Module):
+    """backbone (pooled features) -> linear head (low_dim) -> L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, low_dim: int, arch: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, low_dim)
+        self.arch = arch
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+def build_encoder(arch: str, low_dim: int = 128, in_channels: int = 3, cifar_stem: bool = False) -> Encoder:
+    """arch: "small-cnn", or the name of any torchvision classifier (resnet18, resnet50, ...)."""
+    if arch == "small-cnn":
+        backbone = SmallCNN(in_channels)
+        return Encoder(backbone, backbone.out_features, low_dim, arch)
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown --arch {arch!r}: use small-cnn or a torchvision classifier such as resnet18, resnet50")
+    model = torchvision.models.get_model(arch, weights=None)
+    if cifar_stem or in_channels != 3:
+        conv = getattr(model, "conv1", None)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"--cifar-stem and non-RGB inputs need a ResNet-style conv1; {arch} has none")
+        if cifar_stem:  # lemniscate's CIFAR ResNet: 3x3 stride-1 first conv, no max-pool
+            model.conv1 = nn.Conv2d(in_channels, conv.out_channels, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        else:
+            model.conv1 = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    head_name, feature_dim = _replace_classifier(model)
+    encoder = Encoder(model, feature_dim, low_dim, arch)
+    encoder.head_name = head_name
+    return encoder
+
+
+def _replace_classifier(model: nn.Module):
+    """Swap the final Linear for Identity (the Encoder owns the head); returns its name, in-dim."""
+    for name in ("fc", "classifier", "head", "heads"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Linear):
+            setattr(model, name, nn.Identity())
+            return name, module.in_features
+        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
+            last = module[-1]
+            module[-1] = nn.Identity()
+            return f"{name}.{len(module) - 1}", last.in_features
+    raise ValueError(f"cannot find the classification layer of {type(model).__name__}")
+
+
+def export_state_dict(encoder: Encoder) -> dict:
+    """A plain state_dict for the torchvision architecture with num_classes = low_dim: the
+    backbone's weights plus the head as its classification layer (load with
+    torchvision.models.get_model(arch, num_classes=low_dim) after the same stem changes)."""
+    state = {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()}
+    head_name = getattr(encoder, "head_name", "head")
+    for key, value in encoder.head.state_dict().items():
+        state[f"{head_name}.{key}"] = value.detach().cpu().clone()
+    return state
