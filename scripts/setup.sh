@@ -28,4 +28,5 @@ else
     $PY -m pip install -q --no-build-isolation -e .
     mkdir -p build && echo "$stamp" > "$stamp_file"
 fi
+command -v pyenv > /dev/null && pyenv rehash || true  # put the npid-train console script on PATH
 $PY -c "import npid_kernels, torch; print('npid_kernels ready: torch', torch.__version__, '| CUDA kernels compiled:', torch._C._dispatch_has_kernel_for_dispatch_key('npid::nce_loss', 'CUDA'))"
