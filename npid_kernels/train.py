@@ -294,7 +294,10 @@ def train(args) -> Dict:
     forward_model = torch.compile(model) if args.compile else model
     writer = None
     if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {error}")
         writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
 
     end_epoch = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
