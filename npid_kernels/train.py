@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs (split a long run into resumable pieces)")
     g.add_argument("--eval-every", type=int, default=10, help="weighted kNN (k=200) every N epochs (k=1 every epoch)")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT_DIR/tb")
+    g = train.add_argument_group("multi-process (launch with torchrun; --batch-size is per process)")
+    g.add_argument("--bank-mode", choices=("replicated", "sharded"), default="replicated",
+                   help="replicated: every rank holds the whole bank; sharded: each holds n/world rows")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the backbone")
     _add_eval_args(train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -169,26 +173,32 @@ class Data:
         self.num_train = len(self.train_labels)
         self.device = device
 
-    def train_batches(self, batch_size: int, epoch: int, seed: int, cpu_augment: bool, workers: int):
-        """(inputs on device, instance indices) for one epoch, in an order fixed by (seed, epoch)."""
+    def train_batches(self, batch_size: int, epoch: int, seed: int, cpu_augment: bool, workers: int,
+                      rank: int = 0, world: int = 1):
+        """(inputs on device, instance indices) for one epoch, in an order fixed by (seed, epoch).
+        With several processes, each global batch of world * batch_size instances of that order
+        is split into consecutive per-rank slices (every rank has the same number of steps)."""
         order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(self.num_train, generator=order_gen)
+        steps = self.steps_per_epoch(batch_size, world)
+        mine = order[: steps * batch_size * world].view(steps, world, batch_size)[:, rank].reshape(-1)
         if self.folder or cpu_augment:
             dataset = self.train_set if self.folder else D.InstanceDataset(self.train, self.cpu_transform)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                generator=order_gen, pin_memory=self.device.type == "cuda", persistent_workers=False)
+                torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, shuffle=False,
+                drop_last=True, num_workers=workers, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 31 * rank))
             for images, _, index in loader:
                 yield images.to(self.device, non_blocking=True), index.to(self.device)
             return
-        aug_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+        aug_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919 + 104_729 * rank)
         images_all = self.train.images.to(self.device)
-        order = torch.randperm(self.num_train, generator=order_gen)
-        for start in range(0, self.num_train - batch_size + 1, batch_size):
-            index = order[start:start + batch_size].to(self.device)
+        for start in range(0, mine.numel(), batch_size):
+            index = mine[start:start + batch_size].to(self.device)
             yield self.batch_augment(images_all[index], generator=aug_gen), index
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return self.num_train // batch_size
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
+        return self.num_train // (batch_size * world)
 
     @torch.no_grad()
     def features(self, model, split: str, batch_size: int = 512, pooled: bool = False, amp: bool = False):
@@ -257,7 +267,12 @@ def _resolve_device(name: Optional[str]) -> torch.device:
 
 
 def train(args) -> Dict:
-    device = _resolve_device(args.device)
+    from .distributed import DistributedNPIDLoss, cleanup_distributed, init_distributed, wrap_ddp
+
+    dist_info = init_distributed()  # single process unless launched by torchrun
+    world, rank, main_rank = dist_info.world_size, dist_info.rank, dist_info.is_main
+    device = dist_info.device if world > 1 else _resolve_device(args.device)
+    log = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -271,10 +286,25 @@ def train(args) -> Dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bank_dtype = torch.bfloat16 if args.bank_dtype == "bfloat16" else torch.float32
-    criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
-                         bank_dtype=bank_dtype, seed=args.seed, device=device)
+    if world > 1:
+        criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
+                                        bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
+                                        device=device, equal_batches=True)
+    else:
+        criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
+                             bank_dtype=bank_dtype, seed=args.seed, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=False)
+
+    def criterion_state():  # the whole bank, world-size independent (a collective when distributed)
+        return criterion.full_state_dict() if world > 1 else criterion.state_dict()
+
+    def whole_bank():
+        if world > 1 and args.bank_mode == "sharded":
+            state = criterion.full_state_dict(rank0_only=False)
+            return state["bank.memory"].to(device).float()
+        return criterion.memory.float()
+
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     start_epoch, history = 0, []
@@ -287,11 +317,15 @@ def train(args) -> Dict:
             raise ValueError(f"checkpoint bank has {ckpt['criterion']['bank.memory'].shape[0]} rows but the dataset has {n} images")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        criterion.load_state_dict(ckpt["criterion"])
+        if world > 1:
+            criterion.load_full_state_dict(ckpt["criterion"])
+        else:
+            criterion.load_state_dict(ckpt["criterion"])
         _set_rng_state(ckpt["rng"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    forward_model = torch.compile(model) if args.compile else model
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    train_model = wrap_ddp(model, device, sync_bn=args.sync_bn) if world > 1 else model
+    forward_model = torch.compile(train_model) if args.compile else train_model
     writer = None
     if args.tensorboard:
         try:
@@ -310,9 +344,9 @@ def train(args) -> Dict:
         model.train()
         criterion.train()
         t0, total_loss, steps, seen = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, args.workers),
-                   total=data.steps_per_epoch(batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   leave=False, mininterval=1.0, disable=None)
+        bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, args.workers, rank, world),
+                   total=data.steps_per_epoch(batch_size, world), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   leave=False, mininterval=1.0, disable=None if main_rank else True)
         for inputs, index in bar:
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -328,10 +362,10 @@ def train(args) -> Dict:
             bar.set_postfix(loss=f"{total_loss / steps:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "loss": total_loss / max(steps, 1), "lr": lr, "images_per_s": seen / seconds,
-               "seconds": seconds}
+        row = {"epoch": epoch + 1, "loss": total_loss / max(steps, 1), "lr": lr,
+               "images_per_s": seen * world / seconds, "seconds": seconds}
         test_features = data.features(model, "test", amp=args.amp)
-        bank = criterion.memory.float()
+        bank = whole_bank()
         row["knn1_top1"] = knn_evaluate(test_features, data.test_labels.to(device), bank, data.train_labels.to(device),
                                         data.num_classes, k=1, temperature=args.nce_t, recall_ks=())["knn_top1"]
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -339,24 +373,31 @@ def train(args) -> Dict:
                                            data.num_classes, k=min(args.knn_k, n), temperature=args.nce_t,
                                            recall_ks=())["knn_top1"]
         history.append(row)
-        print(f"epoch {epoch + 1}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
+        log(f"epoch {epoch + 1}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
               f"1-NN {row['knn1_top1']:.2f}%" + (f"  kNN(k={args.knn_k}) {row['knn_top1']:.2f}%" if "knn_top1" in row else ""),
               flush=True)
         if writer is not None:
             for key, value in row.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch + 1)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "criterion": criterion.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
-                     "history": history, "config": _config(args), "args": vars(args),
-                     "num_classes": data.num_classes, "in_channels": data.in_channels}, ckpt_path)
-        _write_csv(history, os.path.join(args.out_dir, "log.csv"))
+        crit_state = criterion_state()
+        if main_rank:  # saved once; loadable at any world size (the bank is whole)
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "criterion": crit_state, "rng": _rng_state(), "epoch": epoch + 1,
+                         "history": history, "config": _config(args), "args": vars(args),
+                         "num_classes": data.num_classes, "in_channels": data.in_channels}, ckpt_path)
+            _write_csv(history, os.path.join(args.out_dir, "log.csv"))
     if writer is not None:
         writer.close()
     if end_epoch < args.epochs:
-        print(f"stopped after epoch {end_epoch} of {args.epochs}; continue with --resume", flush=True)
+        log(f"stopped after epoch {end_epoch} of {args.epochs}; continue with --resume", flush=True)
+        cleanup_distributed()
         return {"epochs_done": end_epoch}
-    results = evaluate(model, criterion.memory.float(), data, args, device)
+    bank = whole_bank()
+    cleanup_distributed()
+    if not main_rank:
+        return {}
+    results = evaluate(model, bank, data, args, device)
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "loss": args.loss,
                     "nce_k": args.nce_k, "train_images": n, "wall_s_last_piece": None})
     plot_history(history, os.path.join(args.out_dir, "curves.png"))

@@ -116,3 +116,32 @@ def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "other.pt")
     assert T.main(["eval", "--checkpoint", str(tmp_path / "other.pt")]) == 2
     assert "bank has 1438 rows but the dataset has 719 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bank_mode", ["replicated", "sharded"])
+def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
+    """npid-train under torchrun (gloo, 2 CPU processes): one checkpoint, written once, that a
+    single process resumes (the bank is saved whole, whatever the world size)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["train", "--dataset", "digits", "--loss", "nce", "--nce-k", "64", "--epochs", "2", "--batch-size", "64",
+              "--eval-every", "100", "--knn-source", "bank", "--out-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "npid_kernels.train"] + common + ["--bank-mode", bank_mode, "--max-epochs-this-run", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1:") == 1  # only rank 0 logs
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    bank = ckpt["criterion"]["bank.memory"]
+    assert ckpt["epoch"] == 1 and bank.shape == (1438, 128)
+    # every instance of the epoch's 11 global batches of 128 was momentum-updated (rows exactly unit)
+    assert int(((bank.float().norm(dim=1) - 1).abs() < 1e-5).sum()) >= 11 * 128
+    assert ckpt["criterion"]["rng_state"][1].item() == 2 * (1438 // 128)  # 2 streams per global step
+    run(common + ["--resume"])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2
