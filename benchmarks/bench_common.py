@@ -427,3 +427,25 @@ def check_bank_update(before: torch.Tensor, after: torch.Tensor, y: torch.Tensor
     untouched = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
     untouched[y] = False
     assert torch.equal(after[untouched], before[untouched]), "the step changed bank rows outside y"
+
+
+def make_pass(pass_: str, loss_fn, step_fn, x: torch.Tensor, bank: torch.Tensor, device: str):
+    """A closure running one pass; returns (mean loss, grad_x or None), the GPU synchronised."""
+    if pass_ == "forward":
+        def run():
+            out = loss_fn(x, bank).mean()
+            sync(device)
+            return out, None
+    elif pass_ == "forward_backward":
+        def run():
+            out = loss_fn(x, bank).mean()
+            (grad,) = torch.autograd.grad(out, x)
+            sync(device)
+            return out, grad
+    else:
+        def run():
+            x.grad = None
+            out = step_fn(x, bank)
+            sync(device)
+            return out, x.grad
+    return run

@@ -30,6 +30,7 @@ from npid_kernels import ops
 from npid_kernels import reference as ref
 
 from .bench_common import (
+    make_pass,
     DTYPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled, elem_size,
     expected_rows, full_softmax_shapes, full_softmax_step, knn_shapes, make_generator, require_compile,
     run_benchmark, settings_from_config, sync, unit_rows,
@@ -105,24 +106,7 @@ def fs_pass(provider: str, pass_: str, case: FsCase, x: torch.Tensor, bank: torc
             f = wrap(ref.full_softmax_loss)
             loss_fn, step_fn = (lambda x, bank: f(x, bank, y, T)), None
 
-    if pass_ == "forward":
-        def run():
-            out = loss_fn(x, bank).mean()
-            sync(device)
-            return out, None
-    elif pass_ == "forward_backward":
-        def run():
-            out = loss_fn(x, bank).mean()
-            (grad,) = torch.autograd.grad(out, x)
-            sync(device)
-            return out, grad
-    else:
-        def run():
-            x.grad = None
-            out = step_fn(x, bank)
-            sync(device)
-            return out, x.grad
-    return run
+    return make_pass(pass_, loss_fn, step_fn, x, bank, device)
 
 
 def test_full_softmax(benchmark, settings, pass_, B, N, D, bank_dtype, provider):

@@ -32,6 +32,7 @@ from npid_kernels import ops
 from npid_kernels import reference as ref
 
 from .bench_common import (
+    make_pass,
     DTYPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled, elem_size,
     expected_rows, make_generator, nce_shapes, require_compile, run_benchmark, settings_from_config,
     softmax_ce_step, sync, unit_rows,
@@ -142,28 +143,6 @@ def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
         return mean
 
     return loss_fn, step_fn
-
-
-def make_pass(pass_: str, loss_fn, step_fn, x: torch.Tensor, bank: torch.Tensor, device: str):
-    """A closure running one pass; returns (mean loss, grad_x or None), the GPU synchronised."""
-    if pass_ == "forward":
-        def run():
-            out = loss_fn(x, bank).mean()
-            sync(device)
-            return out, None
-    elif pass_ == "forward_backward":
-        def run():
-            out = loss_fn(x, bank).mean()
-            (grad,) = torch.autograd.grad(out, x)
-            sync(device)
-            return out, grad
-    else:
-        def run():
-            x.grad = None
-            out = step_fn(x, bank)
-            sync(device)
-            return out, x.grad
-    return run
 
 
 def test_nce(benchmark, settings, loss, pass_, B, K, N, D, bank_dtype, provider):
