@@ -2,10 +2,13 @@
 augmentation, both per sample (torchvision transforms) and batched on uint8 tensors (on any
 device, so small images never wait on a data loader).
 
+Loaders of each on-disk format (load_digits, load_fashion_mnist, load_cifar10, load_npz,
+InstanceImageFolder); DataModule puts one dataset together for training and evaluation.
 In-memory datasets (digits, Fashion-MNIST, CIFAR-10, .npz) hold uint8 tensors N x C x H x W.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -55,14 +58,35 @@ class InstanceDataset(torch.utils.data.Dataset):
 
 
 class InstanceImageFolder(torch.utils.data.Dataset):
-    """torchvision ImageFolder returning (image, target, index)."""
+    """torchvision ImageFolder returning (image, target, index); `keep` (sorted positions)
+    restricts it to a subset, re-indexed 0..len(keep)-1 (the instance index is the bank row)."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None):
+    def __init__(self, root: str, transform: Optional[Callable] = None, keep: Optional[torch.Tensor] = None):
         from torchvision.datasets import ImageFolder
 
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"imagefolder: directory {root!r} does not exist")
         self.folder = ImageFolder(root, transform=transform)
-        self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
+        if len(self.folder) == 0:
+            raise FileNotFoundError(f"imagefolder: no images under {root!r}")
         self.classes = self.folder.classes
+        self.restrict(keep)
+
+    def restrict(self, keep: Optional[torch.Tensor]) -> "InstanceImageFolder":
+        """Keep only the images at positions `keep` (None: all), re-indexed from 0."""
+        if keep is not None:
+            self.folder.samples = [self.folder.samples[i] for i in keep.tolist()]
+            self.folder.imgs = self.folder.samples
+            self.folder.targets = [target for _, target in self.folder.samples]
+        self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
+        return self
+
+    def with_transform(self, transform: Optional[Callable]) -> "InstanceImageFolder":
+        """The same images (no second directory scan) under another transform."""
+        other = copy.copy(self)
+        other.folder = copy.copy(self.folder)
+        other.folder.transform = transform
+        return other
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -184,27 +208,45 @@ def load_npz(path: str) -> Tuple[TensorSplit, TensorSplit]:
                 TensorSplit(_to_nchw_uint8(data["test_x"], "test_x"), torch.from_numpy(data["test_y"].astype(np.int64))))
 
 
-def subset_fraction(split: TensorSplit, fraction: float, seed: int) -> TensorSplit:
-    """The paper's training-set-size ablation: a fixed random fraction of the training set."""
+def subset_indices(total: int, fraction: float, seed: int) -> Optional[torch.Tensor]:
+    """Sorted positions of a fixed random fraction of `total` items (None: all of them)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--train-fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
+        return None
+    n = max(1, int(round(total * fraction)))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def subset_fraction(split: TensorSplit, fraction: float, seed: int) -> TensorSplit:
+    """The paper's training-set-size ablation: a fixed random fraction of the training set."""
+    keep = subset_indices(len(split.labels), fraction, seed)
+    if keep is None:
         return split
-    n = max(1, int(round(len(split.labels) * fraction)))
-    keep = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return TensorSplit(split.images[keep], split.labels[keep])
 
 
 # ---------------------------------------------------------------- augmentation
 
-def paper_transform(size: int, mean, std, strength: str = "paper"):
+def paper_transform(size: int, mean, std, strength: str = "paper", hflip: bool = True):
     """Per-sample torchvision (v2) pipeline on uint8 tensors or PIL images: RandomResizedCrop
-    (scale 0.2-1), ColorJitter(0.4 x 4), RandomGrayscale(0.2), horizontal flip, normalise."""
+    (scale 0.2-1), ColorJitter(0.4 x 4), RandomGrayscale(0.2), horizontal flip, normalise.
+    "light": crop scale 0.5-1 and brightness/contrast 0.2; "none": resize and normalise."""
     from torchvision.transforms import v2
 
-    steps = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)]
+    if strength not in ("paper", "light", "none"):
+        raise ValueError(f"augmentation strength must be paper, light or none, got {strength!r}")
+    steps = [v2.ToImage()]
+    if strength == "none":
+        steps += [v2.Resize((size, size), antialias=True)]
+    else:
+        steps += [v2.RandomResizedCrop(size, scale=(0.2 if strength == "paper" else 0.5, 1.0), antialias=True)]
     if strength == "paper":
-        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=1.0), v2.RandomGrayscale(0.2), v2.RandomHorizontalFlip()]
+        steps += [v2.ColorJitter(0.4, 0.4, 0.4, 0.4), v2.RandomGrayscale(0.2)]
+    elif strength == "light":
+        steps += [v2.ColorJitter(0.2, 0.2)]
+    if hflip and strength == "paper":
+        steps += [v2.RandomHorizontalFlip()]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 
@@ -226,16 +268,18 @@ class BatchAugment:
     random grayscale, normalisation. Deterministic given the generator.
 
     strength "paper" is the paper's recipe; "light" (for 8x8 digits) crops with scale 0.5-1
-    and jitters brightness/contrast by 0.2, no flip; "none" only normalises.
+    and jitters brightness/contrast by 0.2, no flip; "none" only normalises (and resizes).
+    hflip=False leaves the flip out of "paper" (lemniscate's cifar.py has it commented out).
     """
 
-    def __init__(self, mean, std, strength: str = "paper", out_size: Optional[int] = None):
+    def __init__(self, mean, std, strength: str = "paper", out_size: Optional[int] = None, hflip: bool = True):
         if strength not in ("paper", "light", "none"):
             raise ValueError(f"augmentation strength must be paper, light or none, got {strength!r}")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.strength = strength
         self.out_size = out_size
+        self.hflip = hflip
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
@@ -261,7 +305,8 @@ class BatchAugment:
         h = (area / ratio).sqrt().clamp(max=1.0)
         cx = (rand(B) * 2 - 1) * (1 - w)
         cy = (rand(B) * 2 - 1) * (1 - h)
-        flip = torch.where(rand(B) < 0.5, -1.0, 1.0) if paper else torch.ones(B, device=dev)
+        coin = rand(B) if paper else None  # drawn even with hflip off: the other draws stay the same
+        flip = torch.where(coin < 0.5, -1.0, 1.0) if paper and self.hflip else torch.ones(B, device=dev)
         theta = torch.zeros(B, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
@@ -300,3 +345,166 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     i, q = yiq[:, 1], yiq[:, 2]
     yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
     return torch.einsum("ij,bjhw->bihw", from_yiq, yiq)
+
+
+# ---------------------------------------------------------------- the driver's view of a dataset
+
+class DataModule:
+    """Train/test splits of one dataset plus how to turn its images into model inputs.
+
+    In-memory datasets (digits, fashion-mnist, cifar10, npz) keep uint8 tensors; each training
+    batch is gathered on the training device and augmented there as a batch (BatchAugment), or,
+    with cpu_augment, per sample by torchvision transforms in DataLoader workers. Image folders
+    always go through a DataLoader. Labels are only used for evaluation.
+    """
+
+    def __init__(self, dataset: str = "digits", data_dir: Optional[str] = None, download: bool = False,
+                 train_fraction: float = 1.0, seed: int = 0, image_size: Optional[int] = None,
+                 augment: Optional[str] = None, hflip: bool = True, device="cpu", workers: int = 2):
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+        self.name = dataset
+        self.folder = dataset == "imagefolder"
+        self.device = torch.device(device)
+        self.workers = workers
+        self._train_on_device = None
+        strength = augment or ("light" if dataset == "digits" else "paper")
+        if self.folder:
+            root = data_dir
+            if not root:
+                raise FileNotFoundError("--data-dir is required for imagefolder (a folder with train/ and val/)")
+            if not os.path.isdir(os.path.join(root, "train")):
+                raise FileNotFoundError(f"imagefolder: {os.path.join(root, 'train')!r} does not exist "
+                                        "(expected the ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*)")
+            val_root = os.path.join(root, "val")
+            if not os.path.isdir(val_root):
+                raise FileNotFoundError(f"imagefolder: {val_root!r} does not exist (kNN and linear evaluation "
+                                        "use DIR/val/<class>/*)")
+            size = image_size or 224
+            mean, std = MEAN_STD["imagefolder"]
+            eval_tf = eval_transform(size, mean, std, resize=int(round(size * 256 / 224)))
+            self.train_set = InstanceImageFolder(os.path.join(root, "train"), paper_transform(size, mean, std, strength, hflip))
+            self.train_set.restrict(subset_indices(len(self.train_set), train_fraction, seed))
+            self.train_eval_set = self.train_set.with_transform(eval_tf)
+            self.test_set = InstanceImageFolder(val_root, eval_tf)
+            if self.test_set.classes != self.train_set.classes:
+                raise ValueError(f"imagefolder: train/ and val/ hold different classes under {root!r}")
+            self.train_labels, self.test_labels = self.train_set.targets, self.test_set.targets
+            self.num_classes = len(self.train_set.classes)
+            self.in_channels = 3
+        else:
+            if dataset == "digits":
+                train, test = load_digits(seed=0)
+            elif dataset == "fashion-mnist":
+                train, test = load_fashion_mnist(data_dir)
+            elif dataset == "cifar10":
+                train, test = load_cifar10(data_dir or "data", download=download)
+            else:
+                train, test = load_npz(data_dir)
+            if train.images.shape[1:] != test.images.shape[1:]:
+                raise ValueError(f"{dataset}: train images are {tuple(train.images.shape[1:])} but test images are "
+                                 f"{tuple(test.images.shape[1:])}")
+            train = subset_fraction(train, train_fraction, seed)
+            self.train, self.test = train, test
+            self.train_labels, self.test_labels = train.labels, test.labels
+            self.num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+            self.in_channels = train.images.shape[1]
+            size = image_size or train.images.shape[-1]
+            mean, std = MEAN_STD.get(dataset, ((0.5,) * self.in_channels, (0.5,) * self.in_channels))
+            if len(mean) != self.in_channels:
+                mean, std = (mean[0],) * self.in_channels, (std[0],) * self.in_channels
+            self.batch_augment = BatchAugment(mean, std, strength, out_size=size, hflip=hflip)
+            self.eval_augment = BatchAugment(mean, std, "none", out_size=size)
+            self.cpu_transform = paper_transform(size, mean, std, strength, hflip)
+        self.augment = strength
+        self.image_size = size
+        self.num_train = len(self.train_labels)
+
+    @classmethod
+    def from_args(cls, args, device) -> "DataModule":
+        return cls(args.dataset, args.data_dir, getattr(args, "download", False), args.train_fraction, args.seed,
+                   args.image_size, args.augment, getattr(args, "hflip", True), device, getattr(args, "workers", 2))
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.num_train} training / {len(self.test_labels)} test images, "
+                f"{self.num_classes} classes, {self.in_channels}x{self.image_size}x{self.image_size} inputs, "
+                f"augmentation {self.augment}")
+
+    # ------------------------------------------------------------ training batches
+
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
+        return self.num_train // (batch_size * world)
+
+    def train_batches(self, batch_size: int, epoch: int, seed: int, cpu_augment: bool = False,
+                      workers: Optional[int] = None, rank: int = 0, world: int = 1):
+        """(inputs on device, instance indices) for one epoch, in an order fixed by (seed, epoch)
+        (the last incomplete batch is dropped). With several processes, each global batch of
+        world * batch_size instances of that order is split into consecutive per-rank slices
+        (every rank has the same number of steps)."""
+        order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(self.num_train, generator=order_gen)
+        steps = self.steps_per_epoch(batch_size, world)
+        mine = order[: steps * batch_size * world].view(steps, world, batch_size)[:, rank].reshape(-1)
+        if self.folder or cpu_augment:
+            dataset = self.train_set if self.folder else InstanceDataset(self.train, self.cpu_transform)
+            # The workers' seeds come from this generator, so the augmentation is fixed by (seed, epoch, rank).
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, shuffle=False,
+                drop_last=True, num_workers=self.workers if workers is None else workers,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 31 * rank))
+            for images, _, index in loader:
+                yield images.to(self.device, non_blocking=True), index.to(self.device)
+            return
+        aug_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919 + 104_729 * rank)
+        if self._train_on_device is None:
+            self._train_on_device = self.train.images.to(self.device)
+        for start in range(0, mine.numel(), batch_size):
+            index = mine[start:start + batch_size].to(self.device)
+            yield self.batch_augment(self._train_on_device[index], generator=aug_gen), index
+
+    # ------------------------------------------------------------ evaluation inputs
+
+    def eval_batches(self, split: str, batch_size: int = 512):
+        """Un-augmented, normalised inputs of the train or test split, in dataset order."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be train or test, got {split!r}")
+        if self.folder:
+            dataset = self.train_eval_set if split == "train" else self.test_set
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=self.workers,
+                                                 pin_memory=self.device.type == "cuda")
+            for images, _, _ in loader:
+                yield images.to(self.device, non_blocking=True)
+            return
+        images = (self.train if split == "train" else self.test).images
+        for i in range(0, images.shape[0], batch_size):
+            yield self.eval_augment(images[i:i + batch_size].to(self.device))
+
+    @torch.no_grad()
+    def features(self, model, split: str, batch_size: int = 512, pooled: bool = False, amp: bool = False,
+                 channels_last: bool = False) -> torch.Tensor:
+        """float32 features of the un-augmented train or test images, in dataset order: the model's
+        L2-normalised low-dim output, or (pooled=True) the backbone's pooled features."""
+        was_training = model.training
+        model.eval()
+        outs = []
+        for x in self.eval_batches(split, batch_size):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
+                out = model.pooled(x) if pooled else model(x)
+            outs.append(out.float())
+        model.train(was_training)
+        return torch.cat(outs)
+
+    def raw_images(self, split: str, index: torch.Tensor, size: int = 64) -> torch.Tensor:
+        """uint8 (N, C, H, W) images for pictures (image folders: resized and centre-cropped)."""
+        index = torch.as_tensor(index).cpu()
+        if self.folder:
+            from torchvision.transforms import v2
+
+            dataset = self.train_eval_set if split == "train" else self.test_set
+            tf = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+            return torch.stack([tf(v2.functional.pil_to_tensor(dataset.folder.loader(dataset.folder.samples[i][0])))
+                                for i in index.tolist()])
+        return (self.train if split == "train" else self.test).images[index]

@@ -1,13 +1,15 @@
-"""npid-train: learn features with NPID (Wu et al., CVPR 2018) and evaluate them.
+"""npid-train: learn image features with NPID (non-parametric instance discrimination, Wu et al.,
+CVPR 2018) on a torchvision backbone, and evaluate them with the paper's protocols.
 
-    npid-train train --dataset digits --epochs 30            # the default job: no download
-    npid-train train --dataset cifar10 --data-dir data --arch resnet18 --cifar-stem
-    npid-train eval --checkpoint runs/npid/checkpoint.pt --linear-probe --retrieval-png nn.png
-    npid-train export --checkpoint runs/npid/checkpoint.pt --output resnet18_npid.pth
+  npid-train train                                   # digits (bundled, no download), ~1 min on a CPU
+  npid-train train --dataset cifar10 --data-dir data --download --arch resnet18 --cifar-stem
+  npid-train eval --checkpoint runs/npid/checkpoint.pt --linear-probe --retrieval-png nn.png
+  npid-train export --checkpoint runs/npid/checkpoint.pt --output backbone.pth
 
-A run can be split into pieces (--max-epochs-this-run, then --resume): checkpoints are written
+`npid-train train --help` lists every training flag. A run can be split into pieces of a few
+minutes (--max-epochs-this-run N, then the same command with --resume): checkpoints are written
 atomically after every epoch and hold the model, optimizer, bank, Z, sampler and RNG states, so
-the pieces land exactly where one long run would.
+the pieces land exactly where one long run would. Under torchrun, one process per GPU.
 """
 from __future__ import annotations
 
@@ -19,269 +21,249 @@ import os
 import random
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import data as D
-from .knn import knn_evaluate, nearest_neighbors
+from . import checkpoint as C
+from .data import DATASETS, DataModule
+from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
+from .knn import knn_evaluate
 from .models import build_encoder, export_state_dict
 from .nn import NPIDLoss
 
-CONFIG_KEYS = ("dataset", "arch", "low_dim", "cifar_stem", "loss", "nce_k", "nce_t", "bank_dtype", "train_fraction", "seed")
+# Defaults that depend on the dataset (flags left unset take these; the rest are the paper's).
+PAPER_DEFAULTS = {"arch": "resnet18", "loss": "nce", "epochs": 200, "augment": "paper"}
+PRESETS = {
+    # 1,437 training images of 8x8: a small CNN, the exact softmax (cheap at this n; NCE with Z
+    # fixed on the first batch collapses when K is close to n), 60 epochs: about 1 minute on a CPU.
+    "digits": {"arch": "small-cnn", "loss": "softmax", "epochs": 60, "augment": "light"},
+    "fashion-mnist": {"arch": "small-cnn"},
+}
 
 
 # ---------------------------------------------------------------- command line
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks; appends "(default: X)" where there is a default worth
+    showing (not for switches, unset values or helps that state their own default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="npid-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="npid-train", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,export}")
     sub.required = True
 
-    train = sub.add_parser("train", help="train an encoder with NPID (resumable)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser(
+        "train", help="train an encoder with NPID (resumable), then evaluate it", formatter_class=_HelpFormatter,
+        description="Train an encoder with NPID; evaluate it every epoch (1-NN on the bank) and at the end\n"
+                    "(weighted kNN; on request linear probe, SVM, retrieval picture). Writes OUT_DIR/checkpoint.pt\n"
+                    "(after every epoch), log.csv, curves.png and results.json.")
     _add_data_args(train)
     g = train.add_argument_group("model")
-    g.add_argument("--arch", default=None, help="small-cnn, resnet18, resnet50 or any torchvision classifier "
-                   "(default: small-cnn for digits/fashion-mnist, resnet18 otherwise)")
-    g.add_argument("--low-dim", type=int, default=128, help="feature dimension (paper: 32/64/128/256)")
-    g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv, no max-pool (32x32 inputs)")
+    g.add_argument("--arch", default=None, help="small-cnn, or any torchvision classifier by name (resnet18, "
+                   "resnet50, ...); its classifier becomes the low-dim linear head, L2-normalised "
+                   "(default: resnet18; small-cnn for digits and fashion-mnist)")
+    g.add_argument("--low-dim", type=int, default=128, help="feature dimension d (the paper's ablation: 32/64/128/256)")
+    g.add_argument("--cifar-stem", action="store_true",
+                   help="3x3 stride-1 first conv and no max-pool, as lemniscate's ResNet for 32x32 CIFAR")
     g = train.add_argument_group("NPID loss")
-    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax"), default="nce",
-                   help="NCE, softmax cross-entropy over K sampled rows, or the exact softmax over all n")
-    g.add_argument("--nce-k", type=int, default=4096, help="negatives per sample (capped at n - 1)")
-    g.add_argument("--nce-t", type=float, default=0.07, help="temperature")
-    g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum")
-    g.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32")
-    g = train.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=0.03)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax"), default=None,
+                   help="nce: NCE with K uniform noise rows and Z estimated on the first batch (the paper); "
+                        "softmax-ce: cross-entropy over the positive and K sampled rows (InfoNCE, lemniscate's "
+                        "updated model); softmax: the exact non-parametric softmax over all n rows "
+                        "(default: nce; softmax for digits)")
+    g.add_argument("--nce-k", type=int, default=4096, help="K, negatives per sample for nce/softmax-ce (capped at n-1)")
+    g.add_argument("--nce-t", type=float, default=0.07, help="temperature T (also the kNN weights' T)")
+    g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum (proximal update)")
+    g.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bank storage; bfloat16 halves the bank traffic")
+    g = train.add_argument_group("optimisation (SGD)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs in the whole run; 0 evaluates the encoder at "
+                   "random initialisation (default: 200; 60 for digits)")
+    g.add_argument("--batch-size", type=int, default=128, help="per process (lemniscate: 128 CIFAR, 256 ImageNet)")
+    g.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="(lemniscate: 5e-4 in cifar.py, 1e-4 in its ImageNet main.py)")
     g.add_argument("--schedule", choices=("step", "cosine"), default="step",
-                   help="step: lemniscate's CIFAR schedule (x0.1 at 60%% and 80%% of the epochs); cosine")
-    g.add_argument("--seed", type=int, default=0)
+                   help="step: x0.1 at 60%% and 80%% of --epochs (lemniscate: epochs 120 and 160 of 200); "
+                        "cosine: cosine decay to 0, per epoch")
+    g.add_argument("--lr-milestones", default=None, metavar="E1,E2,...",
+                   help="explicit epochs for the step schedule's x0.1 decays (default: scaled with --epochs)")
+    g.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation, negatives, subset")
     g = train.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda if available, else cpu")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast for the backbone (GPU)")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the backbone (CUDA)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU convs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     g.add_argument("--cpu-augment", action="store_true",
-                   help="per-sample torchvision augmentation in DataLoader workers instead of the batched "
-                        "augmentation on uint8 tensors on the training device (in-memory datasets)")
+                   help="in-memory datasets: per-sample torchvision augmentation in DataLoader workers instead "
+                        "of the default batched augmentation of uint8 batches on the training device")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers (image folders, --cpu-augment)")
     g = train.add_argument_group("run control and logging")
-    g.add_argument("--out-dir", default="runs/npid", help="checkpoint, CSV log, plots and results.json go here")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if it exists")
-    g.add_argument("--max-epochs-this-run", type=int, default=None,
-                   help="stop after this many epochs (split a long run into resumable pieces)")
-    g.add_argument("--eval-every", type=int, default=10, help="weighted kNN (k=200) every N epochs (k=1 every epoch)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to OUT_DIR/tb")
+    g.add_argument("--out-dir", default="runs/npid", help="checkpoint.pt, log.csv, curves.png, results.json go here")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/checkpoint.pt when it exists (else start afresh)")
+    g.add_argument("--max-epochs-this-run", type=int, default=None, metavar="N",
+                   help="stop after N more epochs (split a long run into resumable pieces)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="weighted kNN on the bank every N epochs (the 1-NN monitor runs every epoch)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUT_DIR/tb (needs tensorboard)")
     g = train.add_argument_group("multi-process (launch with torchrun; --batch-size is per process)")
     g.add_argument("--bank-mode", choices=("replicated", "sharded"), default="replicated",
                    help="replicated: every rank holds the whole bank; sharded: each holds n/world rows")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the backbone")
     _add_eval_args(train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--data-dir", default=None, help="override the dataset location stored in the checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (kNN, linear probe, SVM, retrieval picture)",
+                        formatter_class=_HelpFormatter,
+                        description="Evaluate the encoder and bank of a checkpoint on the dataset it was trained on\n"
+                                    "(weighted kNN with the checkpoint's T; on request linear probe, SVM, retrieval picture).")
+    ev.add_argument("--checkpoint", required=True, help="an npid-train checkpoint.pt")
+    ev.add_argument("--device", default=None, help="cuda if available, else cpu")
+    ev.add_argument("--data-dir", default=None, help="where the dataset is now (default: as stored in the checkpoint)")
+    ev.add_argument("--workers", type=int, default=2, help="DataLoader workers (image folders)")
+    ev.add_argument("--amp", action="store_true", help="bf16 autocast for feature extraction (CUDA)")
+    ev.add_argument("--output-json", default=None, help="also write the results here")
     _add_eval_args(ev)
 
-    ex = sub.add_parser("export", help="write the backbone as a plain torchvision state_dict")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--output", required=True)
+    ex = sub.add_parser("export", help="write the backbone (+ head) as a plain torchvision state_dict",
+                        formatter_class=_HelpFormatter,
+                        description="Write the encoder as the state_dict of torchvision.models.get_model(ARCH,\n"
+                                    "num_classes=LOW_DIM) (after the same stem changes): the backbone's weights and\n"
+                                    "the low-dim head as its classifier, for downstream fine-tuning.")
+    ex.add_argument("--checkpoint", required=True, help="an npid-train checkpoint.pt")
+    ex.add_argument("--output", required=True, help="where to write the state_dict (.pth)")
+    ex.add_argument("--no-head", action="store_true", help="leave the low-dim head out (backbone weights only)")
     return parser
 
 
 def _add_data_args(p):
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=D.DATASETS, default="digits",
-                   help="digits: scikit-learn's bundled 8x8 digits (no download)")
-    g.add_argument("--data-dir", default=None, help="fashion-mnist/cifar10/imagefolder directory, or the .npz file")
-    g.add_argument("--download", action="store_true", help="cifar10: download through torchvision")
-    g.add_argument("--train-fraction", type=float, default=1.0, help="train on a fixed random fraction")
-    g.add_argument("--image-size", type=int, default=None, help="crop size (default: the images' size; 224 for folders)")
+    g = p.add_argument_group("data (each item is (image, target, instance index); targets only for evaluation)")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: scikit-learn's bundled 8x8 digits, fixed 80/20 split (no download); "
+                        "fashion-mnist: DATA_DIR with the four idx(.gz) files; cifar10: DATA_DIR holding "
+                        "cifar-10-batches-py; npz: DATA_DIR is a .npz with train_x, train_y, test_x, test_y; "
+                        "imagefolder: DATA_DIR/train/<class>/* and DATA_DIR/val/<class>/* (ImageNet layout)")
+    g.add_argument("--data-dir", default=None, help="dataset directory, or the .npz file (cifar10: default ./data)")
+    g.add_argument("--download", action="store_true", help="cifar10: download into DATA_DIR through torchvision")
+    g.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on a fixed random fraction of the training set (picked by --seed), as the "
+                        "paper's training-set-size ablation")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="crop size fed to the network (default: the images' own size; 224 for image folders)")
     g.add_argument("--augment", choices=("paper", "light", "none"), default=None,
-                   help="paper: RandomResizedCrop(0.2-1), ColorJitter 0.4, grayscale 0.2, flip; "
-                        "light: for 8x8 digits (default there)")
+                   help="paper: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4,0.4,0.4,0.4), RandomGrayscale(0.2), "
+                        "horizontal flip; light: crop 0.5-1 and brightness/contrast 0.2 (for 8x8 digits); "
+                        "none (default: paper; light for digits)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="horizontal flip in the paper augmentation (lemniscate's cifar.py leaves it out)")
 
 
 def _add_eval_args(p):
     g = p.add_argument_group("evaluation")
-    g.add_argument("--knn-k", type=int, default=200)
+    g.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN (weights exp(s/T))")
     g.add_argument("--knn-source", choices=("bank", "features", "both"), default="both",
-                   help="train features for kNN: the memory bank, recomputed features, or both")
+                   help="training features of the final kNN: the memory bank, features recomputed on "
+                        "un-augmented training images, or both")
     g.add_argument("--linear-probe", action="store_true",
-                   help="linear classifier (and LinearSVC) on frozen 128-d and pooled features")
-    g.add_argument("--retrieval-png", default=None, help="write a top-10 neighbour grid for a few test queries")
+                   help="linear classifier and LinearSVC (the paper's SVM column) on frozen low-dim and pooled "
+                        "backbone features")
+    g.add_argument("--svm-max-train", type=int, default=None, metavar="N",
+                   help="fit the SVM on at most N training images (liblinear on all of ImageNet takes hours)")
+    g.add_argument("--retrieval-png", default=None, metavar="PATH",
+                   help="write the top-10 neighbours in the bank of a few test images as a PNG grid")
 
 
-# ---------------------------------------------------------------- data
+def apply_presets(args) -> List[str]:
+    """Fill the dataset-dependent defaults; returns the ones taken from the dataset's preset."""
+    preset = PRESETS.get(args.dataset, {})
+    used = []
+    for key, paper in PAPER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = preset.get(key, paper)
+            setattr(args, key, value)
+            if key in preset:
+                used.append(f"--{key.replace('_', '-')} {value}")
+    return used
 
-class Data:
-    """Train/test splits plus how to turn raw images into model inputs."""
 
-    def __init__(self, args, device: torch.device):
-        name = args.dataset
-        self.name = name
-        self.folder = name == "imagefolder"
-        if name == "digits":
-            train, test = D.load_digits(seed=0)
-        elif name == "fashion-mnist":
-            train, test = D.load_fashion_mnist(args.data_dir)
-        elif name == "cifar10":
-            train, test = D.load_cifar10(args.data_dir or "data", download=getattr(args, "download", False))
-        elif name == "npz":
-            train, test = D.load_npz(args.data_dir)
-        else:
-            root = args.data_dir
-            if not root or not os.path.isdir(os.path.join(root, "train")):
-                raise FileNotFoundError(f"imagefolder: expected {root!r}/train and /val (ImageNet layout)")
-            train = test = None
-        strength = args.augment or ("light" if name == "digits" else "paper")
-        if self.folder:
-            size = args.image_size or 224
-            mean, std = D.MEAN_STD["imagefolder"]
-            self.train_set = D.InstanceImageFolder(os.path.join(root, "train"), D.paper_transform(size, mean, std, strength))
-            val_root = os.path.join(root, "val") if os.path.isdir(os.path.join(root, "val")) else os.path.join(root, "train")
-            eval_tf = D.eval_transform(size, mean, std, resize=int(size * 256 / 224))
-            self.train_eval_set = D.InstanceImageFolder(os.path.join(root, "train"), eval_tf)
-            self.test_set = D.InstanceImageFolder(val_root, eval_tf)
-            self.train_labels = self.train_set.targets
-            self.test_labels = self.test_set.targets
-            self.num_classes = len(self.train_set.classes)
-            self.in_channels = 3
-        else:
-            train = D.subset_fraction(train, args.train_fraction, args.seed)
-            self.train, self.test = train, test
-            self.train_labels, self.test_labels = train.labels, test.labels
-            self.num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-            self.in_channels = train.images.shape[1]
-            size = args.image_size or train.images.shape[-1]
-            mean, std = D.MEAN_STD.get(name, ((0.5,) * self.in_channels, (0.5,) * self.in_channels))
-            if len(mean) != self.in_channels:
-                mean, std = (mean[0],) * self.in_channels, (std[0],) * self.in_channels
-            self.batch_augment = D.BatchAugment(mean, std, strength, out_size=size)
-            self.eval_augment = D.BatchAugment(mean, std, "none", out_size=size)
-            self.cpu_transform = D.paper_transform(size, mean, std, strength)
-        self.num_train = len(self.train_labels)
-        self.device = device
+def _milestones(args) -> List[int]:
+    if args.lr_milestones:
+        try:
+            return sorted(int(e) for e in str(args.lr_milestones).split(",") if e.strip())
+        except ValueError:
+            raise ValueError(f"--lr-milestones must be comma-separated epochs, got {args.lr_milestones!r}") from None
+    return [int(round(0.6 * args.epochs)), int(round(0.8 * args.epochs))]
 
-    def train_batches(self, batch_size: int, epoch: int, seed: int, cpu_augment: bool, workers: int,
-                      rank: int = 0, world: int = 1):
-        """(inputs on device, instance indices) for one epoch, in an order fixed by (seed, epoch).
-        With several processes, each global batch of world * batch_size instances of that order
-        is split into consecutive per-rank slices (every rank has the same number of steps)."""
-        order_gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(self.num_train, generator=order_gen)
-        steps = self.steps_per_epoch(batch_size, world)
-        mine = order[: steps * batch_size * world].view(steps, world, batch_size)[:, rank].reshape(-1)
-        if self.folder or cpu_augment:
-            dataset = self.train_set if self.folder else D.InstanceDataset(self.train, self.cpu_transform)
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, shuffle=False,
-                drop_last=True, num_workers=workers, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 31 * rank))
-            for images, _, index in loader:
-                yield images.to(self.device, non_blocking=True), index.to(self.device)
-            return
-        aug_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919 + 104_729 * rank)
-        images_all = self.train.images.to(self.device)
-        for start in range(0, mine.numel(), batch_size):
-            index = mine[start:start + batch_size].to(self.device)
-            yield self.batch_augment(images_all[index], generator=aug_gen), index
 
-    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
-        return self.num_train // (batch_size * world)
+def learning_rate(args, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based), a pure function of the epoch (nothing to
+    checkpoint). step: lemniscate's lr * 0.1 ** ((epoch - 80) // 40) from epoch 80 of 200, i.e. x0.1
+    at epochs 120 and 160, scaled to --epochs (or at --lr-milestones); cosine: 0.5 lr (1 + cos(pi e/E))."""
+    if args.schedule == "cosine":
+        return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / max(args.epochs, 1)))
+    return args.lr * 0.1 ** sum(epoch >= m for m in _milestones(args))
 
-    @torch.no_grad()
-    def features(self, model, split: str, batch_size: int = 512, pooled: bool = False, amp: bool = False):
-        """Features of the un-augmented train or test images, in dataset order."""
-        model.eval()
-        outs = []
-        if self.folder:
-            dataset = self.train_eval_set if split == "train" else self.test_set
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
-            batches = (images for images, _, _ in loader)
-        else:
-            images = (self.train if split == "train" else self.test).images
-            batches = (self.eval_augment(images[i:i + batch_size].to(self.device)) for i in range(0, images.shape[0], batch_size))
-        for x in batches:
-            x = x.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
-                out = model.pooled(x) if pooled else model(x)
-            outs.append(out.float())
-        return torch.cat(outs)
 
-    def raw_images(self, split: str, index: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) images for pictures."""
-        if self.folder:
-            from torchvision.transforms import v2
-            dataset = self.train_eval_set if split == "train" else self.test_set
-            tf = v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64)])
-            return torch.stack([tf(v2.functional.pil_to_tensor(dataset.folder.loader(dataset.folder.samples[i][0]))) for i in index.tolist()])
-        return (self.train if split == "train" else self.test).images[index]
+def _check_args(args) -> None:
+    for flag in ("epochs", "batch_size", "low_dim", "nce_k", "knn_k", "eval_every", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag in ("epochs", "workers") else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag in ('epochs', 'workers') else 'positive'}, got {value}")
+    if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
+        raise ValueError(f"--max-epochs-this-run must be positive, got {args.max_epochs_this_run}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+
+
+def _resolve_device(name: Optional[str]) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but no CUDA GPU is visible")
+    return device
+
+
+def _config(args, data: DataModule) -> Dict:
+    config = {k: getattr(args, k) for k in C.CONFIG_KEYS + C.SCHEDULE_KEYS if hasattr(args, k)}
+    config["image_size"], config["augment"] = data.image_size, data.augment
+    return config
 
 
 # ---------------------------------------------------------------- training
 
-def learning_rate(args, epoch: int) -> float:
-    if args.schedule == "cosine":
-        return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
-    # lemniscate cifar.py: lr * 0.1 ** ((epoch - 80) // 40) from epoch 80 of 200, i.e. x0.1 at 60% and 80%.
-    return args.lr * (0.1 if epoch >= 0.6 * args.epochs else 1.0) * (0.1 if epoch >= 0.8 * args.epochs else 1.0)
-
-
-def _config(args) -> Dict:
-    return {k: getattr(args, k) for k in CONFIG_KEYS}
-
-
-def _rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a killed run never leaves a torn file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _resolve_device(name: Optional[str]) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def train(args) -> Dict:
+    from tqdm.auto import tqdm
+
     from .distributed import DistributedNPIDLoss, cleanup_distributed, init_distributed, wrap_ddp
 
-    dist_info = init_distributed()  # single process unless launched by torchrun
+    _check_args(args)
+    presets = apply_presets(args)
+    dist_info = init_distributed()  # a single process unless launched by torchrun
     world, rank, main_rank = dist_info.world_size, dist_info.rank, dist_info.is_main
     device = dist_info.device if world > 1 else _resolve_device(args.device)
     log = print if main_rank else (lambda *a, **k: None)
+    started = time.perf_counter()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    data = Data(args, device)
-    if args.arch is None:
-        args.arch = "small-cnn" if args.dataset in ("digits", "fashion-mnist") else "resnet18"
+    data = DataModule.from_args(args, device)
     n = data.num_train
-    args.nce_k = min(args.nce_k, n - 1)
-    batch_size = min(args.batch_size, n)
+    if args.loss != "softmax" and n < 2:
+        raise ValueError(f"--loss {args.loss} needs at least 2 training images, the dataset has {n}")
+    args.nce_k = min(args.nce_k, n - 1) if n > 1 else args.nce_k
+    batch_size = min(args.batch_size, n // world)
+    if batch_size < 1:
+        raise ValueError(f"{n} training images cannot fill one batch on each of {world} processes")
     model = build_encoder(args.arch, args.low_dim, data.in_channels, args.cifar_stem).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -294,40 +276,49 @@ def train(args) -> Dict:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                              bank_dtype=bank_dtype, seed=args.seed, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=False)
+                                weight_decay=args.weight_decay)
 
     def criterion_state():  # the whole bank, world-size independent (a collective when distributed)
         return criterion.full_state_dict() if world > 1 else criterion.state_dict()
 
     def whole_bank():
         if world > 1 and args.bank_mode == "sharded":
-            state = criterion.full_state_dict(rank0_only=False)
-            return state["bank.memory"].to(device).float()
+            return criterion.full_state_dict(rank0_only=False)["bank.memory"].to(device).float()
         return criterion.memory.float()
+
+    log(f"npid-train: {data.describe()}")
+    log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters), loss {args.loss}" + ("" if args.loss == "softmax" else f" K={args.nce_k}")
+        + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
+        f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
+        f"device {device}" + (f"; {args.dataset} defaults: {' '.join(presets)}" if presets else ""), flush=True)
 
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    config = _config(args, data)
     start_epoch, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        mismatch = {k: (ckpt["config"].get(k), v) for k, v in _config(args).items() if ckpt["config"].get(k) != v}
-        if mismatch:
-            raise ValueError(f"{ckpt_path} was written by another configuration: {mismatch} (checkpoint, now)")
-        if ckpt["criterion"]["bank.memory"].shape[0] != n:
-            raise ValueError(f"checkpoint bank has {ckpt['criterion']['bank.memory'].shape[0]} rows but the dataset has {n} images")
+        ckpt = C.load(ckpt_path)
+        C.check_compatible(ckpt, config, n, ckpt_path)
+        changed = C.changed_schedule(ckpt, config)
+        if changed:
+            log("npid-train: warning: resuming with changed settings (" + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) + "); the pieces no longer add up to one run")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if world > 1:
             criterion.load_full_state_dict(ckpt["criterion"])
         else:
             criterion.load_state_dict(ckpt["criterion"])
-        _set_rng_state(ckpt["rng"])
+        C.set_rng_state(ckpt["rng"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+        log(f"npid-train: resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
+    elif os.path.exists(ckpt_path):
+        log(f"npid-train: {ckpt_path} exists; starting afresh and overwriting it (--resume continues it)")
     train_model = wrap_ddp(model, device, sync_bn=args.sync_bn) if world > 1 else model
     forward_model = torch.compile(train_model) if args.compile else train_model
     writer = None
-    if args.tensorboard:
+    if args.tensorboard and main_rank:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -335,18 +326,19 @@ def train(args) -> Dict:
         writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
 
     end_epoch = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
-    from tqdm.auto import tqdm
-
+    steps_per_epoch = data.steps_per_epoch(batch_size, world)
+    test_labels, train_labels = data.test_labels.to(device), data.train_labels.to(device)
     for epoch in range(start_epoch, end_epoch):
         lr = learning_rate(args, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         criterion.train()
-        t0, total_loss, steps, seen = time.perf_counter(), 0.0, 0, 0
+        t0, steps, seen = time.perf_counter(), 0, 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
         bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, args.workers, rank, world),
-                   total=data.steps_per_epoch(batch_size, world), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   leave=False, mininterval=1.0, disable=None if main_rank else True)
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
+                   mininterval=1.0, dynamic_ncols=True, disable=None if main_rank else True)
         for inputs, index in bar:
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -356,205 +348,159 @@ def train(args) -> Dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item()
+            total_loss += loss.detach()
             steps += 1
             seen += inputs.shape[0]
-            bar.set_postfix(loss=f"{total_loss / steps:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if not bar.disable and (steps % 10 == 0 or steps == steps_per_epoch):  # .item() syncs: not every step
+                bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}",
+                                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "loss": total_loss / max(steps, 1), "lr": lr,
-               "images_per_s": seen * world / seconds, "seconds": seconds}
-        test_features = data.features(model, "test", amp=args.amp)
+        mean_loss = total_loss.item() / max(steps, 1)
+        if not math.isfinite(mean_loss):
+            raise ValueError(f"the loss is {mean_loss} in epoch {epoch + 1}: training diverged "
+                             "(lower --lr, or try --loss softmax / softmax-ce)")
+        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen * world / seconds,
+               "seconds": seconds}
+        test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last)
         bank = whole_bank()
-        row["knn1_top1"] = knn_evaluate(test_features, data.test_labels.to(device), bank, data.train_labels.to(device),
-                                        data.num_classes, k=1, temperature=args.nce_t, recall_ks=())["knn_top1"]
+        row["knn1_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes, k=1,
+                                        temperature=args.nce_t, recall_ks=())["knn_top1"]
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row["knn_top1"] = knn_evaluate(test_features, data.test_labels.to(device), bank, data.train_labels.to(device),
-                                           data.num_classes, k=min(args.knn_k, n), temperature=args.nce_t,
-                                           recall_ks=())["knn_top1"]
+            row["knn_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes,
+                                           k=min(args.knn_k, n), temperature=args.nce_t, recall_ks=())["knn_top1"]
+        row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
-        log(f"epoch {epoch + 1}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
-              f"1-NN {row['knn1_top1']:.2f}%" + (f"  kNN(k={args.knn_k}) {row['knn_top1']:.2f}%" if "knn_top1" in row else ""),
-              flush=True)
+        log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
+            f"{seconds:.1f}s  1-NN {row['knn1_top1']:.2f}%"
+            + (f"  kNN(k={min(args.knn_k, n)}) {row['knn_top1']:.2f}%" if "knn_top1" in row else ""), flush=True)
         if writer is not None:
             for key, value in row.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch + 1)
         crit_state = criterion_state()
         if main_rank:  # saved once; loadable at any world size (the bank is whole)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "criterion": crit_state, "rng": _rng_state(), "epoch": epoch + 1,
-                         "history": history, "config": _config(args), "args": vars(args),
-                         "num_classes": data.num_classes, "in_channels": data.in_channels}, ckpt_path)
+            C.save_atomic({"format": C.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "criterion": crit_state, "rng": C.rng_state(), "epoch": epoch + 1, "history": history,
+                           "config": config, "args": vars(args), "num_classes": data.num_classes,
+                           "in_channels": data.in_channels}, ckpt_path)
             _write_csv(history, os.path.join(args.out_dir, "log.csv"))
     if writer is not None:
         writer.close()
     if end_epoch < args.epochs:
-        log(f"stopped after epoch {end_epoch} of {args.epochs}; continue with --resume", flush=True)
+        log(f"npid-train: stopped after epoch {end_epoch} of {args.epochs} ({time.perf_counter() - started:.0f}s); "
+            "run the same command with --resume to continue", flush=True)
         cleanup_distributed()
         return {"epochs_done": end_epoch}
     bank = whole_bank()
     cleanup_distributed()
     if not main_rank:
         return {}
-    results = evaluate(model, bank, data, args, device)
+    results = evaluate(model, bank, data, args)
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "loss": args.loss,
-                    "nce_k": args.nce_k, "train_images": n, "wall_s_last_piece": None})
-    plot_history(history, os.path.join(args.out_dir, "curves.png"))
+                    "nce_k": None if args.loss == "softmax" else args.nce_k, "low_dim": args.low_dim,
+                    "train_images": n, "test_images": len(data.test_labels),
+                    "train_seconds_total": sum(row["seconds"] + row.get("eval_seconds", 0) for row in history),
+                    "wall_seconds_this_command": time.perf_counter() - started})
+    if history:
+        plot_history(history, os.path.join(args.out_dir, "curves.png"))
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(json.dumps(results, indent=2))
-    key = "knn_top1_bank" if "knn_top1_bank" in results else "knn_top1_features"
-    print(f"final weighted kNN top-1 (k={args.knn_k}): {results[key]:.2f}%")
+    _print_summary(results, args.knn_k, args.out_dir)
     return results
 
 
 def _write_csv(history, path):
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    with open(path + ".tmp", "w", newline="") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- evaluation
-
-def evaluate(model, bank: Optional[torch.Tensor], data: Data, args, device) -> Dict:
-    results = {}
-    test_features = data.features(model, "test", amp=getattr(args, "amp", False))
-    train_labels, test_labels = data.train_labels.to(device), data.test_labels.to(device)
-    k = min(args.knn_k, data.num_train)
-    sources = {"bank": bank, "features": None}
-    if args.knn_source in ("features", "both") or bank is None:
-        sources["features"] = data.features(model, "train", amp=getattr(args, "amp", False))
-    for name, train_features in sources.items():
-        if train_features is None or (args.knn_source not in (name, "both")):
-            continue
-        scores = knn_evaluate(test_features, test_labels, train_features, train_labels, data.num_classes,
-                              k=k, temperature=getattr(args, "nce_t", 0.07), recall_ks=(1, 10))
-        for key, value in scores.items():
-            results[f"{key}_{name}"] = value
+def evaluate(model, bank: Optional[torch.Tensor], data: DataModule, args) -> Dict:
+    """The final evaluation: weighted kNN (bank and/or recomputed features), and on request the
+    linear probe / SVM and the retrieval picture."""
+    amp, channels_last = getattr(args, "amp", False), getattr(args, "channels_last", False)
+    temperature = getattr(args, "nce_t", 0.07)
+    test_features = data.features(model, "test", amp=amp, channels_last=channels_last)
+    results = knn_results(model, bank, data, k=args.knn_k, temperature=temperature, source=args.knn_source,
+                          amp=amp, channels_last=channels_last, test_features=test_features)
+    results["knn_k"], results["knn_t"] = min(args.knn_k, data.num_train), temperature
     if args.linear_probe:
-        results.update(linear_probe(model, data, device))
+        results.update(linear_probe(model, data, amp=amp, channels_last=channels_last,
+                                    svm_max_train=args.svm_max_train, seed=getattr(args, "seed", 0)))
     if args.retrieval_png:
-        retrieval_png(data, test_features, bank if bank is not None else sources["features"], args.retrieval_png)
+        gallery = bank if bank is not None else data.features(model, "train", amp=amp, channels_last=channels_last)
+        retrieval_png(data, test_features, gallery, args.retrieval_png)
+        results["retrieval_png"] = args.retrieval_png
     return results
 
 
-def linear_probe(model, data: Data, device, epochs: int = 100) -> Dict:
-    """Top-1 of a linear softmax classifier and of scikit-learn's LinearSVC trained on frozen
-    features (the 128-d output and the pooled backbone features)."""
-    from sklearn.svm import LinearSVC
-
-    out = {}
-    for name, pooled in (("lowdim", False), ("pooled", True)):
-        tr = data.features(model, "train", pooled=pooled)
-        te = data.features(model, "test", pooled=pooled)
-        mean, std = tr.mean(0), tr.std(0) + 1e-6
-        tr, te = (tr - mean) / std, (te - mean) / std
-        ytr, yte = data.train_labels.to(device), data.test_labels.to(device)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        clf = torch.nn.Linear(tr.shape[1], data.num_classes).to(device)
-        opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=epochs, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(clf(tr), ytr) + 1e-4 * clf.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        del gen
-        with torch.no_grad():
-            out[f"linear_top1_{name}"] = 100.0 * (clf(te).argmax(1) == yte).float().mean().item()
-        svm = LinearSVC(C=0.1, max_iter=5000).fit(tr.cpu().numpy(), ytr.cpu().numpy())
-        out[f"svm_top1_{name}"] = 100.0 * float((svm.predict(te.cpu().numpy()) == yte.cpu().numpy()).mean())
-    return out
+def _print_summary(results: Dict, knn_k: int, where: Optional[str] = None) -> None:
+    print(json.dumps(results, indent=2), flush=True)
+    parts = [f"{name} {results[f'knn_top1_{name}']:.2f}%" for name in ("bank", "features") if f"knn_top1_{name}" in results]
+    print(f"final weighted kNN top-1 (k={results.get('knn_k', knn_k)}): " + ", ".join(parts)
+          + (f"  (results in {where})" if where else ""), flush=True)
 
 
-def retrieval_png(data: Data, test_features, bank, path: str, queries: int = 6, k: int = 10) -> None:
-    """The paper's retrieval figure: each row a test query and its top-k neighbours in the bank."""
-    import matplotlib
+# ---------------------------------------------------------------- eval / export
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    q_index = torch.linspace(0, test_features.shape[0] - 1, queries).long()
-    sims, idx = nearest_neighbors(test_features[q_index.to(test_features.device)], bank, min(k, bank.shape[0]))
-    q_img = data.raw_images("test", q_index)
-    fig, axes = plt.subplots(queries, idx.shape[1] + 1, figsize=(1.2 * (idx.shape[1] + 1), 1.2 * queries), squeeze=False)
-    for r in range(queries):
-        row_images = [q_img[r]] + list(data.raw_images("train", idx[r].cpu()))
-        for c, image in enumerate(row_images):
-            ax = axes[r][c]
-            img = image.permute(1, 2, 0).cpu().numpy()
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
-            ax.set_xticks([]), ax.set_yticks([])
-            if c == 0:
-                ax.set_title("query", fontsize=7)
-            else:
-                label = int(data.train_labels[idx[r, c - 1]])
-                ax.set_title(f"{label} ({sims[r, c - 1].item():.2f})", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_history(history, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(epochs, [row["loss"] for row in history])
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.set_title("NPID loss")
-    b.plot(epochs, [row["knn1_top1"] for row in history], label="1-NN")
-    knn = [(row["epoch"], row["knn_top1"]) for row in history if "knn_top1" in row]
-    if knn:
-        b.plot(*zip(*knn), "o-", label="weighted kNN")
-    b.set_xlabel("epoch"), b.set_ylabel("top-1 (%)"), b.set_title("kNN accuracy"), b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _load_for_eval(args):
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-    device = _resolve_device(getattr(args, "device", None))
-    ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+def _load_for_eval(args, device: Optional[torch.device] = None):
+    ckpt = C.load(args.checkpoint)
     saved = argparse.Namespace(**ckpt["args"])
-    model = build_encoder(saved.arch, saved.low_dim, ckpt["in_channels"], saved.cifar_stem).to(device)
+    model = build_encoder(saved.arch, saved.low_dim, ckpt["in_channels"], saved.cifar_stem)
     model.load_state_dict(ckpt["model"])
-    return ckpt, saved, model, device
+    return ckpt, saved, model.to(device or "cpu")
 
 
 def run_eval(args) -> Dict:
-    ckpt, saved, model, device = _load_for_eval(args)
+    device = _resolve_device(args.device)
+    ckpt, saved, model = _load_for_eval(args, device)
     if args.data_dir:
         saved.data_dir = args.data_dir
-    data = Data(saved, device)
-    bank = ckpt["criterion"]["bank.memory"].float()
+    saved.workers, saved.download = args.workers, False
+    data = DataModule.from_args(saved, device)
+    bank = ckpt["criterion"]["bank.memory"].to(device).float()
     if bank.shape[0] != data.num_train:
-        raise ValueError(f"checkpoint bank has {bank.shape[0]} rows but the dataset has {data.num_train} images")
-    saved.knn_k, saved.knn_source = args.knn_k, args.knn_source
-    saved.linear_probe, saved.retrieval_png = args.linear_probe, args.retrieval_png
-    results = evaluate(model, bank, data, saved, device)
-    print(json.dumps(results, indent=2))
+        raise ValueError(f"{args.checkpoint}: the checkpoint's bank has {bank.shape[0]} rows but the dataset has "
+                         f"{data.num_train} training images (another dataset, split or --train-fraction?)")
+    for key in ("knn_k", "knn_source", "linear_probe", "svm_max_train", "retrieval_png", "amp"):
+        setattr(saved, key, getattr(args, key))
+    saved.channels_last = False
+    results = evaluate(model, bank, data, saved)
+    results.update({"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "dataset": saved.dataset})
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    _print_summary(results, args.knn_k)
     return results
 
 
 def run_export(args) -> None:
-    _, saved, model, _ = _load_for_eval(args)
-    torch.save(export_state_dict(model), args.output)
-    print(f"wrote {args.output}: {saved.arch} with num_classes={saved.low_dim}"
-          + (" and the CIFAR stem" if saved.cifar_stem else ""))
+    ckpt, saved, model = _load_for_eval(args)
+    state = export_state_dict(model)
+    if args.no_head:
+        head = getattr(model, "head_name", "head") + "."
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    C.save_atomic(state, args.output)
+    if saved.arch == "small-cnn":
+        how = "npid_kernels.models.build_encoder('small-cnn', ...).backbone (body.*) plus the head"
+    else:
+        how = f"torchvision.models.get_model({saved.arch!r}, num_classes={saved.low_dim})"
+        if saved.cifar_stem:
+            how += f", then conv1 = Conv2d({ckpt['in_channels']}, 64, 3, 1, 1, bias=False) and maxpool = Identity()"
+        elif ckpt["in_channels"] != 3:
+            how += f", then conv1 with {ckpt['in_channels']} input channels"
+        if args.no_head:
+            how += ", load_state_dict(..., strict=False) (no head)"
+    print(f"wrote {args.output} (epoch {ckpt['epoch']}): load into {how}")
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -564,7 +510,8 @@ def main(argv=None) -> int:
         else:
             run_export(args)
     except (FileNotFoundError, ValueError, KeyError) as error:
-        print(f"npid-train: error: {error}", file=sys.stderr)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"npid-train: error: {message}", file=sys.stderr)
         return 2
     return 0
 

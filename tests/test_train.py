@@ -1,81 +1,119 @@
-"""The npid-train driver end to end on the CPU: it learns, it resumes bit for bit, it exports,
-and it fails clearly on bad input."""
+"""The npid-train driver end to end on the CPU: it learns, it resumes bit for bit, it evaluates
+and exports, and it fails clearly on bad input."""
 import argparse
 import json
-import os
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from npid_kernels import train as T
-from npid_kernels.knn import knn_evaluate
-from npid_kernels.models import build_encoder
 
-DIGITS_JOB = ["train", "--dataset", "digits", "--loss", "softmax", "--knn-source", "bank", "--eval-every", "100"]
+# The learning check's job, flags spelled out (not left to the digits preset).
+DIGITS_JOB = ["train", "--dataset", "digits", "--arch", "small-cnn", "--loss", "softmax", "--augment", "light",
+              "--eval-every", "100"]
 
 
 def run(argv):
     assert T.main(argv) == 0
 
 
-def random_init_knn(seed=0):
-    args = argparse.Namespace(dataset="digits", data_dir=None, train_fraction=1.0, seed=seed, augment=None, image_size=None)
-    data = T.Data(args, torch.device("cpu"))
-    torch.manual_seed(seed)
-    model = build_encoder("small-cnn", 128, data.in_channels)
-    train_features, test_features = data.features(model, "train"), data.features(model, "test")
-    return knn_evaluate(test_features, data.test_labels, train_features, data.train_labels, data.num_classes, k=200)["knn_top1"]
+def results(out_dir):
+    return json.loads((out_dir / "results.json").read_text())
 
 
-def test_npid_learns_features_better_than_random_init(tmp_path):
-    run(DIGITS_JOB + ["--epochs", "60", "--out-dir", str(tmp_path)])
-    learned = json.loads((tmp_path / "results.json").read_text())["knn_top1_bank"]
-    baseline = random_init_knn()
-    assert learned >= baseline + 10, f"learned kNN {learned:.1f}% vs random init {baseline:.1f}%"
-    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "log.csv").read_text().count("\n") == 61
+def load(path):
+    return torch.load(path, weights_only=False)
 
 
-def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path):
-    """momentum 1 keeps the bank at its random initialisation: the same check must then fail."""
-    run(DIGITS_JOB + ["--epochs", "5", "--nce-m", "1.0", "--out-dir", str(tmp_path)])
-    frozen = json.loads((tmp_path / "results.json").read_text())["knn_top1_bank"]
-    assert frozen < random_init_knn() + 10
+@pytest.fixture(scope="module")
+def random_init_knn(tmp_path_factory):
+    """Weighted kNN (k=200) of the same encoder at random initialisation (--epochs 0: the driver
+    evaluates the freshly seeded model), on features recomputed from the train images."""
+    out = tmp_path_factory.mktemp("random_init")
+    run(DIGITS_JOB + ["--epochs", "0", "--knn-source", "features", "--out-dir", str(out)])
+    return results(out)["knn_top1_features"]
 
 
-def test_resume_lands_where_one_run_does(tmp_path):
-    common = ["train", "--dataset", "digits", "--loss", "nce", "--nce-k", "64", "--epochs", "2", "--eval-every", "100",
-              "--knn-source", "bank", "--batch-size", "256"]
+def test_npid_learns_features_better_than_random_init(tmp_path, random_init_knn):
+    run(DIGITS_JOB + ["--epochs", "60", "--knn-source", "both", "--out-dir", str(tmp_path)])
+    res = results(tmp_path)
+    for source in ("bank", "features"):
+        learned = res[f"knn_top1_{source}"]
+        assert learned >= random_init_knn + 10, f"learned kNN ({source}) {learned:.1f}% vs random init {random_init_knn:.1f}%"
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(log) == 61 and log[0].startswith("epoch,")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_init_knn):
+    """Bank momentum 1 keeps the bank at its random initialisation: the same check must fail."""
+    run(DIGITS_JOB + ["--epochs", "5", "--nce-m", "1.0", "--knn-source", "bank", "--out-dir", str(tmp_path)])
+    frozen = results(tmp_path)["knn_top1_bank"]
+    assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
+
+
+@pytest.mark.parametrize("loss,augment", [("nce", []), ("softmax-ce", ["--cpu-augment", "--workers", "0"])],
+                         ids=["nce-batched-augment", "softmax_ce-cpu-augment"])
+def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
+    """2 epochs straight == 1 epoch, then --resume for the second: bank, Z, sampler, weights,
+    optimizer and the logged losses all bit-identical."""
+    common = ["train", "--dataset", "digits", "--loss", loss, "--nce-k", "64", "--epochs", "2", "--eval-every", "100",
+              "--knn-source", "bank", "--batch-size", "256", "--augment", "paper"] + augment
     run(common + ["--out-dir", str(tmp_path / "straight")])
     run(common + ["--out-dir", str(tmp_path / "split"), "--max-epochs-this-run", "1"])
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert load(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    assert not (tmp_path / "split" / "results.json").exists()
     run(common + ["--out-dir", str(tmp_path / "split"), "--resume"])
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 2
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["criterion"]:
-        assert torch.equal(a["criterion"][key], b["criterion"][key]), key
+    for part in ("model", "criterion"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert a["criterion"]["rng_state"][1].item() == 2 * (1438 // 256)  # one Philox stream per step
+    assert (a["criterion"]["z"].item() > 0) == (loss == "nce")  # Z estimated on the first batch (NCE only)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert [row["loss"] for row in a["history"]] == [row["loss"] for row in b["history"]]
+    # the bank was really trained: the rows of each epoch's 5 batches are unit vectors
+    assert int(((a["criterion"]["bank.memory"].norm(dim=1) - 1).abs() < 1e-5).sum()) >= 5 * 256
+    assert results(tmp_path / "straight")["knn_top1_bank"] == results(tmp_path / "split")["knn_top1_bank"]
 
 
 def test_resume_refuses_another_configuration(tmp_path, capsys):
-    common = ["train", "--dataset", "digits", "--epochs", "2", "--max-epochs-this-run", "1", "--nce-k", "32",
-              "--out-dir", str(tmp_path), "--eval-every", "100", "--knn-source", "bank"]
+    common = ["train", "--dataset", "digits", "--epochs", "2", "--max-epochs-this-run", "1", "--loss", "nce",
+              "--nce-k", "32", "--out-dir", str(tmp_path), "--eval-every", "100", "--knn-source", "bank"]
     run(common)
     assert T.main(common + ["--resume", "--low-dim", "64"]) == 2
-    assert "another configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "low_dim: 128 in the checkpoint, 64 now" in err
+    assert T.main(common + ["--resume", "--train-fraction", "0.5"]) == 2
+    assert "train_fraction" in capsys.readouterr().err
 
 
 def test_eval_and_export(tmp_path):
-    run(DIGITS_JOB + ["--epochs", "2", "--out-dir", str(tmp_path)])
-    ckpt = str(tmp_path / "checkpoint.pt")
-    png = tmp_path / "nn.png"
-    run(["eval", "--checkpoint", ckpt, "--knn-k", "20", "--linear-probe", "--retrieval-png", str(png)])
-    assert png.stat().st_size > 0
-    run(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "backbone.pth")])
+    # no --loss / --epochs / --arch: the digits preset (exact softmax, small CNN)
+    run(["train", "--epochs", "2", "--eval-every", "100", "--out-dir", str(tmp_path)])
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["args"]["loss"] == "softmax" and ckpt["args"]["arch"] == "small-cnn"
+    png, out = tmp_path / "nn.png", tmp_path / "eval.json"
+    run(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-k", "20", "--linear-probe",
+         "--svm-max-train", "500", "--retrieval-png", str(png), "--output-json", str(out)])
+    res = json.loads(out.read_text())
+    assert png.stat().st_size > 0 and res["epoch"] == 2 and res["knn_k"] == 20
+    for key in ("knn_top1_bank", "knn_top1_features", "nn1_top1_bank", "recall@10_features", "linear_top1_lowdim",
+                "linear_top1_pooled", "svm_top1_lowdim", "svm_top1_pooled"):
+        assert 0 <= res[key] <= 100, key
+    # eval reproduces the training run's final kNN on the bank
+    assert T.main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-source", "bank",
+                   "--output-json", str(out)]) == 0
+    assert json.loads(out.read_text())["knn_top1_bank"] == results(tmp_path)["knn_top1_bank"]
+    run(["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "backbone.pth")])
     state = torch.load(tmp_path / "backbone.pth")
-    assert "head.weight" in state and state["head.weight"].shape == (128, 128)
+    assert state["head.weight"].shape == (128, 128) and "body.0.weight" in state
 
 
 def test_export_loads_into_torchvision_resnet(tmp_path):
@@ -93,29 +131,78 @@ def test_export_loads_into_torchvision_resnet(tmp_path):
     model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = torch.nn.Identity()
     model.load_state_dict(torch.load(tmp_path / "r18.pth"))  # strict: every key matches
+    # the exported network computes the encoder's features (before the L2 normalisation)
+    ckpt = load(tmp_path / "run" / "checkpoint.pt")
+    from npid_kernels.models import build_encoder
+
+    encoder = build_encoder("resnet18", 32, 3, cifar_stem=True)
+    encoder.load_state_dict(ckpt["model"])
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), encoder.eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.normalize(model(x), dim=1), encoder(x), atol=1e-5)
+    run(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--output", str(tmp_path / "nohead.pth"),
+         "--no-head"])
+    assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "nohead.pth"))
+
+
+def test_step_schedule_is_lemniscates_and_scales_with_epochs():
+    def lr(epoch, epochs, schedule="step", milestones=None):
+        args = argparse.Namespace(lr=0.03, epochs=epochs, schedule=schedule, lr_milestones=milestones)
+        return T.learning_rate(args, epoch)
+
+    # lemniscate cifar.py / main.py: 0.03 until epoch 119, x0.1 from 120, x0.01 from 160
+    assert [lr(e, 200) for e in (0, 119)] == [0.03, 0.03]
+    assert math.isclose(lr(120, 200), 0.003) and math.isclose(lr(159, 200), 0.003)
+    assert math.isclose(lr(160, 200), 0.0003) and math.isclose(lr(199, 200), 0.0003)
+    assert lr(35, 60) == 0.03 and math.isclose(lr(36, 60), 0.003) and math.isclose(lr(48, 60), 0.0003)
+    assert math.isclose(lr(10, 200, milestones="10,20"), 0.003)
+    assert lr(0, 100, "cosine") == 0.03 and math.isclose(lr(50, 100, "cosine"), 0.015)
 
 
 def test_help_reads(capsys):
-    with pytest.raises(SystemExit):
-        T.main(["train", "--help"])
-    text = capsys.readouterr().out
-    for flag in ("--nce-k", "--low-dim", "--cifar-stem", "--resume", "--train-fraction", "--schedule", "--linear-probe"):
-        assert flag in text
+    """--help of every subcommand; the top level through `python -m npid_kernels.train` (the
+    __main__ guard)."""
+    result = subprocess.run([sys.executable, "-m", "npid_kernels.train", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert all(c in result.stdout for c in ("train", "eval", "export", "--resume"))
+    helps = {}
+    for command in ("train", "eval", "export"):
+        with pytest.raises(SystemExit) as exit_info:
+            T.main([command, "--help"])
+        assert exit_info.value.code == 0
+        helps[command] = capsys.readouterr().out
+    assert "--no-head" in helps["export"] and "--linear-probe" in helps["eval"]
+    for flag in ("--nce-k", "--nce-t", "--nce-m", "--low-dim", "--cifar-stem", "--resume", "--train-fraction",
+                 "--schedule", "--linear-probe", "--knn-source", "--retrieval-png", "--amp", "--channels-last",
+                 "--compile", "--max-epochs-this-run", "--download", "--tensorboard", "--seed"):
+        assert flag in helps["train"], flag
+    assert "(default: None)" not in helps["train"] and "(default: False)" not in helps["train"]
 
 
-@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "imagefolder"])
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "imagefolder", "npz"])
 def test_missing_dataset_path_is_a_clear_error(tmp_path, capsys, dataset):
     assert T.main(["train", "--dataset", dataset, "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)]) == 2
-    assert "npid-train: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("npid-train: error:") and "nowhere" in err
+
+
+def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert T.main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    assert T.main(["export", "--checkpoint", str(tmp_path / "foreign.pt"), "--output", str(tmp_path / "x.pth")]) == 2
+    assert "not an npid-train checkpoint" in capsys.readouterr().err
 
 
 def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
-    run(DIGITS_JOB + ["--epochs", "1", "--out-dir", str(tmp_path)])
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    run(DIGITS_JOB + ["--epochs", "1", "--knn-source", "bank", "--out-dir", str(tmp_path)])
+    ckpt = load(tmp_path / "checkpoint.pt")
     ckpt["args"]["train_fraction"] = 0.5
     torch.save(ckpt, tmp_path / "other.pt")
     assert T.main(["eval", "--checkpoint", str(tmp_path / "other.pt")]) == 2
-    assert "bank has 1438 rows but the dataset has 719 images" in capsys.readouterr().err
+    assert "bank has 1438 rows but the dataset has 719 training images" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bank_mode", ["replicated", "sharded"])
@@ -123,8 +210,6 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     """npid-train under torchrun (gloo, 2 CPU processes): one checkpoint, written once, that a
     single process resumes (the bank is saved whole, whatever the world size)."""
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,7 +221,7 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
          "-m", "npid_kernels.train"] + common + ["--bank-mode", bank_mode, "--max-epochs-this-run", "1"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch 1:") == 1  # only rank 0 logs
+    assert result.stdout.count("epoch 1/2:") == 1  # only rank 0 logs
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     bank = ckpt["criterion"]["bank.memory"]
     assert ckpt["epoch"] == 1 and bank.shape == (1438, 128)
