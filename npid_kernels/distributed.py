@@ -112,7 +112,11 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[timedelta]
 
 
 def cleanup_distributed() -> None:
+    """Tear the process group down once every rank is done with its collectives: a rank that
+    destroys it while a peer is still inside one (e.g. rank 0 saving after a gather) can leave
+    gloo's threads running at exit ("terminate called without an active exception")."""
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
 
 
