@@ -1,6 +1,8 @@
 // See include/npid/bank_scan.h.
 #include "npid/bank_scan.h"
 
+#include "npid/checks.h"
+
 #include <algorithm>
 #include <limits>
 
@@ -55,6 +57,20 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
     out_idx.narrow(0, q0, qn).copy_(best_idx);
   }
   return {out_sims, out_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_topk_streamed(const at::Tensor& query_in, const at::Tensor& bank,
+                                                     int64_t k, int64_t query_chunk,
+                                                     int64_t bank_chunk) {
+  check_features(query_in, "query", /*allow_bf16=*/true);
+  check_bank(bank, query_in, "query");
+  const int64_t n = bank.size(0);
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
+  const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sims, indices;
+  std::tie(sims, indices) =
+      streamed_topk(query_in.to(acc_type).contiguous(), bank, k, query_chunk, bank_chunk);
+  return {sims.to(query_in.scalar_type()), indices};
 }
 
 }  // namespace npid

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops, reference
-from .nn import LOSSES, _check_batch, _check_sizes
+from .nn import LOSSES, _check_batch, _check_loss_args, _check_sizes
 from .reference import knn_vote
 
 __all__ = [
@@ -309,15 +309,9 @@ class DistributedNPIDLoss(nn.Module):
                  z: Optional[float] = None, seed: Optional[int] = None, mode: str = "replicated",
                  process_group=None, device=None, equal_batches: bool = False):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.num_data, self.dim = int(num_data), int(dim)
         self.num_negatives = int(num_negatives)
         self.temperature = float(temperature)

@@ -39,6 +39,17 @@ def _check_batch(features: torch.Tensor, indices: torch.Tensor, memory: torch.Te
         raise ValueError(f"indices must have shape ({features.shape[0]},), got {tuple(indices.shape)}")
 
 
+def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float):
+    """Constructor checks shared by NPIDLoss and DistributedNPIDLoss."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+
+
 class MemoryBank(nn.Module):
     """The (num_data, dim) memory bank V, one row per training instance, as a buffer `memory`.
 
@@ -187,13 +198,7 @@ class NPIDLoss(nn.Module):
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, device=None):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum)
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
         self.momentum = float(momentum)

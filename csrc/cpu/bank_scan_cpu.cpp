@@ -49,17 +49,9 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
   return {loss.to(x.scalar_type()), grad_x.to(x.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query_in, const at::Tensor& bank,
+std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,
                                             int64_t k) {
-  check_features(query_in, "query", /*allow_bf16=*/true);
-  check_bank(bank, query_in, "query");
-  const int64_t n = bank.size(0);
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
-  const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor query = query_in.to(acc_type).contiguous();
-  at::Tensor out_sims, out_idx;
-  std::tie(out_sims, out_idx) = streamed_topk(query, bank, k, kQueryChunk, kKnnBankChunk);
-  return {out_sims.to(query_in.scalar_type()), out_idx};
+  return knn_topk_streamed(query, bank, k, kQueryChunk, kKnnBankChunk);
 }
 
 }  // namespace

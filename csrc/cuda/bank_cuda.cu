@@ -178,20 +178,12 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
   return {loss.to(x.scalar_type()), grad_x.to(x.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query_in, const at::Tensor& bank,
+std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,
                                             int64_t k) {
-  check_features(query_in, "query", /*allow_bf16=*/true);
-  check_bank(bank, query_in, "query");
-  const int64_t n = bank.size(0);
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
-  const c10::cuda::CUDAGuard guard(query_in.device());
-  const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor query = query_in.to(acc_type).contiguous();
+  const c10::cuda::CUDAGuard guard(query.device());
   // 2048 queries x 32768 rows of fp32 similarities = 256 MiB per chunk.
-  at::Tensor out_sims, out_idx;
-  std::tie(out_sims, out_idx) =
-      streamed_topk(query, bank, k, /*query_chunk=*/2048, /*bank_chunk=*/std::max<int64_t>(32768, k));
-  return {out_sims.to(query_in.scalar_type()), out_idx};
+  return knn_topk_streamed(query, bank, k, /*query_chunk=*/2048,
+                           /*bank_chunk=*/std::max<int64_t>(32768, k));
 }
 
 }  // namespace

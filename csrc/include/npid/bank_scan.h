@@ -21,4 +21,10 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
                                                  int64_t k, int64_t query_chunk,
                                                  int64_t bank_chunk);
 
+// The knn_topk op for any device: checks its arguments, streams in the accumulation dtype
+// (float, or double for double queries) and returns similarities in the query's dtype.
+std::tuple<at::Tensor, at::Tensor> knn_topk_streamed(const at::Tensor& query, const at::Tensor& bank,
+                                                     int64_t k, int64_t query_chunk,
+                                                     int64_t bank_chunk);
+
 }  // namespace npid
