@@ -8,6 +8,7 @@ closure with ``benchmark.pedantic`` after it has been checked against the refere
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -121,6 +122,33 @@ def full_softmax_shapes(settings: Settings) -> List:
         shapes += [(64, 50_000, 128, dt) for dt in ("float32", "bfloat16")]
         large = True
     return [_case(s, large, f"B{s[0]}-N{s[1]}-D{s[2]}-{s[3]}") for s in shapes]
+
+
+def scan_precisions(settings: Settings) -> Tuple[str, ...]:
+    """Product precisions of the bank scans (full softmax, kNN). TF32 exists on the GPU only
+    (on the CPU torch's tf32 provider would be its fp32 one), so full CPU runs skip it."""
+    if settings.device == "cpu" and settings.size == "full":
+        return ("fp32", "bf16")
+    return ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def torch_matmul_precision(precision: str):
+    """What a PyTorch user sets for fp32 / tf32 matmuls (bf16 is a cast of the operands)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def torch_bank_products(x: torch.Tensor, bank: torch.Tensor, precision: str) -> torch.Tensor:
+    """x @ bank.T the PyTorch way at `precision`: bf16 operands through torch's bf16 matmul (the
+    products come out in bf16), else in x's dtype (TF32 is torch_matmul_precision's business)."""
+    if precision == "bf16":
+        return (x.bfloat16() @ bank.bfloat16().t()).to(x.dtype)
+    return x @ bank.to(x.dtype).t()
 
 
 def knn_shapes(settings: Settings) -> List:
@@ -404,10 +432,14 @@ def softmax_ce_step(x, bank, y, idx, temperature, momentum):
     return loss
 
 
-def full_softmax_step(x, bank, y, temperature, momentum):
-    from npid_kernels import reference
+def torch_full_softmax_loss(x, bank, y, temperature, precision: str = "fp32"):
+    """reference.full_softmax_loss with the logits as PyTorch forms them at `precision`."""
+    logits = torch_bank_products(x, bank, precision) / temperature
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
-    loss = reference.full_softmax_loss(x, bank, y, temperature).mean()
+
+def full_softmax_step(x, bank, y, temperature, momentum, precision: str = "fp32"):
+    loss = torch_full_softmax_loss(x, bank, y, temperature, precision).mean()
     loss.backward()
     torch_momentum_update_(bank, x, y, momentum)
     return loss

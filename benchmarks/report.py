@@ -54,7 +54,7 @@ def _mib(b):
 
 def _sort_key(op, pass_, params):
     return (OP_ORDER.get(op, 9), params.get("N", 0), params.get("K", 0), params.get("B", params.get("Q", 0)),
-            params.get("bank_dtype", ""), PASS_ORDER.get(pass_, 9))
+            params.get("bank_dtype", ""), params.get("precision", ""), PASS_ORDER.get(pass_, 9))
 
 
 def _contended(info: dict) -> bool:
@@ -80,7 +80,8 @@ def load(paths):
             params.pop("provider", None)
             params.pop("pass_", None)
             params.pop("loss", None)
-            key = (op, pass_, _shape(params), params.get("bank_dtype", "?"))
+            bank = params.get("bank_dtype", "?") + (f" {params['precision']}" if "precision" in params else "")
+            key = (op, pass_, _shape(params), bank)
             row = rows.setdefault(key, {"params": params, "op": op, "pass": pass_, "providers": {}})
             row["providers"][provider] = {
                 "median_ms": bench["stats"]["median"] * 1e3,
@@ -106,7 +107,7 @@ def render(header, rows) -> str:
     out.append("Median ms per call (lower is better); ratios = provider time / npid time (> 1: npid faster); "
                "peak = extra memory allocated during one call, MiB; GB/s = bytes_moved / npid median.")
     out.append("")
-    out.append("| op | pass | shape | bank | torch | compile | npid | npid_insample | torch/npid | compile/npid "
+    out.append("| op | pass | shape | bank (precision) | torch | compile | npid | npid_insample | torch/npid | compile/npid "
                "| torch/insample | peak torch | peak compile | peak npid | peak insample | npid GB/s |")
     out.append("|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     speedups = defaultdict(lambda: defaultdict(list))
@@ -123,7 +124,8 @@ def render(header, rows) -> str:
         r_ins = _ratio(med["torch"], med["npid_insample"])
         for name, r in (("torch/npid", r_torch), ("compile/npid", r_comp), ("torch/insample", r_ins)):
             if r is not None:
-                speedups[(op, pass_)][name].append(r)
+                precision = rows[key]["params"].get("precision")
+                speedups[(op, f"{pass_} {precision}" if precision else pass_)][name].append(r)
         gbps = p.get("npid", {}).get("gbps")
         t = {name: _ms(med[name]) + ("†" if busy[name] else "") for name in PROVIDERS}
         out.append(f"| {op} | {pass_} | {shape} | {dtype} | {t['torch']} | {t['torch_compile']} | "

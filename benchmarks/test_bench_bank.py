@@ -1,11 +1,17 @@
 """Benchmarks of the ops that scan the whole bank: the exact non-parametric softmax and kNN top-k.
 
 Full softmax (test_full_softmax), providers:
-  torch          reference.full_softmax_loss: cross_entropy(x @ bank.T / T, y), materialises B x N logits
+  torch          cross_entropy(x @ bank.T / T, y) (bench_common.torch_full_softmax_loss), materialises
+                 B x N logits
   torch_compile  torch.compile(dynamic=False) of the same function
   npid           ops.full_softmax_loss (streams the bank in chunks, online logsumexp)
 and passes forward / forward_backward / step (loss + backward + momentum update of bank[y];
 torch: bench_common.full_softmax_step, which mirrors reference.nce_step).
+
+Both benchmarks take a precision of the x . bank products: fp32; tf32 (torch: allow_tf32 on; npid:
+precision="tf32"; the GPU only, on the CPU torch has no TF32); bf16 (torch: operands cast to bf16,
+its matmul returns bf16; npid: precision="bf16", fp32 output). Results are checked against the
+exact float64 answer with a tolerance per precision.
 
 kNN top-k (test_knn, inference only, pass "forward"), providers:
   torch          chunked: for every 1,000 queries, (q @ bank.T).topk(k) (bench_common style,
@@ -33,15 +39,18 @@ from .bench_common import (
     make_pass,
     DTYPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled, elem_size,
     expected_rows, full_softmax_shapes, full_softmax_step, knn_shapes, make_generator, require_compile,
-    run_benchmark, settings_from_config, sync, unit_rows,
+    run_benchmark, scan_precisions, settings_from_config, sync, torch_full_softmax_loss,
+    torch_matmul_precision, unit_rows,
 )
 
 FS_PROVIDERS = ("torch", "torch_compile", "npid")
 KNN_PROVIDERS = ("torch", "torch_compile", "npid")
 KNN_CHUNK = 1000          # queries per chunk for the torch providers
 KNN_CHECK_QUERIES = 256   # queries checked against the float64 reference
-LOSS_TOL, GRAD_TOL = 2e-5, 2e-4
-KNN_ABS_TOL = 1e-4        # similarities of unit vectors, fp32 accumulation
+# vs the exact float64 answer; tf32 / bf16 round the operands (and torch's bf16 matmul its output)
+LOSS_TOL = {"fp32": 2e-5, "tf32": 2e-3, "bf16": 1e-2}
+GRAD_TOL = {"fp32": 2e-4, "tf32": 1e-2, "bf16": 5e-2}
+KNN_ABS_TOL = {"fp32": 1e-4, "tf32": 2e-3, "bf16": 2e-2}  # similarities of unit vectors
 
 
 def pytest_generate_tests(metafunc):
@@ -49,9 +58,11 @@ def pytest_generate_tests(metafunc):
     if metafunc.function.__name__ == "test_full_softmax":
         metafunc.parametrize("B,N,D,bank_dtype", full_softmax_shapes(s))
         metafunc.parametrize("pass_", PASSES)
+        metafunc.parametrize("precision", scan_precisions(s))
         metafunc.parametrize("provider", FS_PROVIDERS)
     elif metafunc.function.__name__ == "test_knn":
         metafunc.parametrize("Q,N,D,bank_dtype,topk", knn_shapes(s))
+        metafunc.parametrize("precision", scan_precisions(s))
         metafunc.parametrize("provider", KNN_PROVIDERS)
 
 
@@ -86,11 +97,12 @@ def get_fs_case(B, N, D, bank_dtype, device) -> FsCase:
     return _FS[key]
 
 
-def fs_pass(provider: str, pass_: str, case: FsCase, x: torch.Tensor, bank: torch.Tensor, device: str):
+def fs_pass(provider: str, pass_: str, precision: str, case: FsCase, x: torch.Tensor, bank: torch.Tensor,
+            device: str):
     T, y = TEMPERATURE, case.y
     if provider == "npid":
         def loss_fn(x, bank):
-            return ops.full_softmax_loss(x, bank, y, T)
+            return ops.full_softmax_loss(x, bank, y, T, precision)
 
         def step_fn(x, bank):
             mean = loss_fn(x, bank).mean()
@@ -101,38 +113,43 @@ def fs_pass(provider: str, pass_: str, case: FsCase, x: torch.Tensor, bank: torc
         wrap = compiled if provider == "torch_compile" else (lambda f: f)
         if pass_ == "step":
             step = wrap(full_softmax_step)
-            loss_fn, step_fn = None, (lambda x, bank: step(x, bank, y, T, MOMENTUM))
+            loss_fn, step_fn = None, (lambda x, bank: step(x, bank, y, T, MOMENTUM, precision))
         else:
-            f = wrap(ref.full_softmax_loss)
-            loss_fn, step_fn = (lambda x, bank: f(x, bank, y, T)), None
+            f = wrap(torch_full_softmax_loss)
+            loss_fn, step_fn = (lambda x, bank: f(x, bank, y, T, precision)), None
 
-    return make_pass(pass_, loss_fn, step_fn, x, bank, device)
+    run = make_pass(pass_, loss_fn, step_fn, x, bank, device)
+
+    def run_at_precision():
+        with torch_matmul_precision(precision):
+            return run()
+    return run_at_precision
 
 
-def test_full_softmax(benchmark, settings, pass_, B, N, D, bank_dtype, provider):
+def test_full_softmax(benchmark, settings, pass_, B, N, D, bank_dtype, precision, provider):
     device = settings.device
     if provider == "torch_compile":
         require_compile(settings)
     case = get_fs_case(B, N, D, bank_dtype, device)
-    info: Dict[str, object] = {"op": "full_softmax", "pass": pass_, "provider": provider}
-    benchmark.group = f"full_softmax {pass_} B={B} N={N} D={D} {bank_dtype}"
+    info: Dict[str, object] = {"op": "full_softmax", "pass": pass_, "provider": provider, "precision": precision}
+    benchmark.group = f"full_softmax {pass_} B={B} N={N} D={D} {bank_dtype} {precision}"
 
     x_check = case.x.detach().clone().requires_grad_()
     bank_check = case.bank.clone() if pass_ == "step" else case.bank
     t0 = time.perf_counter()
-    out, grad = fs_pass(provider, pass_, case, x_check, bank_check, device)()
+    out, grad = fs_pass(provider, pass_, precision, case, x_check, bank_check, device)()
     if provider == "torch_compile":
         info["compile_s"] = time.perf_counter() - t0
-    check_close("loss", out, case.expected["loss"], LOSS_TOL, info)
+    check_close("loss", out, case.expected["loss"], LOSS_TOL[precision], info)
     if pass_ != "forward":
-        check_close("grad", grad, case.expected["grad"], GRAD_TOL, info)
+        check_close("grad", grad, case.expected["grad"], GRAD_TOL[precision], info)
     if pass_ == "step":
         check_bank_update(case.bank, bank_check, case.y, case.expected["rows"], info)
     del x_check, bank_check, out, grad
 
     x = case.x.detach().clone().requires_grad_()
     bank = case.bank.clone() if pass_ == "step" else case.bank
-    run = fs_pass(provider, pass_, case, x, bank, device)
+    run = fs_pass(provider, pass_, precision, case, x, bank, device)
 
     def timed():
         run()
@@ -150,12 +167,14 @@ def test_full_softmax(benchmark, settings, pass_, B, N, D, bank_dtype, provider)
 
 def knn_chunk_topk(q: torch.Tensor, bank_t: torch.Tensor, k: int):
     """One chunk of the torch kNN: similarities to every bank row, then top-k."""
-    return (q @ bank_t).topk(k, dim=1, largest=True, sorted=True)
+    return (q.to(bank_t.dtype) @ bank_t).topk(k, dim=1, largest=True, sorted=True)
 
 
-def torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, chunk_fn=knn_chunk_topk, chunk: int = KNN_CHUNK):
-    """Pure-PyTorch chunked kNN top-k: never more than chunk x N similarities at once."""
-    bank_t = bank.to(query.dtype).t()
+def torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, chunk_fn=knn_chunk_topk, chunk: int = KNN_CHUNK,
+              precision: str = "fp32"):
+    """Pure-PyTorch chunked kNN top-k: never more than chunk x N similarities at once; bf16:
+    the bank and each query chunk cast to bf16 (bf16 similarities)."""
+    bank_t = bank.to(torch.bfloat16 if precision == "bf16" else query.dtype).t()
     sims, idx = [], []
     for q in query.split(chunk):
         s, i = chunk_fn(q, bank_t, k)
@@ -189,25 +208,25 @@ def get_knn_case(Q, N, D, bank_dtype, topk, device) -> KnnCase:
     return _KNN[key]
 
 
-def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, provider):
+def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, precision, provider):
     device = settings.device
     if provider == "torch_compile":
         require_compile(settings)
     case = get_knn_case(Q, N, D, bank_dtype, topk, device)
-    info: Dict[str, object] = {"op": "knn", "pass": "forward", "provider": provider}
-    benchmark.group = f"knn Q={Q} N={N} D={D} {bank_dtype} k={topk}"
+    info: Dict[str, object] = {"op": "knn", "pass": "forward", "provider": provider, "precision": precision}
+    benchmark.group = f"knn Q={Q} N={N} D={D} {bank_dtype} k={topk} {precision}"
 
     if provider == "npid":
         def call():
-            return ops.knn_topk(case.query, case.bank, topk)
+            return ops.knn_topk(case.query, case.bank, topk, precision)
     else:
         chunk_fn = compiled(knn_chunk_topk) if provider == "torch_compile" else knn_chunk_topk
 
         def call():
-            return torch_knn(case.query, case.bank, topk, chunk_fn)
+            return torch_knn(case.query, case.bank, topk, chunk_fn, precision=precision)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), torch_matmul_precision(precision):
             out = call()
         sync(device)
         return out
@@ -220,11 +239,12 @@ def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, provider):
     m = case.expected_sims.shape[0]
     err = (sims[:m].double() - case.expected_sims).abs().max().item()
     info["check_sims_max_abs_err"] = err
-    assert err <= KNN_ABS_TOL, f"top-k similarities off by {err:.3g} (> {KNN_ABS_TOL:g}) vs float64"
+    tol = KNN_ABS_TOL[precision]
+    assert err <= tol, f"top-k similarities off by {err:.3g} (> {tol:g}) vs float64"
     recomputed = torch.einsum("qd,qkd->qk", case.query[:m].double(), case.bank.double()[idx[:m]])
     err = (recomputed - case.expected_sims).abs().max().item()
     info["check_index_sims_max_abs_err"] = err
-    assert err <= KNN_ABS_TOL, f"the returned indices' similarities are off by {err:.3g} vs float64"
+    assert err <= tol, f"the returned indices' similarities are off by {err:.3g} vs float64"
     assert bool((sims[:, :-1] >= sims[:, 1:]).all()), "top-k similarities are not sorted descending"
     del sims, idx, recomputed
 

@@ -3,26 +3,144 @@
 
 #include "npid/checks.h"
 
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 
 namespace npid {
 
+namespace {
+
+// Turns on cuBLAS TF32 for the scope and restores the previous setting. cuBLAS reads a global
+// flag (torch.backends.cuda.matmul.allow_tf32), so another thread's fp32 matmul running in
+// this window may use TF32 too; our own fp32 mode is protected by the thread-local NoTF32Guard.
+class AllowTF32CuBLASGuard {
+ public:
+  AllowTF32CuBLASGuard() : previous_(at::globalContext().allowTF32CuBLAS()) {
+    if (!previous_) at::globalContext().setAllowTF32CuBLAS(true);
+  }
+  ~AllowTF32CuBLASGuard() {
+    if (!previous_) at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  AllowTF32CuBLASGuard(const AllowTF32CuBLASGuard&) = delete;
+  AllowTF32CuBLASGuard& operator=(const AllowTF32CuBLASGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// Rounds float32 values to nearest even keeping the top (23 - drop_bits) mantissa bits: 13 for
+// TF32, 16 for bfloat16. NaN stays NaN (its payload could otherwise carry into the sign bit);
+// infinities stay infinite; values that round past the largest finite become infinite, as a
+// conversion does.
+inline float round_mantissa(float v, int drop_bits) {
+  if (std::isnan(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t half = (uint32_t(1) << (drop_bits - 1)) - 1;
+  bits += half + ((bits >> drop_bits) & 1);
+  bits &= ~((uint32_t(1) << drop_bits) - 1);
+  std::memcpy(&v, &bits, sizeof(bits));
+  return v;
+}
+
+// The same with ATen ops, for tensors on other devices.
+at::Tensor round_mantissa_aten(const at::Tensor& t, int drop_bits) {
+  const at::Tensor nan = at::isnan(t);
+  const at::Tensor bits = at::where(nan, at::zeros({}, t.options()), t).view(at::kInt);
+  const at::Tensor lsb = bits.bitwise_right_shift(drop_bits).bitwise_and_(1);
+  const at::Tensor rounded = (bits + lsb)
+                                 .add_((int64_t(1) << (drop_bits - 1)) - 1)
+                                 .bitwise_and_(~((int64_t(1) << drop_bits) - 1))
+                                 .view(at::kFloat);
+  return at::where(nan, t, rounded);
+}
+
+// A float32 copy of t rounded to the precision; one parallel pass on the CPU.
+at::Tensor round_float(const at::Tensor& t_in, int drop_bits) {
+  const at::Tensor t = t_in.to(at::kFloat);
+  if (!t.is_cpu()) return round_mantissa_aten(t, drop_bits);
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty_like(src);
+  const float* in = src.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = round_mantissa(in[i], drop_bits);
+  });
+  return out;
+}
+
+}  // namespace
+
+ScanPrecision parse_precision(std::string_view precision) {
+  if (precision == "fp32") return ScanPrecision::kFP32;
+  if (precision == "tf32") return ScanPrecision::kTF32;
+  if (precision == "bf16") return ScanPrecision::kBF16;
+  TORCH_CHECK(false, "precision must be 'fp32', 'tf32' or 'bf16', got '", std::string(precision),
+              "'");
+}
+
+at::Tensor round_to_precision(const at::Tensor& t, ScanPrecision precision) {
+  switch (precision) {
+    case ScanPrecision::kFP32:
+      return t;
+    case ScanPrecision::kBF16:
+      return round_float(t, /*drop_bits=*/16).to(t.scalar_type());
+    case ScanPrecision::kTF32:
+      return round_float(t, /*drop_bits=*/13).to(t.scalar_type());
+  }
+  return t;
+}
+
+at::Tensor precision_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision) {
+  if (a.is_cuda() && a.scalar_type() == at::kFloat) {
+    switch (precision) {
+      case ScanPrecision::kFP32: {
+        const at::NoTF32Guard exact;  // fp32 means fp32, whatever allow_tf32 says
+        return at::mm(a, b.to(a.scalar_type()));
+      }
+      case ScanPrecision::kTF32: {
+        const AllowTF32CuBLASGuard tf32;
+        return at::mm(a, b.to(a.scalar_type()));
+      }
+      case ScanPrecision::kBF16:
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+        // bf16 tensor cores with float32 output: the logits keep fp32 precision.
+        return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16), at::kFloat);
+#else
+        return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
+#endif
+    }
+  }
+  // CPU (and double on CUDA): the rounded operands multiplied in a's dtype.
+  const at::Tensor b_acc = b.to(a.scalar_type());
+  if (precision == ScanPrecision::kFP32) return at::mm(a, b_acc);
+  return at::mm(round_to_precision(a, precision), round_to_precision(b_acc, precision));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tensor& xa,
                                                                  const at::Tensor& bank,
-                                                                 double inv_t, int64_t chunk) {
+                                                                 double inv_t, int64_t chunk,
+                                                                 ScanPrecision precision) {
   const int64_t B = xa.size(0), n = bank.size(0);
   at::Tensor m = at::full({B}, -std::numeric_limits<double>::infinity(), xa.options());
   at::Tensor l = at::zeros({B}, xa.options());
   at::Tensor acc = at::zeros_like(xa);
   for (int64_t start = 0; start < n; start += chunk) {
-    const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start)).to(xa.scalar_type());
-    const at::Tensor s = at::mm(xa, w.t()).mul_(inv_t);
+    const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start));
+    const at::Tensor s = precision_mm(xa, w.t(), precision).mul_(inv_t);
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
     const at::Tensor scale = (m - m_new).exp_();
     const at::Tensor p = (s - m_new.unsqueeze(1)).exp_();
     l = l * scale + p.sum(1);
-    acc = acc * scale.unsqueeze(1) + at::mm(p, w);
+    acc = acc * scale.unsqueeze(1) + precision_mm(p, w, precision);
     m = m_new;
   }
   return {m, l, acc};
@@ -30,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const at::Tensor& bank,
                                                  int64_t k, int64_t query_chunk,
-                                                 int64_t bank_chunk) {
+                                                 int64_t bank_chunk, ScanPrecision precision) {
   const int64_t n = bank.size(0), Q = query.size(0);
   at::Tensor out_sims = at::empty({Q, k}, query.options());
   at::Tensor out_idx = at::empty({Q, k}, query.options().dtype(at::kLong));
@@ -42,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
     at::Tensor best_idx = at::empty({qn, 0}, out_idx.options());
     for (int64_t start = 0; start < n; start += bank_chunk) {
       const int64_t rows = std::min(bank_chunk, n - start);
-      const at::Tensor s = at::mm(q, bank.narrow(0, start, rows).to(query.scalar_type()).t());
+      const at::Tensor s = precision_mm(q, bank.narrow(0, start, rows).t(), precision);
       // The chunk's own top-k first (no index matrix for the whole chunk), then a merge of
       // 2k candidates with the running top-k.
       auto chunk_top = at::topk(s, std::min(k, rows), 1, /*largest=*/true, /*sorted=*/false);
@@ -59,17 +177,50 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
   return {out_sims, out_idx};
 }
 
+std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x_in,
+                                                         const at::Tensor& bank,
+                                                         const at::Tensor& y_in,
+                                                         double temperature,
+                                                         std::string_view precision,
+                                                         int64_t chunk, bool y_checked) {
+  const ScanPrecision scan_precision = parse_precision(precision);
+  const int64_t B = x_in.size(0), n = bank.size(0);
+  if (B == 0) return {at::empty({0}, x_in.options()), at::empty_like(x_in, at::MemoryFormat::Contiguous)};
+  const auto acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x_in.to(acc_type).contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const double inv_t = 1.0 / temperature;
+
+  at::Tensor m, l, acc;
+  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, chunk, scan_precision);
+  // The positive's logit and row with the same rounding as the scan's products.
+  const at::Tensor w_pos = round_to_precision(
+      bank.index_select(0, y_checked ? y : y.clamp(0, n - 1)).to(acc_type), scan_precision);
+  const at::Tensor s_pos = (round_to_precision(xa, scan_precision) * w_pos).sum(1).mul_(inv_t);
+  at::Tensor loss = m + l.log() - s_pos;
+  at::Tensor grad_x = (acc / l.unsqueeze(1) - w_pos).mul_(inv_t);
+  if (!y_checked) {  // rows outside [0, n) give NaN instead of a host sync
+    const at::Tensor valid = y.ge(0).logical_and_(y.lt(n));
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    loss = at::where(valid, loss, nan);
+    grad_x = at::where(valid.unsqueeze(1), grad_x, nan);
+  }
+  return {loss.to(x_in.scalar_type()), grad_x.to(x_in.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_topk_streamed(const at::Tensor& query_in, const at::Tensor& bank,
-                                                     int64_t k, int64_t query_chunk,
-                                                     int64_t bank_chunk) {
+                                                     int64_t k, std::string_view precision,
+                                                     int64_t query_chunk, int64_t bank_chunk) {
   check_features(query_in, "query", /*allow_bf16=*/true);
   check_bank(bank, query_in, "query");
+  const ScanPrecision scan_precision = parse_precision(precision);
   const int64_t n = bank.size(0);
   TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
   const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sims, indices;
   std::tie(sims, indices) =
-      streamed_topk(query_in.to(acc_type).contiguous(), bank, k, query_chunk, bank_chunk);
+      streamed_topk(query_in.to(acc_type).contiguous(), bank, k, query_chunk, bank_chunk,
+                    scan_precision);
   return {sims.to(query_in.scalar_type()), indices};
 }
 

@@ -44,8 +44,10 @@ TORCH_LIBRARY(npid, m) {
   m.def("momentum_update_(Tensor(a!) bank, Tensor x, Tensor y, float momentum) -> ()");
   // 5. Exact non-parametric softmax: cross_entropy(x @ bank.T / T, y) per sample and its
   //    grad_x, streaming the bank in chunks with a running logsumexp (no B x n logits).
-  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature) -> (Tensor, Tensor)");
+  //    precision of the products: "fp32" (exact), "tf32" or "bf16" (operands rounded to that
+  //    format, tensor cores on CUDA); accumulation in fp32 (fp64 for double x) always.
+  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\") -> (Tensor, Tensor)");
   // 6. k largest dot products query . bank[j], sorted descending: (similarities, indices),
-  //    streaming the bank in chunks with a running top-k (no Q x n matrix).
-  m.def("knn_topk(Tensor query, Tensor bank, int k) -> (Tensor, Tensor)");
+  //    streaming the bank in chunks with a running top-k (no Q x n matrix); precision as above.
+  m.def("knn_topk(Tensor query, Tensor bank, int k, str precision=\"fp32\") -> (Tensor, Tensor)");
 }

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import ops, reference
 from .nn import LOSSES, _check_batch, _check_loss_args, _check_sizes
-from .reference import knn_vote
+from .reference import knn_vote, round_to_precision
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "is_dist", "get_rank", "get_world_size",
@@ -307,9 +307,10 @@ class DistributedNPIDLoss(nn.Module):
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, mode: str = "replicated",
-                 process_group=None, device=None, equal_batches: bool = False):
+                 process_group=None, device=None, equal_batches: bool = False, precision: str = "fp32"):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision)
+        self.precision = precision
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.num_data, self.dim = int(num_data), int(dim)
@@ -424,7 +425,7 @@ class DistributedNPIDLoss(nn.Module):
             return ops.nce_loss(features, memory, indices, self.z, **sampling)
         if self.loss_type == "softmax-ce":
             return ops.softmax_ce_loss(features, memory, indices, **sampling)
-        return ops.full_softmax_loss(features, memory, indices, self.temperature)
+        return ops.full_softmax_loss(features, memory, indices, self.temperature, self.precision)
 
     def _sharded_loss(self, features, indices, idx):
         if self.loss_type == "softmax":
@@ -508,9 +509,10 @@ class DistributedNPIDLoss(nn.Module):
         q_all = queries.shape[0]
         if memory.shape[0] > 0:
             loss_r, grad_r = torch.ops.npid.full_softmax_loss(queries, memory, queries.new_zeros(q_all, dtype=torch.int64),
-                                                             self.temperature)
-            w0 = memory[0].to(acc)
-            lse_r = loss_r.to(acc) + (queries.to(acc) * w0).sum(1) * inv_t
+                                                             self.temperature, self.precision)
+            # The op formed every product from operands rounded to self.precision; so do we.
+            w0 = round_to_precision(memory[0].to(acc), self.precision)
+            lse_r = loss_r.to(acc) + (round_to_precision(queries.to(acc), self.precision) * w0).sum(1) * inv_t
             mean_row = grad_r.to(acc) / inv_t + w0
         else:
             lse_r = torch.full((q_all,), -math.inf, dtype=acc, device=x.device)
@@ -525,9 +527,9 @@ class DistributedNPIDLoss(nn.Module):
         mine = _all_to_all(weighted, sizes, [x.shape[0]] * self.world_size, self.process_group)
         expected_row = mine.view(self.world_size, x.shape[0], self.dim).sum(0)
         fetched, inverse = self._fetch_rows(y)
-        w_pos = fetched.index_select(0, inverse).to(acc)
+        w_pos = round_to_precision(fetched.index_select(0, inverse).to(acc), self.precision)
         start = sum(sizes[:self.rank])
-        loss = lse[start:start + x.shape[0]] - (x.to(acc) * w_pos).sum(1) * inv_t
+        loss = lse[start:start + x.shape[0]] - (round_to_precision(x.to(acc), self.precision) * w_pos).sum(1) * inv_t
         grad_x = (expected_row - w_pos) * inv_t
         return loss.to(x.dtype), grad_x.to(x.dtype)
 
@@ -649,18 +651,18 @@ def _knn_checks(bank, bank_labels, num_classes, bank_offset):
 
 @torch.no_grad()
 def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_offset: Optional[int] = None,
-                         process_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         process_group=None, precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
     """(similarities, global row indices) of the k nearest bank rows for this rank's queries.
 
     bank_offset None: `bank` is the whole bank on every rank (each rank searches its own
     queries, no communication). Otherwise `bank` is this rank's shard holding global rows
     [bank_offset, bank_offset + len(bank)): the queries are all_gathered, every rank computes
     the top-k over its shard for all of them, the candidates are sent to the queries' ranks
-    (all_to_all) and merged there."""
+    (all_to_all) and merged there. precision of the products as in knn_topk."""
     if bank_offset is None:
         if query.shape[0] == 0:
             return query.new_empty((0, k)), torch.empty(0, k, dtype=torch.int64, device=query.device)
-        return ops.knn_topk(query, bank, k)
+        return ops.knn_topk(query, bank, k, precision)
     world = get_world_size(process_group)
     sizes = _exchange_sizes(query.shape[0], query.device, process_group)
     longest = max(sizes)
@@ -670,7 +672,7 @@ def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, ban
     rows = torch.full((everyone.shape[0], k), -1, dtype=torch.int64, device=query.device)
     k_here = min(k, bank.shape[0])
     if k_here > 0 and everyone.shape[0] > 0:
-        s, i = ops.knn_topk(everyone, bank, k_here)
+        s, i = ops.knn_topk(everyone, bank, k_here, precision)
         sims[:, :k_here] = s
         rows[:, :k_here] = i + bank_offset
     per_rank = [longest] * world
@@ -685,14 +687,15 @@ def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, ban
 @torch.no_grad()
 def distributed_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
                             k: int = 200, temperature: float = 0.07, *, bank_offset: Optional[int] = None,
-                            process_group=None) -> torch.Tensor:
+                            process_group=None, precision: str = "fp32") -> torch.Tensor:
     """knn_predict for this rank's queries: (Q_local, num_classes) weighted-kNN class scores
     over the whole bank (replicated, or sharded with bank_offset). bank_labels holds the labels
     of all n rows on every rank. Gather the ranks' results with all_gather_varsize."""
     n = _knn_checks(bank, bank_labels, num_classes, bank_offset)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n_data = {n}], got {k}")
-    sims, rows = distributed_knn_topk(query, bank, k, bank_offset=bank_offset, process_group=process_group)
+    sims, rows = distributed_knn_topk(query, bank, k, bank_offset=bank_offset, process_group=process_group,
+                                      precision=precision)
     return knn_vote(sims.float(), rows, bank_labels, num_classes, temperature)
 
 
@@ -700,7 +703,7 @@ def distributed_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels
 def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor,
                              bank_labels: torch.Tensor, num_classes: int, k: int = 200, temperature: float = 0.07,
                              recall_ks: Iterable[int] = (1, 5, 10), *, bank_offset: Optional[int] = None,
-                             process_group=None) -> Dict[str, float]:
+                             process_group=None, precision: str = "fp32") -> Dict[str, float]:
     """knn_evaluate with the queries split across ranks (each rank passes its own queries,
     e.g. from DistributedEvalSampler; any counts, even zero) and the bank replicated
     (bank_offset None) or sharded (this rank's rows start at bank_offset). The hit counts are
@@ -712,7 +715,8 @@ def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, ba
     k_search = max([k] + recall_ks)
     if not 1 <= k_search <= n:
         raise ValueError(f"k must be in [1, n_data = {n}], got {k_search}")
-    sims, rows = distributed_knn_topk(query, bank, k_search, bank_offset=bank_offset, process_group=process_group)
+    sims, rows = distributed_knn_topk(query, bank, k_search, bank_offset=bank_offset, process_group=process_group,
+                                      precision=precision)
     neighbour_labels = bank_labels[rows]
     scores = knn_vote(sims[:, :k].float(), rows[:, :k], bank_labels, num_classes, temperature)
     ranked = scores.topk(min(5, num_classes), dim=1).indices

@@ -39,10 +39,16 @@ def _check_batch(features: torch.Tensor, indices: torch.Tensor, memory: torch.Te
         raise ValueError(f"indices must have shape ({features.shape[0]},), got {tuple(indices.shape)}")
 
 
-def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float):
+def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
+                     precision: str = "fp32"):
     """Constructor checks shared by NPIDLoss and DistributedNPIDLoss."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if precision not in ops.PRECISIONS:
+        raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
+    if precision != "fp32" and loss != "softmax":
+        raise ValueError(f"precision={precision!r} applies to loss='softmax' (a GEMM over the whole bank); "
+                         f"the sampled losses gather rows and always compute in fp32")
     _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -185,6 +191,8 @@ class NPIDLoss(nn.Module):
         bank_dtype: float32, or bfloat16/float16 to halve the bank traffic.
         z: a fixed NCE normalisation constant; None estimates it on the first batch.
         seed: seed of the in-kernel Philox sampler; None draws one from torch's global RNG.
+        precision: products of the "softmax" loss's scan over the bank: "fp32" (exact),
+            "tf32" or "bf16" (tensor cores on CUDA; sums stay fp32).
 
     forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
     L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
@@ -196,9 +204,10 @@ class NPIDLoss(nn.Module):
 
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
-                 z: Optional[float] = None, seed: Optional[int] = None, device=None):
+                 z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32"):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision)
+        self.precision = precision
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
         self.momentum = float(momentum)
@@ -226,7 +235,7 @@ class NPIDLoss(nn.Module):
         elif self.loss_type == "softmax-ce":
             per_sample = ops.softmax_ce_loss(features, memory, indices, **sampling)
         else:
-            per_sample = ops.full_softmax_loss(features, memory, indices, self.temperature)
+            per_sample = ops.full_softmax_loss(features, memory, indices, self.temperature, self.precision)
         if self.training:
             self.bank.update_(features, indices, self.momentum)
             if idx is None and self.loss_type != "softmax":
@@ -235,8 +244,9 @@ class NPIDLoss(nn.Module):
         return per_sample.mean()
 
     def extra_repr(self) -> str:
+        extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
         return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
-                f"momentum={self.momentum}")
+                f"momentum={self.momentum}{extra}")
 
 
 NCELoss = NPIDLoss

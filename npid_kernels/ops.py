@@ -18,7 +18,7 @@ npid = torch.ops.npid
 
 __all__ = [
     "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss",
-    "softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available",
+    "softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available", "PRECISIONS",
 ]
 
 
@@ -74,7 +74,7 @@ def _(x, bank, y, idx, rng_state, num_negatives, temperature):
 
 
 @torch.library.register_fake("npid::full_softmax_loss")
-def _(x, bank, y, temperature):
+def _(x, bank, y, temperature, precision="fp32"):
     return _loss_and_grad_fake(x)
 
 
@@ -84,7 +84,7 @@ def _(bank, x, y, momentum):
 
 
 @torch.library.register_fake("npid::knn_topk")
-def _(query, bank, k):
+def _(query, bank, k, precision="fp32"):
     return query.new_empty((query.shape[0], k)), query.new_empty((query.shape[0], k), dtype=torch.int64)
 
 
@@ -160,9 +160,16 @@ def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state
     return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature)[0]
 
 
-def full_softmax_loss(x, bank, y, temperature: float = 0.07) -> torch.Tensor:
-    """Per-sample exact non-parametric softmax loss over the whole bank, streamed in chunks."""
-    return npid.full_softmax_loss(x, bank, y, temperature)[0]
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "fp32") -> torch.Tensor:
+    """Per-sample exact non-parametric softmax loss over the whole bank, streamed in chunks.
+
+    precision of the x . bank products: "fp32" (exact, also when TF32 is enabled globally),
+    "tf32" or "bf16" (both operands rounded to that format, tensor cores on CUDA). Sums and
+    the logsumexp stay in float32 (float64 for double x) in every mode."""
+    return npid.full_softmax_loss(x, bank, y, temperature, precision)[0]
 
 
 def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.5) -> None:
@@ -170,6 +177,7 @@ def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momen
     npid.momentum_update_(bank, x.detach(), y, momentum)
 
 
-def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int):
-    """(similarities, indices) of the k largest query . bank rows, sorted descending."""
-    return npid.knn_topk(query, bank, k)
+def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32"):
+    """(similarities, indices) of the k largest query . bank rows, sorted descending;
+    precision of the products as in full_softmax_loss."""
+    return npid.knn_topk(query, bank, k, precision)

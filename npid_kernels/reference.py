@@ -91,9 +91,29 @@ def softmax_ce_loss(x, bank, y, idx, temperature):
     return torch.logsumexp(s, dim=1) - s[:, 0]
 
 
-def full_softmax_loss(x, bank, y, temperature):
-    """Per-sample exact non-parametric softmax: cross_entropy(x @ bank.T / T, y)."""
-    logits = x @ bank.to(x.dtype).t() / temperature
+def round_to_precision(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """t rounded (to nearest even) to the format whose products a "tf32"/"bf16" scan forms,
+    kept in t's dtype; "fp32" leaves t unchanged. Differentiable as the identity (the kernels'
+    grad_x is the gradient with respect to the rounded operand)."""
+    if precision == "fp32":
+        return t
+    if precision not in ("tf32", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'tf32' or 'bf16', got {precision!r}")
+    v = t.detach()
+    f = v.float()  # float64 goes through float32 first, as in the kernels
+    if precision == "bf16":
+        rounded = f.to(torch.bfloat16).to(t.dtype)
+    else:
+        bits = torch.where(f.isnan(), 0.0, f).view(torch.int32)
+        bits = (bits + ((bits >> 13) & 1) + 0x0FFF) & ~0x1FFF  # drop 13 of 23 mantissa bits
+        rounded = torch.where(f.isnan(), f, bits.view(torch.float32)).to(t.dtype)
+    return t + (rounded - v) if t.requires_grad else rounded
+
+
+def full_softmax_loss(x, bank, y, temperature, precision: str = "fp32"):
+    """Per-sample exact non-parametric softmax: cross_entropy(x @ bank.T / T, y), the
+    products formed from operands rounded to `precision` (the math of a tensor-core GEMM)."""
+    logits = round_to_precision(x, precision) @ round_to_precision(bank.to(x.dtype), precision).t() / temperature
     return torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
 
@@ -109,9 +129,9 @@ def momentum_update(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, moment
     return out
 
 
-def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int):
+def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32"):
     """The k largest query . bank[j], sorted descending, from the full similarity matrix."""
-    sims = query @ bank.to(query.dtype).t()
+    sims = round_to_precision(query, precision) @ round_to_precision(bank.to(query.dtype), precision).t()
     return sims.topk(k, dim=1, largest=True, sorted=True)
 
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum (proximal update)")
     g.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bank storage; bfloat16 halves the bank traffic")
+    g.add_argument("--scan-precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                   help="products of the scans over the whole bank: the exact softmax loss and the per-epoch kNN "
+                        "monitor (tf32/bf16: tensor cores on CUDA, sums stay fp32); the final evaluation is fp32")
     g = train.add_argument_group("optimisation (SGD)")
     g.add_argument("--epochs", type=int, default=None, help="epochs in the whole run; 0 evaluates the encoder at "
                    "random initialisation (default: 200; 60 for digits)")
@@ -268,13 +271,14 @@ def train(args) -> Dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bank_dtype = torch.bfloat16 if args.bank_dtype == "bfloat16" else torch.float32
+    loss_precision = args.scan_precision if args.loss == "softmax" else "fp32"  # sampled losses gather rows
     if world > 1:
         criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
-                                        device=device, equal_batches=True)
+                                        device=device, equal_batches=True, precision=loss_precision)
     else:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
-                             bank_dtype=bank_dtype, seed=args.seed, device=device)
+                             bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
 
@@ -365,10 +369,12 @@ def train(args) -> Dict:
         test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last)
         bank = whole_bank()
         row["knn1_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes, k=1,
-                                        temperature=args.nce_t, recall_ks=())["knn_top1"]
+                                        temperature=args.nce_t, recall_ks=(),
+                                        precision=args.scan_precision)["knn_top1"]
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             row["knn_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes,
-                                           k=min(args.knn_k, n), temperature=args.nce_t, recall_ks=())["knn_top1"]
+                                           k=min(args.knn_k, n), temperature=args.nce_t, recall_ks=(),
+                                           precision=args.scan_precision)["knn_top1"]
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "

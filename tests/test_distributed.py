@@ -462,15 +462,16 @@ def test_distributed_knn_equals_knn_evaluate(tmp_path):
 
 # ---------------------------------------------------------------- world size 1 (no process group)
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_world_size_one_is_npid_loss(loss):
-    """Without a process group the module is NPIDLoss: same in-kernel negatives, same Z, bank, state."""
+@pytest.mark.parametrize("loss,precision", [(loss, "fp32") for loss in LOSSES] + [("softmax", "tf32"), ("softmax", "bf16")])
+def test_world_size_one_is_npid_loss(loss, precision):
+    """Without a process group the module is NPIDLoss: same in-kernel negatives, same Z, bank, state
+    (the sharded exact softmax rebuilds the loss from the op's outputs, at every precision)."""
     torch.manual_seed(5)
     ref = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss, seed=11)
     for mode in MODES:
-        crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss=loss, seed=3, mode=mode)
+        crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss=loss, seed=3, mode=mode, precision=precision)
         crit.load_full_state_dict(ref.state_dict())
-        mirror = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss)
+        mirror = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss, precision=precision)
         mirror.load_state_dict(ref.state_dict())
         g = torch.Generator().manual_seed(9)
         for _ in range(3):

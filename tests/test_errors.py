@@ -54,6 +54,9 @@ CASES = [
     ("full softmax y out of range", lambda x, b, y, i, z, r: ops.full_softmax_loss(x, b, y - 1, T), r"y holds row -1"),
     ("knn k > n", lambda x, b, y, i, z, r: ops.knn_topk(x, b, 51), r"k must be in \[1, n_data = 50\]"),
     ("knn k = 0", lambda x, b, y, i, z, r: ops.knn_topk(x, b, 0), r"k must be in"),
+    ("full softmax precision", lambda x, b, y, i, z, r: ops.full_softmax_loss(x, b, y, T, "fp16"),
+     r"precision must be 'fp32', 'tf32' or 'bf16', got 'fp16'"),
+    ("knn precision", lambda x, b, y, i, z, r: ops.knn_topk(x, b, 3, "TF32"), r"precision must be .* got 'TF32'"),
     ("sample negatives K = 0", lambda x, b, y, i, z, r: ops.sample_negatives(y, r, 50, 0), r"num_negatives must be >= 1"),
     ("sample negatives y out of range", lambda x, b, y, i, z, r: ops.sample_negatives(y, r, 40, 3), r"y holds row 49"),
 ]
@@ -174,6 +177,10 @@ def test_npid_loss_bad_arguments():
         NPIDLoss(50, 16, 7, temperature=0)
     with pytest.raises(ValueError, match="momentum must be in"):
         NPIDLoss(50, 16, 7, momentum=2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        NPIDLoss(50, 16, 7, loss="softmax", precision="fp16")
+    with pytest.raises(ValueError, match="applies to loss='softmax'"):
+        NPIDLoss(50, 16, 7, loss="nce", precision="bf16")
 
 
 def test_npid_loss_out_of_range_indices_leave_bank_unchanged():

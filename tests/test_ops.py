@@ -242,6 +242,120 @@ def test_full_softmax_loss_bf16_bank(device):
     assert relative_error(loss, expected) <= 2 * relative_error(torch_bf16, expected) + 1e-6
 
 
+# ------------------------------------------------------------------ precision modes (tf32 / bf16 scans)
+
+def test_round_to_precision_rounds_to_nearest_even():
+    # 1 + 2^-11 lies halfway between TF32's 1 and 1 + 2^-10: ties go to the even mantissa (1);
+    # 1 + 3 * 2^-11 lies halfway between 1 + 2^-10 (odd) and 1 + 2^-9 (even): up.
+    t = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20, -(1 + 3 * 2**-11),
+                      float("inf"), float("-inf"), 0.0, 3.0e38], dtype=torch.float32)
+    expected = torch.tensor([1.0, 1 + 2**-9, 1 + 2**-10, -(1 + 2**-9), float("inf"), float("-inf"), 0.0, 3.0e38])
+    rounded = R.round_to_precision(t, "tf32")
+    assert torch.equal(rounded[:7], expected[:7])
+    assert abs(rounded[7].item() - 3.0e38) <= 3.0e38 * 2**-11  # large finite values stay finite
+    assert torch.isnan(R.round_to_precision(torch.tensor([float("nan")]), "tf32")).all()
+    bits = R.round_to_precision(torch.randn(1000, dtype=torch.float64), "tf32").float().view(torch.int32)
+    assert (bits & 0x1FFF).eq(0).all()  # 13 low mantissa bits cleared
+    assert torch.equal(R.round_to_precision(t, "bf16"), t.bfloat16().float())
+    with pytest.raises(ValueError, match="precision must be"):
+        R.round_to_precision(t, "fp16")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_scan_rounds_operands_like_the_reference(device, precision):
+    """With one-hot queries each similarity is a single product bank[i, j] * 1, so knn_topk
+    returns the bank's values as the kernel rounded them: they must equal the reference's
+    rounding bit for bit, ties to even included (CUDA's TF32 conversion is the hardware's)."""
+    if device == "cuda" and precision == "tf32":
+        pytest.skip("tensor cores convert fp32 to tf32 their own way")
+    g = torch.Generator().manual_seed(7)
+    ties = [1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8 + 2**-9, 1 + 2**-9, -(1 + 3 * 2**-11), 2**-140, 3.0e38]
+    column = torch.cat([torch.tensor(ties), torch.randn(500, generator=g) * 10.0 ** torch.randint(-5, 5, (500,), generator=g)])
+    bank = torch.zeros(column.numel(), 3)
+    bank[:, 1] = column
+    query = torch.eye(3)[1:2]
+    sims, idx = ops.knn_topk(query.to(device), bank.to(device), column.numel(), precision)
+    expected = R.round_to_precision(column, precision)
+    assert torch.equal(sims[0].cpu(), expected[idx[0].cpu()])
+    assert torch.equal(sims[0].cpu().sort().values, expected.sort().values)
+
+
+def pytorch_path_at(precision, x, bank):
+    """x @ bank.T as a PyTorch user gets it at `precision`: bf16 operands through torch's own
+    bf16 matmul (its output rounded to bf16), tf32 as tensor cores form it (operands rounded,
+    products summed in fp32); differentiable w.r.t. x."""
+    if precision == "bf16":
+        return (x.bfloat16() @ bank.bfloat16().t()).float()
+    return R.round_to_precision(x, "tf32") @ R.round_to_precision(bank.float(), "tf32").t()
+
+
+# On CPU the operands are rounded to nearest even exactly as the reference does; CUDA's tensor
+# cores may convert fp32 to tf32 differently (truncation), so there the bound is that format's
+# relative precision.
+def scan_tolerance(device, precision):
+    return 1e-5 if device == "cpu" or precision == "bf16" else 2e-3
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("B,n,d", [(3, 8192 + 5, 16), (5, 3000, 128)])
+def test_full_softmax_loss_precision(device, precision, B, n, d):
+    x, bank, y, _, _ = make_problem(B, 1, n, d, device, seed=n + d)
+    xs = leaf(x, torch.float32)
+    loss = ops.full_softmax_loss(xs, bank.float(), y, T, precision)
+    loss.sum().backward()
+    # 1. The same math as the reference on rounded operands (p is rounded too before the
+    #    second GEMM, hence the looser bound on the gradient).
+    xr = leaf(x)
+    rounded = R.full_softmax_loss(xr, bank, y, T, precision)
+    rounded.sum().backward()
+    assert relative_error(loss, rounded) < scan_tolerance(device, precision)
+    assert relative_error(xs.grad, xr.grad) < {"tf32": 2e-3, "bf16": 1e-2}[precision]
+    # 2. Against the exact float64 answer: within 2x PyTorch's own error at this precision.
+    xe = leaf(x)
+    exact = R.full_softmax_loss(xe, bank, y, T)
+    exact.sum().backward()
+    xt = leaf(x, torch.float32)
+    torch_loss = torch.nn.functional.cross_entropy(pytorch_path_at(precision, xt, bank.float()) / T, y, reduction="none")
+    torch_loss.sum().backward()
+    assert relative_error(loss, exact) <= 2 * relative_error(torch_loss, exact) + 1e-6
+    assert relative_error(xs.grad, xe.grad) <= 2 * relative_error(xt.grad, xe.grad) + 1e-6
+    # 3. The mode is really applied: rounding moves the loss by far more than fp32 noise.
+    assert relative_error(rounded, exact) > 1e-5
+
+
+def test_full_softmax_loss_fp32_ignores_global_tf32(device):
+    """precision='fp32' stays exact when the user turned TF32 on for the whole process."""
+    x, bank, y, _, _ = make_problem(4, 1, 5000, 64, device, dtype=torch.float32)
+    expected = R.full_softmax_loss(x.double(), bank.double(), y, T)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        loss = ops.full_softmax_loss(x, bank, y, T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert relative_error(loss, expected) < 1e-5
+    assert torch.backends.cuda.matmul.allow_tf32 == previous
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_knn_topk_precision(device, precision, bank_dtype):
+    q = unit_rows(30, 48, device=device, dtype=torch.float32)
+    bank = unit_rows(20000, 48, device=device).to(bank_dtype)
+    sims, idx = ops.knn_topk(q, bank, 50, precision)
+    ref_sims, ref_idx = R.knn_topk(q.double(), bank.double(), 50, precision)
+    tol = scan_tolerance(device, precision)
+    assert (sims.double() - ref_sims).abs().max() < tol
+    # Same neighbours up to near-ties: the rounded-operand similarity of each returned row
+    # equals the reference's at that rank.
+    rounded = R.round_to_precision(q.double(), precision) @ R.round_to_precision(bank.double(), precision).t()
+    assert (rounded.gather(1, idx) - ref_sims).abs().max() < 2 * tol
+    assert (idx == ref_idx).float().mean() > 0.95
+    exact_sims, _ = R.knn_topk(q.double(), bank.double(), 50)
+    if bank_dtype == torch.float32:  # a bf16 bank is already exact in bf16
+        assert (ref_sims - exact_sims).abs().max() > 1e-5  # the rounding is really applied
+
+
 # ------------------------------------------------------------------ momentum update
 
 @pytest.mark.parametrize("B,n,d", [(1, 1, 3), (6, 4, 130), (64, 1000, 128), (9, 50, 7)])
@@ -328,7 +442,9 @@ def opcheck_cases(device):
         (ops.npid.softmax_ce_loss, (xg, bank, y, None, rng_state, 5, T)),
         (ops.npid.momentum_update_, (bank.clone(), x, y, 0.5)),
         (ops.npid.full_softmax_loss, (xg, bank, y, T)),
+        (ops.npid.full_softmax_loss, (xg, bank, y, T, "bf16")),
         (ops.npid.knn_topk, (x, bank, 4)),
+        (ops.npid.knn_topk, (x, bank, 4, "tf32")),
     ]
 
 

@@ -55,6 +55,23 @@ def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_in
     assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
 
 
+def test_scan_precision_bf16_tracks_fp32(tmp_path):
+    """--scan-precision bf16 (the exact softmax and the per-epoch kNN with bf16 products) follows
+    the fp32 run closely: same data, weights and order, only the rounding of the products differs."""
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        run(DIGITS_JOB + ["--epochs", "3", "--knn-source", "bank", "--scan-precision", precision, "--out-dir", str(out)])
+        logs[precision] = [line.split(",") for line in (out / "log.csv").read_text().splitlines()]
+    header = logs["fp32"][0]
+    loss_col, knn_col = header.index("loss"), header.index("knn1_top1")
+    for fp32_row, bf16_row in zip(logs["fp32"][1:], logs["bf16"][1:]):
+        assert math.isclose(float(bf16_row[loss_col]), float(fp32_row[loss_col]), rel_tol=1e-2)
+        assert abs(float(bf16_row[knn_col]) - float(fp32_row[knn_col])) < 3.0  # percent
+    # the flag reached the kernels: the losses are not bit-identical
+    assert [r[loss_col] for r in logs["fp32"][1:]] != [r[loss_col] for r in logs["bf16"][1:]]
+
+
 @pytest.mark.parametrize("loss,augment", [("nce", []), ("softmax-ce", ["--cpu-augment", "--workers", "0"])],
                          ids=["nce-batched-augment", "softmax_ce-cpu-augment"])
 def test_resume_lands_where_one_run_does(tmp_path, loss, augment):

@@ -4,8 +4,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
 
 #include "npid/bank_scan.h"
 #include "npid/checks.h"
@@ -27,31 +25,20 @@ void check_rows_in_range(const at::Tensor& y, int64_t n, const char* name) {
               n, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
-                                                     const at::Tensor& bank,
-                                                     const at::Tensor& y, double temperature) {
-  check_features(x_in, "x");
-  check_bank(bank, x_in);
-  check_index_vector(y, x_in, "y");
+std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
+                                                     const at::Tensor& y, double temperature,
+                                                     c10::string_view precision) {
+  check_features(x, "x");
+  check_bank(bank, x);
+  check_index_vector(y, x, "y");
   check_temperature(temperature);
-  const int64_t n = bank.size(0);
-  check_rows_in_range(y, n, "y");
-  const at::Tensor x = x_in.contiguous();
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor xa = x.to(acc_type);
-  const double inv_t = 1.0 / temperature;
-  at::Tensor m, l, acc;
-  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, kBankChunk);
-  const at::Tensor w_pos = bank.index_select(0, y).to(acc_type);
-  const at::Tensor s_pos = (xa * w_pos).sum(1).mul_(inv_t);
-  const at::Tensor loss = m + l.log() - s_pos;
-  const at::Tensor grad_x = (acc / l.unsqueeze(1) - w_pos).mul_(inv_t);
-  return {loss.to(x.scalar_type()), grad_x.to(x.scalar_type())};
+  check_rows_in_range(y, bank.size(0), "y");
+  return full_softmax_streamed(x, bank, y, temperature, precision, kBankChunk, /*y_checked=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,
-                                            int64_t k) {
-  return knn_topk_streamed(query, bank, k, kQueryChunk, kKnnBankChunk);
+                                            int64_t k, c10::string_view precision) {
+  return knn_topk_streamed(query, bank, k, precision, kQueryChunk, kKnnBankChunk);
 }
 
 }  // namespace

@@ -11,10 +11,10 @@
 // row normalised, in the bank dtype. Samples with an out-of-range row or non-finite features,
 // or whose new row has zero / infinite norm, are skipped (see cuda_common.cuh).
 //
-// full_softmax_loss / knn_topk: the chunked ATen implementation of the CPU ops (cuBLAS GEMM
-// per chunk, online logsumexp / running top-k), with larger chunks and no host sync: the
-// row-range check of y is a NaN mask on the device instead of .item(). A fused tensor-core
-// kernel is future work.
+// full_softmax_loss / knn_topk: the chunked ATen implementation shared with the CPU ops
+// (csrc/bank_scan.cpp: cuBLAS GEMM per chunk at the requested precision, online logsumexp /
+// running top-k), with larger chunks and no host sync: the row-range check of y is a NaN mask
+// on the device instead of .item(). A fused tensor-core kernel is future work.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -148,41 +148,25 @@ int64_t bank_chunk_rows(int64_t B, int64_t n, int64_t d) {
 }
 
 // Positions of y outside [0, n) become NaN (no host sync); rows are read clamped.
-std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x_in,
-                                                     const at::Tensor& bank,
-                                                     const at::Tensor& y_in, double temperature) {
-  check_features(x_in, "x", /*allow_bf16=*/true);
-  check_bank(bank, x_in);
-  check_index_vector(y_in, x_in, "y");
+std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
+                                                     const at::Tensor& y, double temperature,
+                                                     c10::string_view precision) {
+  check_features(x, "x", /*allow_bf16=*/true);
+  check_bank(bank, x);
+  check_index_vector(y, x, "y");
   check_temperature(temperature);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = bank.size(0);
-  if (sync_checks_enabled()) sync_check_rows(y_in, n, "y");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor xa = x.to(acc_type);
-  const double inv_t = 1.0 / temperature;
-  const int64_t B = x.size(0);
-  if (B == 0) return {at::empty({0}, x.options()), at::empty_like(x)};
-
-  at::Tensor m, l, acc;
-  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, bank_chunk_rows(B, n, x.size(1)));
-  const at::Tensor valid = y.ge(0).logical_and_(y.lt(n));
-  const at::Tensor w_pos = bank.index_select(0, y.clamp(0, n - 1)).to(acc_type);
-  const at::Tensor s_pos = (xa * w_pos).sum(1).mul_(inv_t);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const at::Tensor loss = at::where(valid, m + l.log() - s_pos, nan);
-  const at::Tensor grad_x =
-      at::where(valid.unsqueeze(1), (acc / l.unsqueeze(1) - w_pos).mul_(inv_t), nan);
-  return {loss.to(x.scalar_type()), grad_x.to(x.scalar_type())};
+  if (sync_checks_enabled()) sync_check_rows(y, n, "y");
+  return full_softmax_streamed(x, bank, y, temperature, precision,
+                               bank_chunk_rows(x.size(0), n, x.size(1)), /*y_checked=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,
-                                            int64_t k) {
+                                            int64_t k, c10::string_view precision) {
   const c10::cuda::CUDAGuard guard(query.device());
   // 2048 queries x 32768 rows of fp32 similarities = 256 MiB per chunk.
-  return knn_topk_streamed(query, bank, k, /*query_chunk=*/2048,
+  return knn_topk_streamed(query, bank, k, precision, /*query_chunk=*/2048,
                            /*bank_chunk=*/std::max<int64_t>(32768, k));
 }
 
