@@ -128,19 +128,25 @@ at::Tensor precision_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tensor& xa,
                                                                  const at::Tensor& bank,
                                                                  double inv_t, int64_t chunk,
-                                                                 ScanPrecision precision) {
+                                                                 ScanPrecision precision,
+                                                                 bool with_acc) {
   const int64_t B = xa.size(0), n = bank.size(0);
   at::Tensor m = at::full({B}, -std::numeric_limits<double>::infinity(), xa.options());
   at::Tensor l = at::zeros({B}, xa.options());
-  at::Tensor acc = at::zeros_like(xa);
+  at::Tensor acc = with_acc ? at::zeros_like(xa) : at::Tensor();
+  // fp32: 1/T folded into x (one pass less over the logits). The rounded modes scale the
+  // logits instead: x / T is not representable in TF32 / bf16.
+  const bool fold_scale = precision == ScanPrecision::kFP32;
+  const at::Tensor xs = fold_scale ? xa * inv_t : xa;
   for (int64_t start = 0; start < n; start += chunk) {
     const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start));
-    const at::Tensor s = precision_mm(xa, w.t(), precision).mul_(inv_t);
+    at::Tensor s = precision_mm(xs, w.t(), precision);
+    if (!fold_scale) s.mul_(inv_t);
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
     const at::Tensor scale = (m - m_new).exp_();
-    const at::Tensor p = (s - m_new.unsqueeze(1)).exp_();
-    l = l * scale + p.sum(1);
-    acc = acc * scale.unsqueeze(1) + precision_mm(p, w, precision);
+    const at::Tensor p = s.sub_(m_new.unsqueeze(1)).exp_();  // in place: s is not needed again
+    l = l.mul_(scale).add_(p.sum(1));
+    if (with_acc) acc = acc.mul_(scale.unsqueeze(1)).add_(precision_mm(p, w, precision));
     m = m_new;
   }
   return {m, l, acc};
@@ -182,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x_in,
                                                          const at::Tensor& y_in,
                                                          double temperature,
                                                          std::string_view precision,
-                                                         int64_t chunk, bool y_checked) {
+                                                         bool compute_grad, int64_t chunk,
+                                                         bool y_checked) {
   const ScanPrecision scan_precision = parse_precision(precision);
   const int64_t B = x_in.size(0), n = bank.size(0);
   if (B == 0) return {at::empty({0}, x_in.options()), at::empty_like(x_in, at::MemoryFormat::Contiguous)};
@@ -192,13 +199,13 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x_in,
   const double inv_t = 1.0 / temperature;
 
   at::Tensor m, l, acc;
-  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, chunk, scan_precision);
+  std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, chunk, scan_precision, compute_grad);
   // The positive's logit and row with the same rounding as the scan's products.
   const at::Tensor w_pos = round_to_precision(
       bank.index_select(0, y_checked ? y : y.clamp(0, n - 1)).to(acc_type), scan_precision);
   const at::Tensor s_pos = (round_to_precision(xa, scan_precision) * w_pos).sum(1).mul_(inv_t);
   at::Tensor loss = m + l.log() - s_pos;
-  at::Tensor grad_x = (acc / l.unsqueeze(1) - w_pos).mul_(inv_t);
+  at::Tensor grad_x = compute_grad ? (acc / l.unsqueeze(1) - w_pos).mul_(inv_t) : at::zeros_like(xa);
   if (!y_checked) {  // rows outside [0, n) give NaN instead of a host sync
     const at::Tensor valid = y.ge(0).logical_and_(y.lt(n));
     const double nan = std::numeric_limits<double>::quiet_NaN();

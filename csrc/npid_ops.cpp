@@ -46,7 +46,8 @@ TORCH_LIBRARY(npid, m) {
   //    grad_x, streaming the bank in chunks with a running logsumexp (no B x n logits).
   //    precision of the products: "fp32" (exact), "tf32" or "bf16" (operands rounded to that
   //    format, tensor cores on CUDA); accumulation in fp32 (fp64 for double x) always.
-  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\") -> (Tensor, Tensor)");
+  //    compute_grad=False (x needs no gradient): grad_x is zeros, one GEMM per chunk, not two.
+  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\", bool compute_grad=True) -> (Tensor, Tensor)");
   // 6. k largest dot products query . bank[j], sorted descending: (similarities, indices),
   //    streaming the bank in chunks with a running top-k (no Q x n matrix); precision as above.
   m.def("knn_topk(Tensor query, Tensor bank, int k, str precision=\"fp32\") -> (Tensor, Tensor)");

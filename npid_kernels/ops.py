@@ -74,7 +74,7 @@ def _(x, bank, y, idx, rng_state, num_negatives, temperature):
 
 
 @torch.library.register_fake("npid::full_softmax_loss")
-def _(x, bank, y, temperature, precision="fp32"):
+def _(x, bank, y, temperature, precision="fp32", compute_grad=True):
     return _loss_and_grad_fake(x)
 
 
@@ -168,8 +168,10 @@ def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "f
 
     precision of the x . bank products: "fp32" (exact, also when TF32 is enabled globally),
     "tf32" or "bf16" (both operands rounded to that format, tensor cores on CUDA). Sums and
-    the logsumexp stay in float32 (float64 for double x) in every mode."""
-    return npid.full_softmax_loss(x, bank, y, temperature, precision)[0]
+    the logsumexp stay in float32 (float64 for double x) in every mode. Without autograd
+    (no_grad, or x not requiring grad) the gradient's GEMM is skipped."""
+    compute_grad = torch.is_grad_enabled() and x.requires_grad
+    return npid.full_softmax_loss(x, bank, y, temperature, precision, compute_grad)[0]
 
 
 def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.5) -> None:

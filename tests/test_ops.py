@@ -227,6 +227,22 @@ def test_full_softmax_loss_matches_reference(device, B, n, d, dtype):
     assert relative_error(xs.grad, xr.grad) < tol
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_full_softmax_loss_forward_only(device, precision):
+    """Without autograd the op skips the gradient's GEMM: the same loss, and grad_x is zeros."""
+    x, bank, y, _, _ = make_problem(5, 1, 9000, 40, device, dtype=torch.float32)
+    with torch.no_grad():
+        loss_nograd = ops.full_softmax_loss(x, bank, y, T, precision)
+    loss_plain = ops.full_softmax_loss(x, bank, y, T, precision)  # x does not require grad
+    xg = leaf(x)
+    loss_grad = ops.full_softmax_loss(xg, bank, y, T, precision)
+    expected = R.full_softmax_loss(x.double(), bank.double(), y, T, precision)
+    for loss in (loss_nograd, loss_plain, loss_grad):
+        assert relative_error(loss, expected) < 1e-5
+    loss_only, grad_x = ops.npid.full_softmax_loss(x, bank, y, T, precision, False)
+    assert torch.equal(loss_only, loss_plain) and not grad_x.any()
+
+
 def test_full_softmax_loss_gradcheck(device):
     x, bank, y, _, _ = make_problem(3, 1, 13, 7, device)
     x.requires_grad_(True)
@@ -443,6 +459,7 @@ def opcheck_cases(device):
         (ops.npid.momentum_update_, (bank.clone(), x, y, 0.5)),
         (ops.npid.full_softmax_loss, (xg, bank, y, T)),
         (ops.npid.full_softmax_loss, (xg, bank, y, T, "bf16")),
+        (ops.npid.full_softmax_loss, (x, bank, y, T, "fp32", False)),
         (ops.npid.knn_topk, (x, bank, 4)),
         (ops.npid.knn_topk, (x, bank, 4, "tf32")),
     ]

@@ -27,13 +27,14 @@ void check_rows_in_range(const at::Tensor& y, int64_t n, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
                                                      const at::Tensor& y, double temperature,
-                                                     c10::string_view precision) {
+                                                     c10::string_view precision, bool compute_grad) {
   check_features(x, "x");
   check_bank(bank, x);
   check_index_vector(y, x, "y");
   check_temperature(temperature);
   check_rows_in_range(y, bank.size(0), "y");
-  return full_softmax_streamed(x, bank, y, temperature, precision, kBankChunk, /*y_checked=*/true);
+  return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad, kBankChunk,
+                               /*y_checked=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,

@@ -150,7 +150,7 @@ int64_t bank_chunk_rows(int64_t B, int64_t n, int64_t d) {
 // Positions of y outside [0, n) become NaN (no host sync); rows are read clamped.
 std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
                                                      const at::Tensor& y, double temperature,
-                                                     c10::string_view precision) {
+                                                     c10::string_view precision, bool compute_grad) {
   check_features(x, "x", /*allow_bf16=*/true);
   check_bank(bank, x);
   check_index_vector(y, x, "y");
@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = bank.size(0);
   if (sync_checks_enabled()) sync_check_rows(y, n, "y");
-  return full_softmax_streamed(x, bank, y, temperature, precision,
+  return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad,
                                bank_chunk_rows(x.size(0), n, x.size(1)), /*y_checked=*/false);
 }
 

@@ -32,11 +32,13 @@ at::Tensor precision_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision 
 
 // Online logsumexp of s = xa @ bank.T * inv_t over the rows of `bank`, chunk rows at a time
 // (flash-attention's rescaling). Returns (m, l, acc): running max, sum exp(s - m), and
-// sum exp(s - m) * w, in xa's dtype (the bank is upcast chunk by chunk).
+// sum exp(s - m) * w, in xa's dtype (the bank is upcast chunk by chunk). without with_acc,
+// acc is undefined and the second GEMM per chunk is skipped (loss only).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tensor& xa,
                                                                  const at::Tensor& bank,
                                                                  double inv_t, int64_t chunk,
-                                                                 ScanPrecision precision);
+                                                                 ScanPrecision precision,
+                                                                 bool with_acc);
 
 // The k largest query . bank[j] (query already in the accumulation dtype), sorted descending,
 // merging a running top-k with each chunk of bank rows; queries go query_chunk at a time.
@@ -45,13 +47,15 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
                                                  int64_t bank_chunk, ScanPrecision precision);
 
 // The full_softmax_loss op's computation for any device, arguments already checked: per-sample
-// loss and grad_x in x's dtype, the bank streamed `chunk` rows at a time. y_checked: y is known
-// to lie in [0, n) (the CPU checks it on the host); otherwise rows outside give NaN (the CUDA
-// path, which must not sync).
+// loss and grad_x in x's dtype, the bank streamed `chunk` rows at a time. compute_grad false:
+// grad_x is zeros and each chunk costs one GEMM instead of two. y_checked: y is known to lie in
+// [0, n) (the CPU checks it on the host); otherwise rows outside give NaN (the CUDA path, which
+// must not sync).
 std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x, const at::Tensor& bank,
                                                          const at::Tensor& y, double temperature,
                                                          std::string_view precision,
-                                                         int64_t chunk, bool y_checked);
+                                                         bool compute_grad, int64_t chunk,
+                                                         bool y_checked);
 
 // The knn_topk op for any device: checks its arguments, streams in the accumulation dtype
 // (float, or double for double queries) and returns similarities in the query's dtype.
