@@ -33,9 +33,11 @@ TORCH_LIBRARY(npid, m) {
   // 7. Z = mean(scores) * n_data where z is not set yet (z <= 0); no host sync.
   m.def("nce_init_z_(Tensor(a!) z, Tensor scores, int n_data) -> ()");
   //    Same from the rows themselves (fused path): one extra pass on the first step only.
-  m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature) -> ()");
+  //    n_data (here and in nce_loss): the n of Pn = 1/n when `bank` holds only some rows of
+  //    the real bank (sharded training passes the fetched rows with an explicit idx); -1: bank rows.
+  m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, int n_data=-1) -> ()");
   // 2. Fused NCE loss (lemniscate NCECriterion on NCEAverage's output), eps = 1e-7.
-  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature) -> (Tensor, Tensor)");
+  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1) -> (Tensor, Tensor)");
   // 3. Fused softmax cross-entropy (InfoNCE) over the same rows, positive at column 0.
   m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature) -> (Tensor, Tensor)");
   // 4. bank[y[b]] <- normalise(momentum * bank[y[b]] + (1 - momentum) * x[b]), in place.

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops, reference
+from . import ops
 from .nn import LOSSES, _check_batch, _check_loss_args, _check_sizes
 from .reference import knn_vote, round_to_precision
 
@@ -438,15 +438,16 @@ class DistributedNPIDLoss(nn.Module):
             # The same kernel on the same row values as the replicated mode: identical results.
             return ops.softmax_ce_loss(features, rows, local_idx[:, 0].contiguous(), idx=local_idx,
                                        temperature=self.temperature)
-        # NCE: ops.nce_loss takes c = K / bank.shape[0] and the fetched rows are a small bank, so
-        # the constant would be wrong. nce_scores (one fused gather, differentiable, re-gathers
-        # in backward) gives exp(s) (B, K+1); lemniscate's criterion is then applied with the
-        # global n: the same formula (log1p forms, eps = 1e-7) as the fused kernel.
-        scores = ops.nce_scores(features, rows, local_idx, self.temperature)
+        # NCE: the same fused kernel on the fetched rows, told the real n for Pn = 1/n (c = K/n
+        # and Z = mean score * n would otherwise use the fetched rows' count).
+        y_local = local_idx[:, 0].contiguous()
         if self._z_unset():
-            z_local = scores.detach().double().mean() * self.num_data
-            self._agree_on_z(z_local, scores.numel())
-        return reference.nce_criterion(scores / self.z.to(scores.dtype), self.num_data)
+            z_local = torch.full((1,), -1.0, dtype=torch.float64, device=features.device)
+            ops.nce_estimate_z_(z_local, features, rows, y_local, idx=local_idx, temperature=self.temperature,
+                                n_data=self.num_data)
+            self._agree_on_z(z_local, local_idx.numel())
+        return ops.nce_loss(features, rows, y_local, self.z, idx=local_idx, temperature=self.temperature,
+                            n_data=self.num_data)
 
     # ------------------------------------------------------------ sharded-bank traffic
 

@@ -55,7 +55,7 @@ def _(z, scores, n_data):
 
 
 @torch.library.register_fake("npid::nce_estimate_z_")
-def _(z, x, bank, y, idx, rng_state, num_negatives, temperature):
+def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1):
     return None
 
 
@@ -64,7 +64,7 @@ def _loss_and_grad_fake(x):
 
 
 @torch.library.register_fake("npid::nce_loss")
-def _(x, bank, y, idx, rng_state, z, num_negatives, temperature):
+def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
     return _loss_and_grad_fake(x)
 
 
@@ -142,16 +142,21 @@ def nce_init_z_(z: torch.Tensor, scores: torch.Tensor, n_data: int) -> None:
     npid.nce_init_z_(z, scores.detach(), n_data)
 
 
-def nce_estimate_z_(z, x, bank, y, *, idx=None, rng_state=None, num_negatives: int = -1, temperature: float = 0.07) -> None:
-    """nce_init_z_ computed from the rows themselves (the fused path's first step)."""
-    npid.nce_estimate_z_(z, x.detach(), bank, y, idx, rng_state, num_negatives, temperature)
+def nce_estimate_z_(z, x, bank, y, *, idx=None, rng_state=None, num_negatives: int = -1, temperature: float = 0.07,
+                    n_data: Optional[int] = None) -> None:
+    """nce_init_z_ computed from the rows themselves (the fused path's first step). n_data: see nce_loss."""
+    npid.nce_estimate_z_(z, x.detach(), bank, y, idx, rng_state, num_negatives, temperature,
+                         -1 if n_data is None else n_data)
 
 
 def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
-             num_negatives: int = -1, temperature: float = 0.07) -> torch.Tensor:
+             num_negatives: int = -1, temperature: float = 0.07, n_data: Optional[int] = None) -> torch.Tensor:
     """Per-sample NCE loss (lemniscate's NCECriterion times the batch size), one fused pass.
-    Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel."""
-    return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature)[0]
+    Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel.
+    n_data: the bank size n of the noise distribution when `bank` holds only the rows idx
+    points into (a shard's fetched rows); default bank.shape[0]."""
+    return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
+                         -1 if n_data is None else n_data)[0]
 
 
 def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,

@@ -210,6 +210,27 @@ def test_fused_loss_in_kernel_sampling_equals_explicit_idx(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nce_on_fetched_rows_with_n_data_equals_whole_bank(device, dtype):
+    """What sharded training does: only the rows idx needs, idx renumbered into them, and n_data =
+    the real bank size for Pn = 1/n. Loss, grad and Z equal the call on the whole bank."""
+    B, K, n, d = 6, 40, 3000, 24
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device, dtype=dtype)
+    rows, local = torch.unique(idx, return_inverse=True)
+    fetched, local = bank[rows], local.view(idx.shape)
+    z_whole = torch.tensor([-1.0], dtype=torch.float64, device=device)
+    z_fetched = z_whole.clone()
+    ops.nce_estimate_z_(z_whole, x, bank, y, idx=idx, temperature=T)
+    ops.nce_estimate_z_(z_fetched, x, fetched, local[:, 0].contiguous(), idx=local, temperature=T, n_data=n)
+    assert relative_error(z_fetched, z_whole) < 1e-12
+    whole, xw = ops.npid.nce_loss(x, bank, y, idx, None, z_whole, K, T)
+    part, xp = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T, n)
+    assert relative_error(part, whole) < 1e-12 and relative_error(xp, xw) < 1e-12
+    # Without n_data the fetched rows' count would set c = K / len(rows): a different loss.
+    wrong, _ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T)
+    assert relative_error(wrong, whole) > 1e-3
+
+
 # ------------------------------------------------------------------ exact softmax over the bank
 
 @pytest.mark.parametrize("B,n,d", [(1, 1, 3), (4, 37, 130), (3, 8192 + 5, 16), (2, 20000, 128)])
@@ -454,6 +475,7 @@ def opcheck_cases(device):
         (ops.npid.nce_estimate_z_, (torch.tensor([-1.0], device=device), x, bank, y, idx, None, 5, T)),
         (ops.npid.nce_loss, (xg, bank, y, idx, None, z, 5, T)),
         (ops.npid.nce_loss, (xg, bank, y, None, rng_state, z, 5, T)),
+        (ops.npid.nce_loss, (xg, bank, y, idx, None, z, 5, T, 1000)),
         (ops.npid.softmax_ce_loss, (xg, bank, y, idx, None, 5, T)),
         (ops.npid.softmax_ce_loss, (xg, bank, y, None, rng_state, 5, T)),
         (ops.npid.momentum_update_, (bank.clone(), x, y, 0.5)),

@@ -239,10 +239,11 @@ at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const a
 void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
                      const at::Tensor& y, const c10::optional<at::Tensor>& idx,
                      const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature) {
+                     double temperature, int64_t n_data) {
   check_z(z, x);
   FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives,
                               temperature);
+  const int64_t n_noise = noise_rows(n_data, bank, idx);
   TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
   if (z.item<double>() > 0) return;
   const int64_t B = a.x.size(0);
@@ -263,7 +264,7 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
   TORCH_CHECK(std::isfinite(total),
               "x (or bank) holds NaN or inf features: the first batch's mean score is ", total,
               "; z left unset");
-  z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(a.bank.size(0)));
+  z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(n_noise));
 }
 
 std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
@@ -271,9 +272,10 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
                                             const at::Tensor& z, int64_t num_negatives,
-                                            double temperature) {
+                                            double temperature, int64_t n_data) {
   check_z(z, x);
   FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const int64_t n_noise = noise_rows(n_data, bank, idx);
   const double zv = z.item<double>();
   TORCH_CHECK(zv > 0 && std::isfinite(zv),
               "z must be set (positive) before nce_loss; estimate it with nce_estimate_z_, got ", zv);
@@ -287,11 +289,11 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
     using bank_t = decltype(bt);
     using acc_t = acc_type_t<scalar_t>;
     const acc_t inv_z = static_cast<acc_t>(1.0 / zv);
-    const acc_t c = static_cast<acc_t>(double(a.columns - 1) / double(n));
+    const acc_t c = static_cast<acc_t>(double(a.columns - 1) / double(n_noise));
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     scalar_t* lp = loss.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
-    const double inv_c = double(n) / double(a.columns - 1), eps = kNceEps;
+    const double inv_c = double(n_noise) / double(a.columns - 1), eps = kNceEps;
     // One accumulator set per sample, indexed by b (threads own disjoint b ranges).
     // The negatives' terms log1p((P + eps) / c) are summed as the log of a running
     // double-precision product of (1 + (P + eps) / c): one log per sample instead of one

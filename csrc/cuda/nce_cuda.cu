@@ -72,6 +72,7 @@ struct ScanArgs {
   const int64_t* y = nullptr;      // (B,) positives when sampling
   const int64_t* rng = nullptr;    // [seed, offset] when sampling
   int64_t B = 0, d = 0, n = 0, cols = 0;
+  int64_t n_noise = 0;       // NCE / Z estimation: n of Pn = 1/n (the bank's rows unless n_data)
   int64_t cols_per_split = 0;
   int S = 1;  // column splits per sample (blocks per sample)
   int P = 1;  // partial states per sample in the workspace
@@ -734,7 +735,7 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
   if constexpr (M == Mode::kEstZ) {
     set_z_kernel<double><<<1, kReduceThreads, 0, stream>>>(
         a.ws_lsum, B * a.P, const_cast<void*>(a.z), a.z_double,
-        static_cast<double>(B * cols), static_cast<double>(a.n), /*only_finite=*/true);
+        static_cast<double>(B * cols), static_cast<double>(a.n_noise), /*only_finite=*/true);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if constexpr (M != Mode::kScores) {
     if (need_ws) {
@@ -782,6 +783,7 @@ ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
   a.B = f.x.size(0);
   a.d = f.x.size(1);
   a.n = f.bank.size(0);
+  a.n_noise = a.n;
   a.cols = f.columns;
   a.inv_t = 1.0 / temperature;
   return a;
@@ -900,9 +902,10 @@ void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
 void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
                      const at::Tensor& y, const c10::optional<at::Tensor>& idx,
                      const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature) {
+                     double temperature, int64_t n_data) {
   check_z(z, x);
   Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const int64_t n_noise = noise_rows(n_data, bank, idx);
   TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool sync_checks = sync_checks_enabled();
@@ -915,6 +918,7 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
     using scalar_t = decltype(xt);
     using bank_t = decltype(bt);
     auto a = make_args<scalar_t, bank_t>(f, temperature);
+    a.n_noise = n_noise;
     a.z = z.data_ptr();
     a.z_double = z.scalar_type() == at::kDouble;
     run_scan<Mode::kEstZ>(a, f.x.options());
@@ -932,9 +936,10 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
                                             const at::Tensor& z, int64_t num_negatives,
-                                            double temperature) {
+                                            double temperature, int64_t n_data) {
   check_z(z, x);
   Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  const int64_t n_noise = noise_rows(n_data, bank, idx);
   const c10::cuda::CUDAGuard guard(x.device());
   if (sync_checks_enabled()) {
     const double zv = z.item<double>();
@@ -952,7 +957,8 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
     auto a = make_args<scalar_t, bank_t>(f, temperature);
     a.z = z.data_ptr();
     a.z_double = z.scalar_type() == at::kDouble;
-    a.c = static_cast<double>(f.columns - 1) / static_cast<double>(a.n);
+    a.n_noise = n_noise;
+    a.c = static_cast<double>(f.columns - 1) / static_cast<double>(n_noise);
     a.loss = loss.data_ptr<scalar_t>();
     a.grad = grad_x.data_ptr<scalar_t>();
     run_scan<Mode::kNce>(a, f.x.options());

@@ -84,4 +84,16 @@ inline int64_t check_rows_source(const at::Tensor& x, const at::Tensor& bank,
   return num_negatives + 1;
 }
 
+// n of NCE's noise distribution Pn = 1/n (c = K / n, Z = mean score * n): the bank's rows, or
+// n_data when the bank passed holds only some rows of an n_data-row bank (a shard's fetched
+// rows, addressed by an explicit idx). -1: the bank's rows.
+inline int64_t noise_rows(int64_t n_data, const at::Tensor& bank,
+                          const c10::optional<at::Tensor>& idx) {
+  if (n_data == -1) return bank.size(0);
+  TORCH_CHECK(n_data >= 1, "n_data must be >= 1 (or -1: the bank's rows), got ", n_data);
+  TORCH_CHECK(idx.has_value(),
+              "n_data needs an explicit idx: in-kernel sampling draws from the bank's own rows");
+  return n_data;
+}
+
 }  // namespace npid
