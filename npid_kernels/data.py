@@ -465,30 +465,35 @@ class DataModule:
 
     # ------------------------------------------------------------ evaluation inputs
 
-    def eval_batches(self, split: str, batch_size: int = 512):
-        """Un-augmented, normalised inputs of the train or test split, in dataset order."""
+    def eval_batches(self, split: str, batch_size: int = 512, shard: Optional[Tuple[int, int]] = None):
+        """Un-augmented, normalised inputs of the train or test split, in dataset order; with
+        shard = (rank, world), only the images rank, rank + world, ... (one process's share)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {split!r}")
+        rank, world = shard if shard is not None else (0, 1)
         if self.folder:
             dataset = self.train_eval_set if split == "train" else self.test_set
+            if world > 1:
+                dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=self.workers,
                                                  pin_memory=self.device.type == "cuda")
             for images, _, _ in loader:
                 yield images.to(self.device, non_blocking=True)
             return
-        images = (self.train if split == "train" else self.test).images
+        images = (self.train if split == "train" else self.test).images[rank::world]
         for i in range(0, images.shape[0], batch_size):
             yield self.eval_augment(images[i:i + batch_size].to(self.device))
 
     @torch.no_grad()
     def features(self, model, split: str, batch_size: int = 512, pooled: bool = False, amp: bool = False,
-                 channels_last: bool = False) -> torch.Tensor:
+                 channels_last: bool = False, shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """float32 features of the un-augmented train or test images, in dataset order: the model's
-        L2-normalised low-dim output, or (pooled=True) the backbone's pooled features."""
+        L2-normalised low-dim output, or (pooled=True) the backbone's pooled features. shard: as
+        in eval_batches."""
         was_training = model.training
         model.eval()
         outs = []
-        for x in self.eval_batches(split, batch_size):
+        for x in self.eval_batches(split, batch_size, shard):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):

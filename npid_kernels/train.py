@@ -247,7 +247,8 @@ def _config(args, data: DataModule) -> Dict:
 def train(args) -> Dict:
     from tqdm.auto import tqdm
 
-    from .distributed import DistributedNPIDLoss, cleanup_distributed, init_distributed, wrap_ddp
+    from .distributed import (DistributedNPIDLoss, cleanup_distributed, distributed_knn_evaluate, init_distributed,
+                              wrap_ddp)
 
     _check_args(args)
     presets = apply_presets(args)
@@ -289,6 +290,22 @@ def train(args) -> Dict:
         if world > 1 and args.bank_mode == "sharded":
             return criterion.full_state_dict(rank0_only=False)["bank.memory"].to(device).float()
         return criterion.memory.float()
+
+    def epoch_knn(ks: Dict[str, int]) -> Dict[str, float]:
+        """The per-epoch weighted-kNN monitor on the bank, {name: top-1 %} for each {name: k}.
+        Distributed: each process embeds its share of the test images and searches its bank
+        (its shard in the sharded mode: the bank is never gathered), the hits are summed."""
+        common = dict(temperature=args.nce_t, recall_ks=(), precision=args.scan_precision)
+        if world == 1:
+            test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last)
+            return {name: knn_evaluate(test_features, test_labels, criterion.memory, train_labels, data.num_classes,
+                                       k=k, **common)["knn_top1"] for name, k in ks.items()}
+        test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last,
+                                      shard=(rank, world))
+        offset = criterion.row_start if args.bank_mode == "sharded" else None
+        return {name: distributed_knn_evaluate(test_features, test_labels[rank::world], criterion.memory,
+                                               train_labels, data.num_classes, k=k, bank_offset=offset,
+                                               **common)["knn_top1"] for name, k in ks.items()}
 
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -366,15 +383,10 @@ def train(args) -> Dict:
                              "(lower --lr, or try --loss softmax / softmax-ce)")
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen * world / seconds,
                "seconds": seconds}
-        test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last)
-        bank = whole_bank()
-        row["knn1_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes, k=1,
-                                        temperature=args.nce_t, recall_ks=(),
-                                        precision=args.scan_precision)["knn_top1"]
+        ks = {"knn1_top1": 1}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row["knn_top1"] = knn_evaluate(test_features, test_labels, bank, train_labels, data.num_classes,
-                                           k=min(args.knn_k, n), temperature=args.nce_t, recall_ks=(),
-                                           precision=args.scan_precision)["knn_top1"]
+            ks["knn_top1"] = min(args.knn_k, n)
+        row.update(epoch_knn(ks))
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "

@@ -245,5 +245,13 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     # every instance of the epoch's 11 global batches of 128 was momentum-updated (rows exactly unit)
     assert int(((bank.float().norm(dim=1) - 1).abs() < 1e-5).sum()) >= 11 * 128
     assert ckpt["criterion"]["rng_state"][1].item() == 2 * (1438 // 128)  # 2 streams per global step
+    # The per-epoch 1-NN monitor ran split across the 2 processes (each its half of the test
+    # images, against its bank or bank shard): it must match one process on the saved state
+    # (up to a near-tie: one test image is 0.28%).
+    one_process = T.main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-source", "bank",
+                          "--output-json", str(tmp_path / "eval.json")])
+    assert one_process == 0
+    nn1 = json.loads((tmp_path / "eval.json").read_text())["nn1_top1_bank"]
+    assert abs(ckpt["history"][0]["knn1_top1"] - nn1) <= 0.3, (ckpt["history"][0]["knn1_top1"], nn1)
     run(common + ["--resume"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2
