@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT_DIR/checkpoint.pt when it exists (else start afresh)")
     g.add_argument("--max-epochs-this-run", type=int, default=None, metavar="N",
                    help="stop after N more epochs (split a long run into resumable pieces)")
+    g.add_argument("--max-minutes-this-run", type=float, default=None, metavar="M",
+                   help="stop after the last epoch that ends within M minutes of the start (the previous epoch's "
+                        "time predicts the next; the final evaluation comes on top), e.g. to fit a job time limit")
     g.add_argument("--eval-every", type=int, default=10,
                    help="weighted kNN on the bank every N epochs (the 1-NN monitor runs every epoch)")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT_DIR/tb (needs tensorboard)")
@@ -225,6 +228,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag in ('epochs', 'workers') else 'positive'}, got {value}")
     if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
         raise ValueError(f"--max-epochs-this-run must be positive, got {args.max_epochs_this_run}")
+    if getattr(args, "max_minutes_this_run", None) is not None and not args.max_minutes_this_run > 0:
+        raise ValueError(f"--max-minutes-this-run must be positive, got {args.max_minutes_this_run}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
 
@@ -403,6 +408,9 @@ def train(args) -> Dict:
                            "config": config, "args": vars(args), "num_classes": data.num_classes,
                            "in_channels": data.in_channels}, ckpt_path)
             _write_csv(history, os.path.join(args.out_dir, "log.csv"))
+        if epoch + 1 < end_epoch and _out_of_time(args, started, row, world, device):
+            end_epoch = epoch + 1
+            break
     if writer is not None:
         writer.close()
     if end_epoch < args.epochs:
@@ -426,6 +434,24 @@ def train(args) -> Dict:
         json.dump(results, f, indent=2)
     _print_summary(results, args.knn_k, args.out_dir)
     return results
+
+
+def _out_of_time(args, started: float, row: Dict, world: int, device: torch.device) -> bool:
+    """--max-minutes-this-run: would one more epoch (as long as the last, evaluation included)
+    end past the budget? Under torchrun the ranks agree (any rank out of time stops all)."""
+    if args.max_minutes_this_run is None:
+        return False
+    next_epoch = row["seconds"] + row.get("eval_seconds", 0.0)
+    stop = time.perf_counter() - started + next_epoch > 60.0 * args.max_minutes_this_run
+    if world > 1:
+        import torch.distributed as dist
+
+        from .distributed import _comm_device
+
+        flag = torch.tensor([int(stop)], device=_comm_device(None, device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 def _write_csv(history, path):

@@ -55,6 +55,20 @@ def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_in
     assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
 
 
+def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
+    """--max-minutes-this-run: a budget shorter than one epoch still runs one epoch (and saves it),
+    then stops with the resume hint; --resume completes the run."""
+    common = DIGITS_JOB + ["--epochs", "3", "--knn-source", "bank", "--out-dir", str(tmp_path)]
+    run(common + ["--max-minutes-this-run", "0.0001"])
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert "stopped after epoch 1 of 3" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+    run(common + ["--resume", "--max-minutes-this-run", "60"])
+    assert load(tmp_path / "checkpoint.pt")["epoch"] == 3 and results(tmp_path)["epochs"] == 3
+    assert T.main(common + ["--max-minutes-this-run", "0"]) == 2
+    assert "--max-minutes-this-run must be positive" in capsys.readouterr().err
+
+
 def test_scan_precision_bf16_tracks_fp32(tmp_path):
     """--scan-precision bf16 (the exact softmax and the per-epoch kNN with bf16 products) follows
     the fp32 run closely: same data, weights and order, only the rounding of the products differs."""

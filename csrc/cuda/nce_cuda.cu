@@ -96,17 +96,46 @@ struct ScanArgs {
 // ---------------------------------------------------------------------------------------
 // Device pieces shared by the kernels
 
+// What every thread of sample b's blocks needs besides the rows: the Philox key and the
+// positive (sampling), 1/T, and for NCE 1/Z (NaN when Z is unset or not finite) and c = K/n.
+template <typename acc_t>
+struct SampleConstants {
+  uint64_t seed = 0, offset = 0;
+  int64_t yb = 0;
+  acc_t inv_t = acc_t(1), inv_z = acc_t(0), c = acc_t(0);
+};
+
+template <Mode M, typename acc_t, typename scalar_t, typename bank_t>
+__device__ __forceinline__ SampleConstants<acc_t> sample_constants(
+    const ScanArgs<scalar_t, bank_t>& a, int64_t b) {
+  SampleConstants<acc_t> k;
+  if (a.rng != nullptr) {
+    k.seed = static_cast<uint64_t>(a.rng[0]);
+    k.offset = static_cast<uint64_t>(a.rng[1]);
+  }
+  k.yb = a.idx != nullptr ? 0 : a.y[b];
+  k.inv_t = static_cast<acc_t>(a.inv_t);
+  if constexpr (M == Mode::kNce) {
+    const double zv = read_z(a.z, a.z_double);
+    k.inv_z = (zv > 0.0 && zv <= 1.7976931348623157e308) ? static_cast<acc_t>(1.0 / zv)
+                                                        : quiet_nan<acc_t>();
+    k.c = static_cast<acc_t>(a.c);
+  }
+  return k;
+}
+
 // Row for column kc of sample b (kc < k1), range-checked: the row, or -2 when it is outside
 // the bank (never dereferenced). Lanes with kc >= k1 get -1 (padding).
 template <Mode M, typename scalar_t, typename bank_t, typename acc_t>
 __device__ __forceinline__ long long stage_row(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
-                                               int64_t kc, int64_t k1, int64_t yb,
-                                               uint64_t seed, uint64_t offset, acc_t inv_t,
+                                               int64_t kc, int64_t k1,
+                                               const SampleConstants<acc_t>& k,
                                                acc_t* s0_ptr, acc_t& coef, bool& bad) {
   coef = acc_t(0);
   if (kc >= k1) return -1;
-  const int64_t r = a.idx != nullptr ? a.idx[b * a.cols + kc]
-                                     : sampled_row(b, kc, a.cols - 1, yb, seed, offset, a.n);
+  const int64_t r = a.idx != nullptr
+                        ? a.idx[b * a.cols + kc]
+                        : sampled_row(b, kc, a.cols - 1, k.yb, k.seed, k.offset, a.n);
   if (r < 0 || r >= a.n) {
     bad = true;
     if constexpr (M == Mode::kSoftmax) {
@@ -115,7 +144,7 @@ __device__ __forceinline__ long long stage_row(const ScanArgs<scalar_t, bank_t>&
     return -2;
   }
   if constexpr (M == Mode::kScoresBwd) {
-    coef = to_acc<acc_t>(a.go[b * a.cols + kc]) * to_acc<acc_t>(a.so[b * a.cols + kc]) * inv_t;
+    coef = to_acc<acc_t>(a.go[b * a.cols + kc]) * to_acc<acc_t>(a.so[b * a.cols + kc]) * k.inv_t;
   }
   return static_cast<long long>(r);
 }
@@ -261,17 +290,8 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
     if (read_z(a.z, a.z_double) > 0) return;  // Z already set: nothing to do (whole block)
   }
 
-  const uint64_t seed = a.rng != nullptr ? static_cast<uint64_t>(a.rng[0]) : 0;
-  const uint64_t offset = a.rng != nullptr ? static_cast<uint64_t>(a.rng[1]) : 0;
-  const int64_t yb = a.idx != nullptr ? 0 : a.y[b];
-  const acc_t inv_t = static_cast<acc_t>(a.inv_t);
-  acc_t inv_z = acc_t(0), c = acc_t(0);
-  if constexpr (M == Mode::kNce) {
-    const double zv = read_z(a.z, a.z_double);
-    inv_z = (zv > 0.0 && zv <= 1.7976931348623157e308) ? static_cast<acc_t>(1.0 / zv)
-                                                      : quiet_nan<acc_t>();
-    c = static_cast<acc_t>(a.c);
-  }
+  const SampleConstants<acc_t> consts = sample_constants<M, acc_t>(a, b);
+  const acc_t inv_t = consts.inv_t;
   acc_t* s0_ptr = a.S > 1 ? a.ws_s0 + b : &sm_s0;
 
   // x_b in the lane layout of the rows: vector t = li + G * s.
@@ -294,8 +314,7 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
 
   for (int64_t kb = k0 + 32 * w; kb < k1; kb += 32 * kWarps) {
     acc_t my_coef;
-    const long long my_row = stage_row<M>(a, b, kb + lane, k1, yb, seed, offset, inv_t, s0_ptr,
-                                          my_coef, bad);
+    const long long my_row = stage_row<M>(a, b, kb + lane, k1, consts, s0_ptr, my_coef, bad);
     const int nvalid = static_cast<int>(imin64(32, k1 - kb));
     for (int j0 = 0; j0 < nvalid; j0 += P * R) {
       long long rr[R];
@@ -384,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
           } else if constexpr (M == Mode::kNce) {
             if (rr[r] >= 0) {
               acc_t term, dl_ds;
-              nce_term<acc_t>(sc, kcol == 0, inv_z, c, term, dl_ds);
+              nce_term<acc_t>(sc, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
               if (li == 0) lsum += static_cast<double>(term);
               const acc_t coef = dl_ds * inv_t;
 #pragma unroll
@@ -484,17 +503,8 @@ __global__ void __launch_bounds__(kThreads)
     if (read_z(a.z, a.z_double) > 0) return;
   }
 
-  const uint64_t seed = a.rng != nullptr ? static_cast<uint64_t>(a.rng[0]) : 0;
-  const uint64_t offset = a.rng != nullptr ? static_cast<uint64_t>(a.rng[1]) : 0;
-  const int64_t yb = a.idx != nullptr ? 0 : a.y[b];
-  const acc_t inv_t = static_cast<acc_t>(a.inv_t);
-  acc_t inv_z = acc_t(0), c = acc_t(0);
-  if constexpr (M == Mode::kNce) {
-    const double zv = read_z(a.z, a.z_double);
-    inv_z = (zv > 0.0 && zv <= 1.7976931348623157e308) ? static_cast<acc_t>(1.0 / zv)
-                                                      : quiet_nan<acc_t>();
-    c = static_cast<acc_t>(a.c);
-  }
+  const SampleConstants<acc_t> consts = sample_constants<M, acc_t>(a, b);
+  const acc_t inv_t = consts.inv_t;
   acc_t* s0_ptr = a.ws_s0 != nullptr ? a.ws_s0 + b : nullptr;
   acc_t* accp = Tr::kAcc ? a.ws_acc + pidx * d : nullptr;
   if constexpr (Tr::kAcc) {
@@ -507,8 +517,7 @@ __global__ void __launch_bounds__(kThreads)
   bool bad = false;
   for (int64_t kb = k0 + 32 * w; kb < k1; kb += 32 * kWarps) {
     acc_t my_coef;
-    const long long my_row = stage_row<M>(a, b, kb + lane, k1, yb, seed, offset, inv_t, s0_ptr,
-                                          my_coef, bad);
+    const long long my_row = stage_row<M>(a, b, kb + lane, k1, consts, s0_ptr, my_coef, bad);
     const int nvalid = static_cast<int>(imin64(32, k1 - kb));
     for (int jl = 0; jl < nvalid; ++jl) {
       const long long r = __shfl_sync(kFullMask, my_row, jl);
@@ -533,7 +542,7 @@ __global__ void __launch_bounds__(kThreads)
         if (lane == 0) lsum += ::exp(static_cast<double>(sc));
       } else if constexpr (M == Mode::kNce) {
         acc_t term, dl_ds;
-        nce_term<acc_t>(sc, kcol == 0, inv_z, c, term, dl_ds);
+        nce_term<acc_t>(sc, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
         if (lane == 0) lsum += static_cast<double>(term);
         const acc_t coef = dl_ds * inv_t;
         for (int64_t j = lane; j < d; j += 32) accp[j] += coef * to_acc<acc_t>(row[j]);
