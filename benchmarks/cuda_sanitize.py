@@ -147,6 +147,17 @@ def case_sampled_row_ops(dev, B, K, d, n, xdt, bdt, gen, tag, misaligned=False, 
             loss_c, grad_c = npid.nce_loss(xc, bank, y, i_c, r_c, z_c, K, T)
             check_close(f"{src} nce_loss loss z={zdt}", loss, back(loss_c, xdt), xdt)
             check_close(f"{src} nce_loss grad z={zdt}", grad, back(grad_c, xdt), xdt)
+            if use_idx:  # the sharded mode's call: the noise distribution of a larger bank
+                n_data = 3 * n + 1
+                z_d.fill_(-1.0)
+                z_c.fill_(-1.0)
+                npid.nce_estimate_z_(z_d, xd, bankd, yd, i_d, None, K, T, n_data)
+                npid.nce_estimate_z_(z_c, xc, bank, y, i_c, None, K, T, n_data)
+                check_close(f"{src} nce_estimate_z_ n_data z={zdt}", z_d, z_c, torch.float32)
+                loss, grad = npid.nce_loss(xd, bankd, yd, i_d, None, z_d, K, T, n_data)
+                loss_c, grad_c = npid.nce_loss(xc, bank, y, i_c, None, z_c, K, T, n_data)
+                check_close(f"{src} nce_loss n_data loss z={zdt}", loss, back(loss_c, xdt), xdt)
+                check_close(f"{src} nce_loss n_data grad z={zdt}", grad, back(grad_c, xdt), xdt)
         loss, grad = npid.softmax_ce_loss(xd, bankd, yd, i_d, r_d, K, T)
         loss_c, grad_c = npid.softmax_ce_loss(xc, bank, y, i_c, r_c, K, T)
         check_close(f"{src} softmax_ce_loss loss", loss, back(loss_c, xdt), xdt)
@@ -260,22 +271,26 @@ def case_momentum(dev, B, d, n, xdt, bdt, gen, mom=0.5):
     check_close(f"[momentum B={B} d={d} n={n} x={xdt} bank={bdt}]", bank_d, bank_c, bdt)
 
 
-def case_full_softmax_knn(dev, B, d, n, xdt, bdt, gen, k):
+def case_full_softmax_knn(dev, B, d, n, xdt, bdt, gen, k, precision="fp32"):
     x = unit_rows(B, d, gen, torch.float64).to(xdt)
     bank = unit_rows(n, d, gen, torch.float64).to(bdt)
     y = torch.randint(0, n, (B,), generator=gen)
-    name = f"[bank scan B={B} d={d} n={n} x={xdt} bank={bdt}]"
+    name = f"[bank scan B={B} d={d} n={n} x={xdt} bank={bdt} {precision}]"
     xc = cpu_features(x)
-    loss, grad = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T)
-    loss_c, grad_c = npid.full_softmax_loss(xc, bank, y, T)
-    check_close(f"{name} full_softmax_loss loss", loss, back(loss_c, xdt), xdt)
-    check_close(f"{name} full_softmax_loss grad", grad, back(grad_c, xdt), xdt)
-    sims, ids = npid.knn_topk(x.to(dev), bank.to(dev), k)
-    sims_c, ids_c = npid.knn_topk(xc, bank, k)
-    check_close(f"{name} knn_topk sims", sims, back(sims_c, xdt), xdt)
+    # tf32 / bf16: tensor cores may round the operands differently from the CPU's emulation
+    cmp_dt = xdt if precision == "fp32" else torch.bfloat16
+    loss, grad = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision)
+    loss_c, grad_c = npid.full_softmax_loss(xc, bank, y, T, precision)
+    check_close(f"{name} full_softmax_loss loss", loss, back(loss_c, xdt), cmp_dt)
+    check_close(f"{name} full_softmax_loss grad", grad, back(grad_c, xdt), cmp_dt)
+    loss_only, _ = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision, False)
+    check_close(f"{name} full_softmax_loss without grad", loss_only, back(loss_c, xdt), cmp_dt)
+    sims, ids = npid.knn_topk(x.to(dev), bank.to(dev), k, precision)
+    sims_c, ids_c = npid.knn_topk(xc, bank, k, precision)
+    check_close(f"{name} knn_topk sims", sims, back(sims_c, xdt), cmp_dt)
     # Indices: consistent with the similarities (near-ties may swap between GEMMs).
     recomputed = (xc.double()[:, None, :] * bank.double()[ids.cpu()]).sum(-1)
-    check_close(f"{name} knn_topk ids consistent", recomputed.to(sims.dtype), sims.cpu(), xdt)
+    check_close(f"{name} knn_topk ids consistent", recomputed.to(sims.dtype), sims.cpu(), cmp_dt)
     if ids.dtype != torch.int64 or ids.shape != (B, k):
         FAILURES.append(f"{name} knn_topk ids shape/dtype {ids.shape} {ids.dtype}")
 
@@ -377,6 +392,8 @@ def main() -> int:
         ("momentum large batch (sorted path)", lambda: case_momentum(dev, 3000, 16, 1000, torch.float32, torch.float32, gen)),
         ("momentum mu=0", lambda: case_momentum(dev, 64, 128, 80, torch.float32, torch.bfloat16, gen, mom=0.0)),
         ("knn k = n", lambda: case_full_softmax_knn(dev, 3, 16, 20, torch.float32, torch.float32, gen, 20)),
+        ("bank scan tf32", lambda: case_full_softmax_knn(dev, 4, 40, 500, torch.float32, torch.float32, gen, 9, "tf32")),
+        ("bank scan bf16", lambda: case_full_softmax_knn(dev, 4, 40, 500, torch.float32, torch.bfloat16, gen, 9, "bf16")),
         ("bad indices", lambda: case_bad_indices(dev, gen)),
     ]
     if not args.quick:
