@@ -215,14 +215,19 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x_in,
   return {loss.to(x_in.scalar_type()), grad_x.to(x_in.scalar_type())};
 }
 
+ScanPrecision check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k,
+                             std::string_view precision) {
+  check_features(query, "query", /*allow_bf16=*/true);
+  check_bank(bank, query, "query");
+  const int64_t n = bank.size(0);
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
+  return parse_precision(precision);
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_topk_streamed(const at::Tensor& query_in, const at::Tensor& bank,
                                                      int64_t k, std::string_view precision,
                                                      int64_t query_chunk, int64_t bank_chunk) {
-  check_features(query_in, "query", /*allow_bf16=*/true);
-  check_bank(bank, query_in, "query");
-  const ScanPrecision scan_precision = parse_precision(precision);
-  const int64_t n = bank.size(0);
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, n_data = ", n, "], got ", k);
+  const ScanPrecision scan_precision = check_knn_args(query_in, bank, k, precision);
   const auto acc_type = query_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sims, indices;
   std::tie(sims, indices) =

@@ -451,6 +451,32 @@ def test_knn_topk_matches_reference(device, Q, n, d, k, dtype):
     assert all(len(set(row)) == k for row in idx.tolist())
 
 
+def test_knn_topk_exact_ties_and_nan_rows(device):
+    """Rows stored several times tie exactly: the same similarities as the reference, sorted,
+    and on the CPU the smaller row first (the documented order). A NaN bank row ranks first,
+    as torch.topk ranks NaN; a NaN query gives NaN similarities, no crash."""
+    g = torch.Generator().manual_seed(3)
+    rows = unit_rows(700, 24, generator=g)
+    bank = rows[torch.randint(0, 700, (3000,), generator=g)]  # every row ~4 times
+    q = unit_rows(9, 24, generator=g)
+    sims, idx = ops.knn_topk(q.to(device), bank.to(device), 50)
+    ref_sims, _ = R.knn_topk(q, bank, 50)
+    assert torch.allclose(sims.cpu(), ref_sims, rtol=0, atol=1e-12)
+    assert bool((sims[:, :-1] >= sims[:, 1:]).all())
+    if device == "cpu":
+        same = sims[:, 1:] == sims[:, :-1]
+        assert same.any() and bool((idx[:, 1:] > idx[:, :-1])[same].all())
+    bank_nan = bank.clone()
+    bank_nan[1234] = float("nan")
+    sims, idx = ops.knn_topk(q.to(device), bank_nan.to(device), 5)
+    assert bool((idx[:, 0] == 1234).all()) and bool(sims[:, 0].isnan().all()) and not sims[:, 1:].isnan().any()
+    q_nan = q.clone()
+    q_nan[2] = float("nan")
+    sims, idx = ops.knn_topk(q_nan.to(device), bank.to(device), 5)
+    assert bool(sims[2].isnan().all()) and not sims[[0, 1, 3]].isnan().any()
+    assert bool(((idx >= 0) & (idx < 3000)).all())
+
+
 def test_knn_topk_bf16_bank(device):
     q = unit_rows(20, 32, device=device, dtype=torch.float32)
     bank = unit_rows(5000, 32, device=device).bfloat16()

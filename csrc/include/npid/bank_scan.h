@@ -57,6 +57,10 @@ std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x, co
                                                          bool compute_grad, int64_t chunk,
                                                          bool y_checked);
 
+// knn_topk's argument checks (query, bank, 1 <= k <= n); returns the parsed precision.
+ScanPrecision check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k,
+                             std::string_view precision);
+
 // The knn_topk op for any device: checks its arguments, streams in the accumulation dtype
 // (float, or double for double queries) and returns similarities in the query's dtype.
 std::tuple<at::Tensor, at::Tensor> knn_topk_streamed(const at::Tensor& query, const at::Tensor& bank,
