@@ -36,19 +36,28 @@ class AllowTF32CuBLASGuard {
   bool previous_;
 };
 
-// Rounds float32 values to nearest even keeping the top (23 - drop_bits) mantissa bits: 13 for
+// float32 bits rounded to nearest even keeping the top (23 - kDrop) mantissa bits: 13 for
 // TF32, 16 for bfloat16. NaN stays NaN (its payload could otherwise carry into the sign bit);
 // infinities stay infinite; values that round past the largest finite become infinite, as a
-// conversion does.
-inline float round_mantissa(float v, int drop_bits) {
-  if (std::isnan(v)) return v;
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t half = (uint32_t(1) << (drop_bits - 1)) - 1;
-  bits += half + ((bits >> drop_bits) & 1);
-  bits &= ~((uint32_t(1) << drop_bits) - 1);
-  std::memcpy(&v, &bits, sizeof(bits));
-  return v;
+// conversion does. Branch-free so the loop below vectorises.
+template <int kDrop>
+inline uint32_t round_mantissa_bits(uint32_t bits) {
+  constexpr uint32_t kHalf = (uint32_t(1) << (kDrop - 1)) - 1;
+  constexpr uint32_t kMask = ~((uint32_t(1) << kDrop) - 1);
+  const uint32_t rounded = (bits + kHalf + ((bits >> kDrop) & 1)) & kMask;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? bits : rounded;
+}
+
+template <int kDrop>
+void round_mantissa_cpu(const float* in, float* out, int64_t count) {
+  at::parallel_for(0, count, 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, in + i, sizeof(bits));
+      bits = round_mantissa_bits<kDrop>(bits);
+      std::memcpy(out + i, &bits, sizeof(bits));
+    }
+  });
 }
 
 // The same with ATen ops, for tensors on other devices.
@@ -63,18 +72,24 @@ at::Tensor round_mantissa_aten(const at::Tensor& t, int drop_bits) {
   return at::where(nan, t, rounded);
 }
 
-// A float32 copy of t rounded to the precision; one parallel pass on the CPU.
+// A float32 copy of t rounded to TF32 (drop_bits 13) or bfloat16 (16).
 at::Tensor round_float(const at::Tensor& t_in, int drop_bits) {
   const at::Tensor t = t_in.to(at::kFloat);
   if (!t.is_cpu()) return round_mantissa_aten(t, drop_bits);
   const at::Tensor src = t.contiguous();
   at::Tensor out = at::empty_like(src);
-  const float* in = src.const_data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, src.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = round_mantissa(in[i], drop_bits);
-  });
+  if (drop_bits == 13) {
+    round_mantissa_cpu<13>(src.const_data_ptr<float>(), out.data_ptr<float>(), src.numel());
+  } else {
+    round_mantissa_cpu<16>(src.const_data_ptr<float>(), out.data_ptr<float>(), src.numel());
+  }
   return out;
+}
+
+// Whether the scan's GEMMs run on tensor cores (CUDA, float accumulation) rather than on
+// operands rounded beforehand (CPU, and double accumulation anywhere).
+bool tensor_core_scan(const at::Tensor& like) {
+  return like.is_cuda() && like.scalar_type() == at::kFloat;
 }
 
 }  // namespace
@@ -99,30 +114,36 @@ at::Tensor round_to_precision(const at::Tensor& t, ScanPrecision precision) {
   return t;
 }
 
-at::Tensor precision_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision) {
-  if (a.is_cuda() && a.scalar_type() == at::kFloat) {
+at::Tensor scan_operand(const at::Tensor& t, at::ScalarType acc_type, ScanPrecision precision) {
+  if (precision == ScanPrecision::kFP32) return t.to(acc_type);
+  if (acc_type == at::kFloat && t.is_cuda()) {
+    // The tensor cores round fp32 to TF32 themselves; bf16 operands are converted once here.
+    return t.to(precision == ScanPrecision::kBF16 ? at::kBFloat16 : at::kFloat);
+  }
+  return round_to_precision(t.to(acc_type), precision);
+}
+
+at::Tensor scan_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision) {
+  if (tensor_core_scan(a) || (a.is_cuda() && a.scalar_type() == at::kBFloat16)) {
     switch (precision) {
       case ScanPrecision::kFP32: {
         const at::NoTF32Guard exact;  // fp32 means fp32, whatever allow_tf32 says
-        return at::mm(a, b.to(a.scalar_type()));
+        return at::mm(a, b);
       }
       case ScanPrecision::kTF32: {
         const AllowTF32CuBLASGuard tf32;
-        return at::mm(a, b.to(a.scalar_type()));
+        return at::mm(a, b);
       }
       case ScanPrecision::kBF16:
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
         // bf16 tensor cores with float32 output: the logits keep fp32 precision.
-        return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16), at::kFloat);
+        return at::mm(a, b, at::kFloat);
 #else
-        return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
+        return at::mm(a, b).to(at::kFloat);
 #endif
     }
   }
-  // CPU (and double on CUDA): the rounded operands multiplied in a's dtype.
-  const at::Tensor b_acc = b.to(a.scalar_type());
-  if (precision == ScanPrecision::kFP32) return at::mm(a, b_acc);
-  return at::mm(round_to_precision(a, precision), round_to_precision(b_acc, precision));
+  return at::mm(a, b);  // operands already rounded (or exact): products in a's dtype
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tensor& xa,
@@ -137,16 +158,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed_logsumexp(const at::Tens
   // fp32: 1/T folded into x (one pass less over the logits). The rounded modes scale the
   // logits instead: x / T is not representable in TF32 / bf16.
   const bool fold_scale = precision == ScanPrecision::kFP32;
-  const at::Tensor xs = fold_scale ? xa * inv_t : xa;
+  const auto acc_type = xa.scalar_type();
+  const at::Tensor x_op = scan_operand(fold_scale ? xa * inv_t : xa, acc_type, precision);
   for (int64_t start = 0; start < n; start += chunk) {
-    const at::Tensor w = bank.narrow(0, start, std::min(chunk, n - start));
-    at::Tensor s = precision_mm(xs, w.t(), precision);
+    // Each chunk converted (and rounded) once, for both GEMMs.
+    const at::Tensor w = scan_operand(bank.narrow(0, start, std::min(chunk, n - start)), acc_type,
+                                      precision);
+    at::Tensor s = scan_mm(x_op, w.t(), precision);
     if (!fold_scale) s.mul_(inv_t);
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
     const at::Tensor scale = (m - m_new).exp_();
     const at::Tensor p = s.sub_(m_new.unsqueeze(1)).exp_();  // in place: s is not needed again
     l = l.mul_(scale).add_(p.sum(1));
-    if (with_acc) acc = acc.mul_(scale.unsqueeze(1)).add_(precision_mm(p, w, precision));
+    if (with_acc) {
+      acc = acc.mul_(scale.unsqueeze(1)).add_(scan_mm(scan_operand(p, acc_type, precision), w, precision));
+    }
     m = m_new;
   }
   return {m, l, acc};
@@ -160,13 +186,14 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
   at::Tensor out_idx = at::empty({Q, k}, query.options().dtype(at::kLong));
   for (int64_t q0 = 0; q0 < Q; q0 += query_chunk) {
     const int64_t qn = std::min(query_chunk, Q - q0);
-    const at::Tensor q = query.narrow(0, q0, qn);
+    const at::Tensor q = scan_operand(query.narrow(0, q0, qn), query.scalar_type(), precision);
     // Running top-k, merged with each chunk's similarities by one topk over k + chunk columns.
     at::Tensor best_sims = at::empty({qn, 0}, query.options());
     at::Tensor best_idx = at::empty({qn, 0}, out_idx.options());
     for (int64_t start = 0; start < n; start += bank_chunk) {
       const int64_t rows = std::min(bank_chunk, n - start);
-      const at::Tensor s = precision_mm(q, bank.narrow(0, start, rows).t(), precision);
+      const at::Tensor s = scan_mm(
+          q, scan_operand(bank.narrow(0, start, rows), query.scalar_type(), precision).t(), precision);
       // The chunk's own top-k first (no index matrix for the whole chunk), then a merge of
       // 2k candidates with the running top-k.
       auto chunk_top = at::topk(s, std::min(k, rows), 1, /*largest=*/true, /*sorted=*/false);

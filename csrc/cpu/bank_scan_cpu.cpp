@@ -87,13 +87,14 @@ std::tuple<at::Tensor, at::Tensor> running_topk(const at::Tensor& query, const a
   std::vector<acc_t> thresholds;
   for (int64_t q0 = 0; q0 < Q; q0 += kKnnQueryRows) {
     const int64_t qn = std::min(kKnnQueryRows, Q - q0);
-    const at::Tensor q = query.narrow(0, q0, qn);
+    const at::Tensor q = scan_operand(query.narrow(0, q0, qn), query.scalar_type(), precision);
     buffers.assign(static_cast<size_t>(qn * cap), Neighbour<acc_t>{});
     counts.assign(static_cast<size_t>(qn), 0);
     thresholds.assign(static_cast<size_t>(qn), -std::numeric_limits<acc_t>::infinity());
     for (int64_t start = 0; start < n; start += kKnnBankChunk) {
       const int64_t rows = std::min(kKnnBankChunk, n - start);
-      const at::Tensor s = precision_mm(q, bank.narrow(0, start, rows).t(), precision).contiguous();
+      const at::Tensor s = scan_mm(q, scan_operand(bank.narrow(0, start, rows), query.scalar_type(), precision).t(),
+                                   precision).contiguous();
       const acc_t* sp = s.const_data_ptr<acc_t>();
       at::parallel_for(0, qn, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {

@@ -26,9 +26,13 @@ ScanPrecision parse_precision(std::string_view precision);
 // t with every element rounded to the precision's format (round to nearest even), in t's dtype.
 at::Tensor round_to_precision(const at::Tensor& t, ScanPrecision precision);
 
-// a @ b in a's dtype (the accumulation dtype) at the given precision; b is converted to a's
-// dtype first (e.g. a 16-bit bank chunk).
-at::Tensor precision_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision);
+// A GEMM operand of the scans, prepared once: t in the accumulation dtype, rounded to the
+// precision where the products are emulated (CPU, double); on CUDA with float accumulation,
+// fp32 (the tensor cores round to TF32 themselves) or bf16.
+at::Tensor scan_operand(const at::Tensor& t, at::ScalarType acc_type, ScanPrecision precision);
+
+// a @ b of two scan_operand()s, in the accumulation dtype, with the math mode of the precision.
+at::Tensor scan_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision);
 
 // Online logsumexp of s = xa @ bank.T * inv_t over the rows of `bank`, chunk rows at a time
 // (flash-attention's rescaling). Returns (m, l, acc): running max, sum exp(s - m), and
