@@ -6,6 +6,10 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/version.h>
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -18,23 +22,43 @@ namespace npid {
 
 namespace {
 
-// Turns on cuBLAS TF32 for the scope and restores the previous setting. cuBLAS reads a global
-// flag (torch.backends.cuda.matmul.allow_tf32), so another thread's fp32 matmul running in
-// this window may use TF32 too; our own fp32 mode is protected by the thread-local NoTF32Guard.
-class AllowTF32CuBLASGuard {
- public:
-  AllowTF32CuBLASGuard() : previous_(at::globalContext().allowTF32CuBLAS()) {
-    if (!previous_) at::globalContext().setAllowTF32CuBLAS(true);
+#ifdef WITH_CUDA
+// a (M x K) @ b (K x N), float32 CUDA tensors, on the tensor cores with TF32 inputs: cuBLAS's
+// compute type CUBLAS_COMPUTE_32F_FAST_TF32 asks for TF32 in this call only. Torch's own TF32
+// switches are global (and in recent versions raise when the legacy and the new API are mixed),
+// so they are neither read nor changed.
+at::Tensor tf32_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const at::Tensor a = a_in.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = b_in.size(1);
+  TORCH_INTERNAL_ASSERT(b_in.size(0) == K && a.scalar_type() == at::kFloat &&
+                        b_in.scalar_type() == at::kFloat);
+  at::Tensor c = at::empty({M, N}, a.options());
+  if (M == 0 || N == 0) return c;
+  if (K == 0) return c.zero_();
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(M <= kIntMax && N <= kIntMax && K <= kIntMax, "tf32 scan: matrix too large for cuBLAS");
+  // Row-major C = A B is column-major C^T = B^T A^T. Row-major A is column-major A^T (ld K).
+  // b is row-major (read column-major it is b^T, ld N: no transpose) or, for a bank chunk,
+  // the transpose of a row-major (N x K) block (read column-major it is b, ld K: transpose).
+  at::Tensor b = b_in;
+  cublasOperation_t op_b = CUBLAS_OP_N;
+  int64_t ldb = N;
+  if (b.stride(0) == 1 && b.stride(1) == K) {
+    op_b = CUBLAS_OP_T;
+    ldb = K;
+  } else if (!(b.stride(1) == 1 && b.stride(0) == N)) {
+    b = b.contiguous();
   }
-  ~AllowTF32CuBLASGuard() {
-    if (!previous_) at::globalContext().setAllowTF32CuBLAS(false);
-  }
-  AllowTF32CuBLASGuard(const AllowTF32CuBLASGuard&) = delete;
-  AllowTF32CuBLASGuard& operator=(const AllowTF32CuBLASGuard&) = delete;
-
- private:
-  bool previous_;
-};
+  const float alpha = 1.0f, beta = 0.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), op_b, CUBLAS_OP_N, static_cast<int>(N),
+      static_cast<int>(M), static_cast<int>(K), &alpha, b.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(ldb), a.const_data_ptr<float>(), CUDA_R_32F, static_cast<int>(K), &beta,
+      c.data_ptr<float>(), CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F_FAST_TF32,
+      CUBLAS_GEMM_DEFAULT));
+  return c;
+}
+#endif
 
 // float32 bits rounded to nearest even keeping the top (23 - kDrop) mantissa bits: 13 for
 // TF32, 16 for bfloat16. NaN stays NaN (its payload could otherwise carry into the sign bit);
@@ -130,10 +154,12 @@ at::Tensor scan_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision preci
         const at::NoTF32Guard exact;  // fp32 means fp32, whatever allow_tf32 says
         return at::mm(a, b);
       }
-      case ScanPrecision::kTF32: {
-        const AllowTF32CuBLASGuard tf32;
-        return at::mm(a, b);
-      }
+      case ScanPrecision::kTF32:
+#ifdef WITH_CUDA
+        return tf32_mm_cuda(a, b);
+#else
+        break;  // no CUDA tensors reach a CPU-only build
+#endif
       case ScanPrecision::kBF16:
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
         // bf16 tensor cores with float32 output: the logits keep fp32 precision.

@@ -377,13 +377,29 @@ class DistributedNPIDLoss(nn.Module):
             return False
         return True
 
-    def _agree_on_z(self, z_local: torch.Tensor, rows: int) -> None:
+    def _estimate_and_agree_on_z(self, features, bank, y, rows: int, **kwargs) -> None:
+        """This rank's first-batch Z estimate (nce_estimate_z_), agreed across ranks. A rank whose
+        estimate fails (NaN features, a bad row) or stays unset (the CUDA op leaves Z unset when
+        the mean score is not finite) contributes NaN instead of raising, so that every rank
+        reaches the all_reduce and all raise together, the failing one with its own message."""
+        z_local = torch.full((1,), -1.0, dtype=torch.float64, device=features.device)
+        error = None
+        try:
+            ops.nce_estimate_z_(z_local, features, bank, y, **kwargs)
+        except RuntimeError as e:
+            error = e
+        z_local = torch.where(z_local > 0, z_local, float("nan"))
+        self._agree_on_z(z_local, rows, error)
+
+    def _agree_on_z(self, z_local: torch.Tensor, rows: int, local_error: Optional[Exception] = None) -> None:
         """z = (sum_r z_r * rows_r) / sum_r rows_r: the estimate on the whole first global batch."""
         stats = torch.stack([z_local.reshape(()).double() * rows,
                              torch.tensor(float(rows), dtype=torch.float64, device=z_local.device)])
         if self.world_size > 1:
             stats = stats.to(_comm_device(self.process_group, stats.device))
             dist.all_reduce(stats, group=self.process_group)
+        if local_error is not None:
+            raise local_error
         value = stats[0] / stats[1]
         if not torch.isfinite(value) or value <= 0:
             raise RuntimeError(f"the Z estimate agreed across ranks is {value.item()}, not a positive number "
@@ -418,10 +434,8 @@ class DistributedNPIDLoss(nn.Module):
                         num_negatives=self.num_negatives, temperature=self.temperature)
         if self.loss_type == "nce":
             if self._z_unset():
-                z_local = torch.full((1,), -1.0, dtype=torch.float64, device=features.device)
-                ops.nce_estimate_z_(z_local, features, memory, indices, **sampling)
                 columns = idx.shape[1] if idx is not None else self.num_negatives + 1
-                self._agree_on_z(z_local, features.shape[0] * columns)
+                self._estimate_and_agree_on_z(features, memory, indices, features.shape[0] * columns, **sampling)
             return ops.nce_loss(features, memory, indices, self.z, **sampling)
         if self.loss_type == "softmax-ce":
             return ops.softmax_ce_loss(features, memory, indices, **sampling)
@@ -442,10 +456,8 @@ class DistributedNPIDLoss(nn.Module):
         # and Z = mean score * n would otherwise use the fetched rows' count).
         y_local = local_idx[:, 0].contiguous()
         if self._z_unset():
-            z_local = torch.full((1,), -1.0, dtype=torch.float64, device=features.device)
-            ops.nce_estimate_z_(z_local, features, rows, y_local, idx=local_idx, temperature=self.temperature,
-                                n_data=self.num_data)
-            self._agree_on_z(z_local, local_idx.numel())
+            self._estimate_and_agree_on_z(features, rows, y_local, local_idx.numel(), idx=local_idx,
+                                          temperature=self.temperature, n_data=self.num_data)
         return ops.nce_loss(features, rows, y_local, self.z, idx=local_idx, temperature=self.temperature,
                             n_data=self.num_data)
 

@@ -256,8 +256,25 @@ def worker_knn(outdir, rank):
     torch.save(results, outdir / f"knn_rank{rank}.pt")
 
 
+def worker_nan_z(outdir, rank):
+    """Rank 1's first batch holds NaN features, so its Z estimate fails: in both modes both ranks
+    must raise (none may hang in the all_reduce that agrees on Z), rank 1 with the op's message."""
+    messages = {}
+    for mode in MODES:
+        crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss="nce", seed=5, mode=mode)
+        x = F.normalize(torch.randn(4, D, generator=torch.Generator().manual_seed(rank)), dim=1)
+        if rank == 1:
+            x[2] = float("nan")
+        try:
+            crit(x, torch.arange(4) + 4 * rank)
+            messages[mode] = "no error"
+        except RuntimeError as e:
+            messages[mode] = str(e)
+    torch.save(messages, outdir / f"nan_z_rank{rank}.pt")
+
+
 WORKERS = {"train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
-           "knn": worker_knn}
+           "knn": worker_knn, "nan_z": worker_nan_z}
 
 
 def _worker_main(scenario: str, outdir: str):
@@ -458,6 +475,14 @@ def test_distributed_knn_equals_knn_evaluate(tmp_path):
                 res = got[(split_id, mode)]
                 assert res["metrics"] == expected, (r, split_id, mode, res["metrics"], expected)
                 assert torch.allclose(res["scores"], expected_scores, rtol=1e-6, atol=1e-6), (r, split_id, mode)
+
+
+def test_failed_z_estimate_raises_on_every_rank(tmp_path):
+    launch("nan_z", tmp_path, timeout=120.0)
+    got = [torch.load(tmp_path / f"nan_z_rank{r}.pt") for r in range(WORLD)]
+    for mode in MODES:
+        assert "NaN" in got[1][mode], (mode, got[1][mode])  # the op's own message on the bad rank
+        assert "Z estimate agreed across ranks" in got[0][mode], (mode, got[0][mode])
 
 
 # ---------------------------------------------------------------- world size 1 (no process group)

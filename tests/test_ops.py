@@ -356,8 +356,10 @@ def test_full_softmax_loss_precision(device, precision, B, n, d):
     torch_loss.sum().backward()
     assert relative_error(loss, exact) <= 2 * relative_error(torch_loss, exact) + 1e-6
     assert relative_error(xs.grad, xe.grad) <= 2 * relative_error(xt.grad, xe.grad) + 1e-6
-    # 3. The mode is really applied: rounding moves the loss by far more than fp32 noise.
+    # 3. The mode is really applied, in the reference and in the op (an op silently running in
+    #    fp32 would be ~1e-7 from exact; these modes are 4e-5 and more).
     assert relative_error(rounded, exact) > 1e-5
+    assert relative_error(loss, exact) > 5e-6
 
 
 def test_full_softmax_loss_fp32_ignores_global_tf32(device):
@@ -389,8 +391,10 @@ def test_knn_topk_precision(device, precision, bank_dtype):
     assert (rounded.gather(1, idx) - ref_sims).abs().max() < 2 * tol
     assert (idx == ref_idx).float().mean() > 0.95
     exact_sims, _ = R.knn_topk(q.double(), bank.double(), 50)
-    if bank_dtype == torch.float32:  # a bf16 bank is already exact in bf16
-        assert (ref_sims - exact_sims).abs().max() > 1e-5  # the rounding is really applied
+    if bank_dtype == torch.float32 or precision == "tf32":  # a bf16 bank is already exact in bf16
+        # the rounding is really applied, in the reference and in the op
+        assert (ref_sims - exact_sims).abs().max() > 1e-5
+        assert (sims.double() - exact_sims.to(sims.device)).abs().max() > 1e-5
 
 
 # ------------------------------------------------------------------ momentum update
@@ -470,6 +474,12 @@ def test_knn_topk_exact_ties_and_nan_rows(device):
     bank_nan[1234] = float("nan")
     sims, idx = ops.knn_topk(q.to(device), bank_nan.to(device), 5)
     assert bool((idx[:, 0] == 1234).all()) and bool(sims[:, 0].isnan().all()) and not sims[:, 1:].isnan().any()
+    # -inf similarities (an overflowing dot product) are neighbours like any other
+    q_big = torch.tensor([[1e30, 0.0]], device=device)
+    bank_big = torch.tensor([[-1e30, 0.0], [-2e30, 0.0], [1.0, 0.0]], device=device)
+    sims, idx = ops.knn_topk(q_big, bank_big, 3)
+    assert idx[0, 0].item() == 2 and sorted(idx[0, 1:].tolist()) == [0, 1]
+    assert sims[0, 0].item() == torch.tensor(1e30).item() and bool(sims[0, 1:].isneginf().all())
     q_nan = q.clone()
     q_nan[2] = float("nan")
     sims, idx = ops.knn_topk(q_nan.to(device), bank.to(device), 5)

@@ -104,7 +104,9 @@ std::tuple<at::Tensor, at::Tensor> running_topk(const at::Tensor& query, const a
           const acc_t* row = sp + r * rows;
           for (int64_t j = 0; j < rows; ++j) {
             const acc_t v = row[j];
-            if (!(v <= threshold)) {  // above the k-th best so far, or NaN
+            // Above the k-th best so far, or NaN; anything while fewer than k are held (the
+            // threshold is -inf then, and -inf similarities must count too).
+            if (count < k || !(v <= threshold)) {
               buf[count++] = {v, start + j};
               if (count == cap) {
                 keep_best(buf, count, k);
