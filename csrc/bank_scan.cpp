@@ -110,12 +110,6 @@ at::Tensor round_float(const at::Tensor& t_in, int drop_bits) {
   return out;
 }
 
-// Whether the scan's GEMMs run on tensor cores (CUDA, float accumulation) rather than on
-// operands rounded beforehand (CPU, and double accumulation anywhere).
-bool tensor_core_scan(const at::Tensor& like) {
-  return like.is_cuda() && like.scalar_type() == at::kFloat;
-}
-
 }  // namespace
 
 ScanPrecision parse_precision(std::string_view precision) {
@@ -140,15 +134,18 @@ at::Tensor round_to_precision(const at::Tensor& t, ScanPrecision precision) {
 
 at::Tensor scan_operand(const at::Tensor& t, at::ScalarType acc_type, ScanPrecision precision) {
   if (precision == ScanPrecision::kFP32) return t.to(acc_type);
-  if (acc_type == at::kFloat && t.is_cuda()) {
-    // The tensor cores round fp32 to TF32 themselves; bf16 operands are converted once here.
+  if (t.is_cuda() && acc_type == at::kFloat) {
+    // cuBLAS sets the precision (scan_mm): the tensor cores round fp32 to TF32 themselves;
+    // bf16 operands are converted once here. Elsewhere the operands are rounded.
     return t.to(precision == ScanPrecision::kBF16 ? at::kBFloat16 : at::kFloat);
   }
   return round_to_precision(t.to(acc_type), precision);
 }
 
 at::Tensor scan_mm(const at::Tensor& a, const at::Tensor& b, ScanPrecision precision) {
-  if (tensor_core_scan(a) || (a.is_cuda() && a.scalar_type() == at::kBFloat16)) {
+  // scan_operand() gives float (fp32, tf32) or bfloat16 operands on the cuBLAS path, and
+  // double ones (already rounded) everywhere else on CUDA.
+  if (a.is_cuda() && a.scalar_type() != at::kDouble) {
     switch (precision) {
       case ScanPrecision::kFP32: {
         const at::NoTF32Guard exact;  // fp32 means fp32, whatever allow_tf32 says

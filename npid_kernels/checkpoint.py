@@ -86,6 +86,11 @@ def check_compatible(ckpt: Dict, config: Dict, num_data: int, path: str) -> None
         detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in mismatch.items())
         raise ValueError(f"{path} was written by another configuration ({detail}); "
                          "use another --out-dir or the same settings")
+    check_bank_rows(ckpt, num_data, path)
+
+
+def check_bank_rows(ckpt: Dict, num_data: int, path: str) -> None:
+    """Raise ValueError when the checkpoint's bank does not have one row per training image."""
     rows = ckpt["criterion"]["bank.memory"].shape[0]
     if rows != num_data:
         raise ValueError(f"{path}: the checkpoint's bank has {rows} rows but the dataset has {num_data} "

@@ -436,7 +436,7 @@ class DataModule:
         return self.num_train // (batch_size * world)
 
     def train_batches(self, batch_size: int, epoch: int, seed: int, cpu_augment: bool = False,
-                      workers: Optional[int] = None, rank: int = 0, world: int = 1):
+                      rank: int = 0, world: int = 1):
         """(inputs on device, instance indices) for one epoch, in an order fixed by (seed, epoch)
         (the last incomplete batch is dropped). With several processes, each global batch of
         world * batch_size instances of that order is split into consecutive per-rank slices
@@ -450,7 +450,7 @@ class DataModule:
             # The workers' seeds come from this generator, so the augmentation is fixed by (seed, epoch, rank).
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, shuffle=False,
-                drop_last=True, num_workers=self.workers if workers is None else workers,
+                drop_last=True, num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 31 * rank))
             for images, _, index in loader:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .nn import LOSSES, _check_batch, _check_loss_args, _check_sizes
+from .nn import _check_batch, _check_loss_args
 from .reference import knn_vote, round_to_precision
 
 __all__ = [
@@ -389,17 +389,14 @@ class DistributedNPIDLoss(nn.Module):
         except RuntimeError as e:
             error = e
         z_local = torch.where(z_local > 0, z_local, float("nan"))
-        self._agree_on_z(z_local, rows, error)
-
-    def _agree_on_z(self, z_local: torch.Tensor, rows: int, local_error: Optional[Exception] = None) -> None:
-        """z = (sum_r z_r * rows_r) / sum_r rows_r: the estimate on the whole first global batch."""
+        # z = (sum_r z_r * rows_r) / sum_r rows_r: the estimate on the whole first global batch.
         stats = torch.stack([z_local.reshape(()).double() * rows,
                              torch.tensor(float(rows), dtype=torch.float64, device=z_local.device)])
         if self.world_size > 1:
             stats = stats.to(_comm_device(self.process_group, stats.device))
             dist.all_reduce(stats, group=self.process_group)
-        if local_error is not None:
-            raise local_error
+        if error is not None:
+            raise error
         value = stats[0] / stats[1]
         if not torch.isfinite(value) or value <= 0:
             raise RuntimeError(f"the Z estimate agreed across ranks is {value.item()}, not a positive number "

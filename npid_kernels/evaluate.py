@@ -4,7 +4,7 @@ frozen features (the low-dim output and the pooled backbone features), the neare
 picture of the retrieval figure, and the training curves."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +14,12 @@ from .knn import knn_evaluate, nearest_neighbors
 
 def knn_results(model, bank: Optional[torch.Tensor], data, *, k: int = 200, temperature: float = 0.07,
                 source: str = "both", amp: bool = False, channels_last: bool = False,
-                test_features: Optional[torch.Tensor] = None, recall_ks=(1, 10)) -> Dict[str, float]:
+                test_features: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
+                recall_ks=(1, 10)) -> Dict[str, float]:
     """Weighted kNN of the test images against the training set, keys suffixed by where the
     training features come from: `_bank` (the memory bank, as lemniscate's kNN with
-    recompute_memory=0) and/or `_features` (recomputed on un-augmented train images)."""
+    recompute_memory=0) and/or `_features` (recomputed on un-augmented train images, or the
+    train_features given)."""
     if source not in ("bank", "features", "both"):
         raise ValueError(f"kNN source must be bank, features or both, got {source!r}")
     if test_features is None:
@@ -31,7 +33,8 @@ def knn_results(model, bank: Optional[torch.Tensor], data, *, k: int = 200, temp
             raise ValueError(f"the bank has {bank.shape[0]} rows but the dataset has {data.num_train} training images")
         sources["bank"] = bank.to(device).float()
     if source in ("features", "both") or not sources:
-        sources["features"] = data.features(model, "train", amp=amp, channels_last=channels_last)
+        sources["features"] = (train_features if train_features is not None
+                               else data.features(model, "train", amp=amp, channels_last=channels_last))
     out = {}
     for name, train_features in sources.items():
         scores = knn_evaluate(test_features, test_labels, train_features, train_labels, data.num_classes,
@@ -42,17 +45,22 @@ def knn_results(model, bank: Optional[torch.Tensor], data, *, k: int = 200, temp
 
 def linear_probe(model, data, *, amp: bool = False, channels_last: bool = False, max_iter: int = 200,
                  weight_decay: float = 1e-4, svm: bool = True, svm_c: float = 0.1,
-                 svm_max_train: Optional[int] = None, seed: int = 0) -> Dict[str, float]:
+                 svm_max_train: Optional[int] = None, seed: int = 0,
+                 lowdim: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, float]:
     """Top-1 (percent) of a linear softmax classifier (full-batch L-BFGS on the training device)
     and of scikit-learn's LinearSVC, trained on frozen features of the un-augmented training
     images and tested on the test split: on the low-dim output (`_lowdim`) and on the pooled
     backbone features (`_pooled`). Features are standardised with the training statistics.
     svm_max_train: fit the SVM on at most this many training images (a fixed random subset;
-    liblinear on all of ImageNet takes hours)."""
+    liblinear on all of ImageNet takes hours). lowdim: the (train, test) low-dim features if
+    already computed."""
     out = {}
     for name, pooled in (("lowdim", False), ("pooled", True)):
-        tr = data.features(model, "train", pooled=pooled, amp=amp, channels_last=channels_last)
-        te = data.features(model, "test", pooled=pooled, amp=amp, channels_last=channels_last)
+        if not pooled and lowdim is not None:
+            tr, te = lowdim
+        else:
+            tr = data.features(model, "train", pooled=pooled, amp=amp, channels_last=channels_last)
+            te = data.features(model, "test", pooled=pooled, amp=amp, channels_last=channels_last)
         mean, std = tr.mean(0), tr.std(0) + 1e-6
         tr, te = (tr - mean) / std, (te - mean) / std
         ytr, yte = data.train_labels.to(tr.device), data.test_labels.to(te.device)

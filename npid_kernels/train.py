@@ -291,26 +291,28 @@ def train(args) -> Dict:
     def criterion_state():  # the whole bank, world-size independent (a collective when distributed)
         return criterion.full_state_dict() if world > 1 else criterion.state_dict()
 
-    def whole_bank():
+    def final_bank() -> Optional[torch.Tensor]:
+        """The whole bank on the main rank (gathered from the shards: a collective), None elsewhere."""
         if world > 1 and args.bank_mode == "sharded":
-            return criterion.full_state_dict(rank0_only=False)["bank.memory"].to(device).float()
+            state = criterion.full_state_dict()
+            return state["bank.memory"].to(device).float() if main_rank else None
         return criterion.memory.float()
 
-    def epoch_knn(ks: Dict[str, int]) -> Dict[str, float]:
-        """The per-epoch weighted-kNN monitor on the bank, {name: top-1 %} for each {name: k}.
-        Distributed: each process embeds its share of the test images and searches its bank
-        (its shard in the sharded mode: the bank is never gathered), the hits are summed."""
-        common = dict(temperature=args.nce_t, recall_ks=(), precision=args.scan_precision)
+    def epoch_knn(k: int) -> Dict[str, float]:
+        """The per-epoch kNN monitor on the bank: one top-k search gives the weighted-kNN top-1
+        (k neighbours) and the 1-NN top-1. Distributed: each process embeds its share of the test
+        images and searches its bank (its shard in the sharded mode: the bank is never gathered),
+        the hits are summed."""
+        common = dict(k=k, temperature=args.nce_t, recall_ks=(), precision=args.scan_precision)
         if world == 1:
             test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last)
-            return {name: knn_evaluate(test_features, test_labels, criterion.memory, train_labels, data.num_classes,
-                                       k=k, **common)["knn_top1"] for name, k in ks.items()}
+            return knn_evaluate(test_features, test_labels, criterion.memory, train_labels, data.num_classes,
+                                **common)
         test_features = data.features(model, "test", amp=args.amp, channels_last=args.channels_last,
                                       shard=(rank, world))
         offset = criterion.row_start if args.bank_mode == "sharded" else None
-        return {name: distributed_knn_evaluate(test_features, test_labels[rank::world], criterion.memory,
-                                               train_labels, data.num_classes, k=k, bank_offset=offset,
-                                               **common)["knn_top1"] for name, k in ks.items()}
+        return distributed_knn_evaluate(test_features, test_labels[rank::world], criterion.memory, train_labels,
+                                        data.num_classes, bank_offset=offset, **common)
 
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -362,7 +364,7 @@ def train(args) -> Dict:
         criterion.train()
         t0, steps, seen = time.perf_counter(), 0, 0
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, args.workers, rank, world),
+        bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
                    mininterval=1.0, dynamic_ncols=True, disable=None if main_rank else True)
         for inputs, index in bar:
@@ -388,10 +390,11 @@ def train(args) -> Dict:
                              "(lower --lr, or try --loss softmax / softmax-ce)")
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen * world / seconds,
                "seconds": seconds}
-        ks = {"knn1_top1": 1}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            ks["knn_top1"] = min(args.knn_k, n)
-        row.update(epoch_knn(ks))
+        full_eval = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+        scores = epoch_knn(min(args.knn_k, n) if full_eval else 1)
+        row["knn1_top1"] = scores["nn1_top1"]
+        if full_eval:
+            row["knn_top1"] = scores["knn_top1"]
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
@@ -418,7 +421,7 @@ def train(args) -> Dict:
             "run the same command with --resume to continue", flush=True)
         cleanup_distributed()
         return {"epochs_done": end_epoch}
-    bank = whole_bank()
+    bank = final_bank()
     cleanup_distributed()
     if not main_rank:
         return {}
@@ -432,7 +435,7 @@ def train(args) -> Dict:
         plot_history(history, os.path.join(args.out_dir, "curves.png"))
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    _print_summary(results, args.knn_k, args.out_dir)
+    _print_summary(results, args.out_dir)
     return results
 
 
@@ -464,29 +467,33 @@ def _write_csv(history, path):
     os.replace(tmp, path)
 
 
-def evaluate(model, bank: Optional[torch.Tensor], data: DataModule, args) -> Dict:
+def evaluate(model, bank: torch.Tensor, data: DataModule, args) -> Dict:
     """The final evaluation: weighted kNN (bank and/or recomputed features), and on request the
-    linear probe / SVM and the retrieval picture."""
+    linear probe / SVM and the retrieval picture. Each feature pass runs once."""
     amp, channels_last = getattr(args, "amp", False), getattr(args, "channels_last", False)
     temperature = getattr(args, "nce_t", 0.07)
     test_features = data.features(model, "test", amp=amp, channels_last=channels_last)
+    train_features = None
+    if args.knn_source != "bank" or args.linear_probe:
+        train_features = data.features(model, "train", amp=amp, channels_last=channels_last)
     results = knn_results(model, bank, data, k=args.knn_k, temperature=temperature, source=args.knn_source,
-                          amp=amp, channels_last=channels_last, test_features=test_features)
+                          amp=amp, channels_last=channels_last, test_features=test_features,
+                          train_features=train_features)
     results["knn_k"], results["knn_t"] = min(args.knn_k, data.num_train), temperature
     if args.linear_probe:
         results.update(linear_probe(model, data, amp=amp, channels_last=channels_last,
-                                    svm_max_train=args.svm_max_train, seed=getattr(args, "seed", 0)))
+                                    svm_max_train=args.svm_max_train, seed=getattr(args, "seed", 0),
+                                    lowdim=(train_features, test_features)))
     if args.retrieval_png:
-        gallery = bank if bank is not None else data.features(model, "train", amp=amp, channels_last=channels_last)
-        retrieval_png(data, test_features, gallery, args.retrieval_png)
+        retrieval_png(data, test_features, bank, args.retrieval_png)
         results["retrieval_png"] = args.retrieval_png
     return results
 
 
-def _print_summary(results: Dict, knn_k: int, where: Optional[str] = None) -> None:
+def _print_summary(results: Dict, where: Optional[str] = None) -> None:
     print(json.dumps(results, indent=2), flush=True)
     parts = [f"{name} {results[f'knn_top1_{name}']:.2f}%" for name in ("bank", "features") if f"knn_top1_{name}" in results]
-    print(f"final weighted kNN top-1 (k={results.get('knn_k', knn_k)}): " + ", ".join(parts)
+    print(f"final weighted kNN top-1 (k={results['knn_k']}): " + ", ".join(parts)
           + (f"  (results in {where})" if where else ""), flush=True)
 
 
@@ -507,10 +514,8 @@ def run_eval(args) -> Dict:
         saved.data_dir = args.data_dir
     saved.workers, saved.download = args.workers, False
     data = DataModule.from_args(saved, device)
+    C.check_bank_rows(ckpt, data.num_train, args.checkpoint)
     bank = ckpt["criterion"]["bank.memory"].to(device).float()
-    if bank.shape[0] != data.num_train:
-        raise ValueError(f"{args.checkpoint}: the checkpoint's bank has {bank.shape[0]} rows but the dataset has "
-                         f"{data.num_train} training images (another dataset, split or --train-fraction?)")
     for key in ("knn_k", "knn_source", "linear_probe", "svm_max_train", "retrieval_png", "amp"):
         setattr(saved, key, getattr(args, key))
     saved.channels_last = False
@@ -519,7 +524,7 @@ def run_eval(args) -> Dict:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=2)
-    _print_summary(results, args.knn_k)
+    _print_summary(results)
     return results
 
 
@@ -529,7 +534,6 @@ def run_export(args) -> None:
     if args.no_head:
         head = getattr(model, "head_name", "head") + "."
         state = {k: v for k, v in state.items() if not k.startswith(head)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     C.save_atomic(state, args.output)
     if saved.arch == "small-cnn":
         how = "npid_kernels.models.build_encoder('small-cnn', ...).backbone (body.*) plus the head"
