@@ -1,17 +1,9 @@
-// Every npid operator schema, in one place.
-//
-// Conventions shared by all ops:
-//  * x / query: (B, d) features, float32 or float64 (CUDA also bfloat16).
-//  * bank: (n, d) memory bank, float32/float64 matching x, or bfloat16/float16.
-//  * y: (B,) int64 instance indices (the positives), idx: (B, K+1) int64 rows
-//    with column 0 the positive (lemniscate overwrites it with y; we read it as given).
-//  * rng_state: int64 (2,) tensor [seed, offset] on the device of x. When idx is
-//    None the kernels draw uniform negatives in-kernel from Philox4x32-10 keyed
-//    by it, exactly as sample_negatives() would (see include/npid/philox.h).
-//  * Loss ops return (per-sample loss (B,), grad_x (B, d) = d loss_b / d x_b):
-//    one pass over the gathered rows; backward only scales grad_x.
+// The `npid` operator library: its schemas (include/npid/schemas.h) and the Python module
+// shell that loads it.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "npid/schemas.h"
 
 extern "C" {
 // `import npid_kernels._C` loads this library, whose static initialisers
@@ -22,35 +14,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(npid, m) {
-  // 7. Uniform negatives: (B, K+1) int64, column 0 = y, columns 1..K uniform in [0, n_data).
-  m.def("sample_negatives(Tensor y, Tensor rng_state, int n_data, int num_negatives) -> Tensor");
-  // 1. lemniscate's NCEAverage, unnormalised: exp(bank[idx[b,k]] . x[b] / T), (B, K+1).
-  m.def("nce_scores(Tensor x, Tensor bank, Tensor idx, float temperature) -> Tensor");
-  //    d/dx of sum(grad_out * out): sum_k grad_out[b,k] * out[b,k] * bank[idx[b,k]] / T.
-  //    Re-gathers the rows instead of saving a (B, K+1, d) tensor.
-  m.def("nce_scores_backward(Tensor grad_out, Tensor out, Tensor x, Tensor bank, Tensor idx, float temperature) -> Tensor");
-  // 7. Z = mean(scores) * n_data where z is not set yet (z <= 0); no host sync.
-  m.def("nce_init_z_(Tensor(a!) z, Tensor scores, int n_data) -> ()");
-  //    Same from the rows themselves (fused path): one extra pass on the first step only.
-  //    n_data (here and in nce_loss): the n of Pn = 1/n when `bank` holds only some rows of
-  //    the real bank (sharded training passes the fetched rows with an explicit idx); -1: bank rows.
-  m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, int n_data=-1) -> ()");
-  // 2. Fused NCE loss (lemniscate NCECriterion on NCEAverage's output), eps = 1e-7.
-  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1) -> (Tensor, Tensor)");
-  // 3. Fused softmax cross-entropy (InfoNCE) over the same rows, positive at column 0.
-  m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature) -> (Tensor, Tensor)");
-  // 4. bank[y[b]] <- normalise(momentum * bank[y[b]] + (1 - momentum) * x[b]), in place.
-  //    Duplicates in y: the LAST occurrence wins, computed from the row as it was before
-  //    the call (what lemniscate's sequential index_copy_ does on the CPU).
-  m.def("momentum_update_(Tensor(a!) bank, Tensor x, Tensor y, float momentum) -> ()");
-  // 5. Exact non-parametric softmax: cross_entropy(x @ bank.T / T, y) per sample and its
-  //    grad_x, streaming the bank in chunks with a running logsumexp (no B x n logits).
-  //    precision of the products: "fp32" (exact), "tf32" or "bf16" (operands rounded to that
-  //    format, tensor cores on CUDA); accumulation in fp32 (fp64 for double x) always.
-  //    compute_grad=False (x needs no gradient): grad_x is zeros, one GEMM per chunk, not two.
-  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\", bool compute_grad=True) -> (Tensor, Tensor)");
-  // 6. k largest dot products query . bank[j], sorted descending: (similarities, indices),
-  //    streaming the bank in chunks with a running top-k (no Q x n matrix); precision as above.
-  m.def("knn_topk(Tensor query, Tensor bank, int k, str precision=\"fp32\") -> (Tensor, Tensor)");
-}
+TORCH_LIBRARY(npid, m) { npid::define_schemas(m); }

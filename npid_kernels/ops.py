@@ -8,12 +8,15 @@ gradient (it is a buffer updated by momentum_update_, as in lemniscate).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
 
+# The operator library the entry points below call. The tests swap in `npid_emu`, the CUDA
+# launchers built against the CPU emulator (scripts/build_emu.py), with _calls_into().
 npid = torch.ops.npid
 
 __all__ = [
@@ -27,100 +30,98 @@ def cuda_available() -> bool:
     return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("npid::nce_loss", "CUDA")
 
 
-# ---------------------------------------------------------------- fake implementations
+# ---------------------------------------------------------------- fake implementations and autograd
 
-def _rows(x, idx, num_negatives):
-    return idx.shape[1] if idx is not None else num_negatives + 1
+def _register_python_side(ns: str) -> None:
+    """Fakes (torch.compile, opcheck) and autograd formulas for the ops of library `ns`."""
 
+    @torch.library.register_fake(f"{ns}::sample_negatives")
+    def _(y, rng_state, n_data, num_negatives):
+        return y.new_empty((y.shape[0], num_negatives + 1))
 
-@torch.library.register_fake("npid::sample_negatives")
-def _(y, rng_state, n_data, num_negatives):
-    return y.new_empty((y.shape[0], num_negatives + 1))
+    @torch.library.register_fake(f"{ns}::nce_scores")
+    def _(x, bank, idx, temperature):
+        torch._check(idx.shape[0] == x.shape[0], lambda: "idx and x must have the same batch size")
+        return x.new_empty(idx.shape)
 
+    @torch.library.register_fake(f"{ns}::nce_scores_backward")
+    def _(grad_out, out, x, bank, idx, temperature):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-@torch.library.register_fake("npid::nce_scores")
-def _(x, bank, idx, temperature):
-    torch._check(idx.shape[0] == x.shape[0], lambda: "idx and x must have the same batch size")
-    return x.new_empty(idx.shape)
+    @torch.library.register_fake(f"{ns}::nce_init_z_")
+    def _(z, scores, n_data):
+        return None
 
+    @torch.library.register_fake(f"{ns}::nce_estimate_z_")
+    def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1):
+        return None
 
-@torch.library.register_fake("npid::nce_scores_backward")
-def _(grad_out, out, x, bank, idx, temperature):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def _loss_and_grad_fake(x):
+        return x.new_empty((x.shape[0],)), torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake(f"{ns}::nce_loss")
+    def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
+        return _loss_and_grad_fake(x)
 
-@torch.library.register_fake("npid::nce_init_z_")
-def _(z, scores, n_data):
-    return None
+    @torch.library.register_fake(f"{ns}::softmax_ce_loss")
+    def _(x, bank, y, idx, rng_state, num_negatives, temperature):
+        return _loss_and_grad_fake(x)
 
+    @torch.library.register_fake(f"{ns}::full_softmax_loss")
+    def _(x, bank, y, temperature, precision="fp32", compute_grad=True):
+        return _loss_and_grad_fake(x)
 
-@torch.library.register_fake("npid::nce_estimate_z_")
-def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1):
-    return None
+    @torch.library.register_fake(f"{ns}::momentum_update_")
+    def _(bank, x, y, momentum):
+        return None
 
+    @torch.library.register_fake(f"{ns}::knn_topk")
+    def _(query, bank, k, precision="fp32"):
+        return query.new_empty((query.shape[0], k)), query.new_empty((query.shape[0], k), dtype=torch.int64)
 
-def _loss_and_grad_fake(x):
-    return x.new_empty((x.shape[0],)), torch.empty_like(x, memory_format=torch.contiguous_format)
+    # autograd
 
+    def _scores_setup(ctx, inputs, output):
+        x, bank, idx, temperature = inputs
+        ctx.save_for_backward(output, x, bank, idx)
+        ctx.temperature = temperature
 
-@torch.library.register_fake("npid::nce_loss")
-def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
-    return _loss_and_grad_fake(x)
+    def _scores_backward(ctx, grad_out):
+        out, x, bank, idx = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = getattr(torch.ops, ns).nce_scores_backward(grad_out.contiguous(), out, x, bank, idx, ctx.temperature)
+        return grad_x, None, None, None
 
+    torch.library.register_autograd(f"{ns}::nce_scores", _scores_backward, setup_context=_scores_setup)
 
-@torch.library.register_fake("npid::softmax_ce_loss")
-def _(x, bank, y, idx, rng_state, num_negatives, temperature):
-    return _loss_and_grad_fake(x)
+    def _fused_setup(ctx, inputs, output):
+        # Only grad_x (B, d) is kept for backward: the loss's gradient w.r.t. x is
+        # grad_loss[b] * grad_x[b]; the second output (grad_x itself) is not differentiable.
+        ctx.save_for_backward(output[1])
+        ctx.num_inputs = len(inputs)
 
+    def _fused_backward(ctx, grad_loss, _grad_of_grad_x):
+        (grad_x,) = ctx.saved_tensors
+        return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
 
-@torch.library.register_fake("npid::full_softmax_loss")
-def _(x, bank, y, temperature, precision="fp32", compute_grad=True):
-    return _loss_and_grad_fake(x)
-
-
-@torch.library.register_fake("npid::momentum_update_")
-def _(bank, x, y, momentum):
-    return None
-
-
-@torch.library.register_fake("npid::knn_topk")
-def _(query, bank, k, precision="fp32"):
-    return query.new_empty((query.shape[0], k)), query.new_empty((query.shape[0], k), dtype=torch.int64)
-
-
-# ---------------------------------------------------------------- autograd
-
-def _scores_setup(ctx, inputs, output):
-    x, bank, idx, temperature = inputs
-    ctx.save_for_backward(output, x, bank, idx)
-    ctx.temperature = temperature
-
-
-def _scores_backward(ctx, grad_out):
-    out, x, bank, idx = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = npid.nce_scores_backward(grad_out.contiguous(), out, x, bank, idx, ctx.temperature)
-    return grad_x, None, None, None
-
-
-torch.library.register_autograd("npid::nce_scores", _scores_backward, setup_context=_scores_setup)
-
-
-def _fused_setup(ctx, inputs, output):
-    # Only grad_x (B, d) is kept for backward: the loss's gradient w.r.t. x is
-    # grad_loss[b] * grad_x[b]; the second output (grad_x itself) is not differentiable.
-    ctx.save_for_backward(output[1])
-    ctx.num_inputs = len(inputs)
+    for op in ("nce_loss", "softmax_ce_loss", "full_softmax_loss"):
+        torch.library.register_autograd(f"{ns}::{op}", _fused_backward, setup_context=_fused_setup)
 
 
-def _fused_backward(ctx, grad_loss, _grad_of_grad_x):
-    (grad_x,) = ctx.saved_tensors
-    return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
+_register_python_side("npid")
 
 
-for _op in ("npid::nce_loss", "npid::softmax_ce_loss", "npid::full_softmax_loss"):
-    torch.library.register_autograd(_op, _fused_backward, setup_context=_fused_setup)
+@contextlib.contextmanager
+def _calls_into(namespace: str):
+    """Route the entry points of this module (and so the nn modules and knn functions built on
+    them) to another operator library with the same schemas, e.g. the emulated CUDA one."""
+    global npid
+    saved, npid = npid, getattr(torch.ops, namespace)
+    try:
+        yield
+    finally:
+        npid = saved
 
 
 # ---------------------------------------------------------------- Python entry points

@@ -13,15 +13,32 @@ from npid_kernels import ops
 
 HAS_CUDA = ops.cuda_available()
 
+# "emu": the CUDA code on the CPU emulator (tests/emulation.py), tensors on the CPU.
 DEVICES = [
     "cpu",
+    "emu",
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible (or the extension was built CPU-only)")),
 ]
+if os.environ.get("NPID_TEST_DEVICES"):
+    DEVICES = [d for d in DEVICES if getattr(d, "values", (d,))[0] in os.environ["NPID_TEST_DEVICES"].split(",")]
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda():
+    """Loads the emulated CUDA library (building it the first time, a few minutes)."""
+    import emulation
+
+    return emulation.load()
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    if request.param != "emu":
+        yield request.param
+        return
+    request.getfixturevalue("emulated_cuda")
+    with ops._calls_into("npid_emu"):
+        yield "cpu"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 // Per-row loss terms and their derivatives w.r.t. the score s = w . x / T.
 // Shared by the CPU and CUDA kernels so both compute the same arithmetic.
 #pragma once
-#include <cmath>
+#include "npid/math.h"
 #include "npid/philox.h"
 
 namespace npid {
@@ -19,13 +19,13 @@ template <typename acc_t>
 NPID_HOST_DEVICE void nce_term(acc_t s, bool positive, acc_t inv_z, acc_t c, acc_t& loss,
                                acc_t& dloss_ds) {
   const acc_t eps = static_cast<acc_t>(kNceEps);
-  const acc_t p = ::exp(s) * inv_z;
+  const acc_t p = math::exp(s) * inv_z;
   const acc_t denom = p + c + eps;
   if (positive) {
-    loss = ::log1p((c + eps) / p);
+    loss = math::log1p((c + eps) / p);
     dloss_ds = -(c + eps) / denom;
   } else {
-    loss = ::log1p((p + eps) / c);
+    loss = math::log1p((p + eps) / c);
     dloss_ds = p / denom;
   }
 }

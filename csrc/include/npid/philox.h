@@ -5,7 +5,8 @@
 // key = (seed low, seed high); element e takes 64 bits, words 2*(e%2) and 2*(e%2)+1,
 // and its row is floor(bits * n_data / 2^64) (Lemire's multiply-shift: no 64-bit division,
 // bias below n / 2^64). The CPU kernels, the CUDA kernels and reference.py's pure-PyTorch
-// Philox all produce the same indices from (seed, offset).
+// Philox all produce the same indices from (seed, offset). Device code (nvcc, or the CUDA
+// emulator) takes the __umulhi / __umul64hi path, host code the 64/128-bit products.
 #pragma once
 #include <cstdint>
 
@@ -22,7 +23,7 @@ struct Philox4x32Out {
 };
 
 NPID_HOST_DEVICE void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(NPID_EMULATE_CUDA)
   lo = a * b;
   hi = __umulhi(a, b);
 #else
@@ -53,7 +54,7 @@ NPID_HOST_DEVICE Philox4x32Out philox4x32_10(uint64_t counter, uint64_t offset, 
 
 // floor(bits * n / 2^64): 64 random bits to a row in [0, n).
 NPID_HOST_DEVICE int64_t bits_to_row(uint64_t bits, int64_t n_data) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(NPID_EMULATE_CUDA)
   return static_cast<int64_t>(__umul64hi(bits, static_cast<uint64_t>(n_data)));
 #else
   return static_cast<int64_t>((static_cast<unsigned __int128>(bits) * static_cast<uint64_t>(n_data)) >> 64);

@@ -1,80 +1,16 @@
-// Helpers shared by the CUDA kernels: warp reductions, bank-row vector loads,
-// NaN / infinity constants, and the optional synchronous argument checks.
-//
-// Error reporting on CUDA (no host sync by default)
-// -------------------------------------------------
-// The CPU ops raise on an out-of-range row, an unset z or non-finite features. Raising
-// on CUDA would need the device's answer on the host (a sync per call), which breaks
-// CUDA-graph capture and stalls the stream. So by default the CUDA kernels never read
-// out of bounds and never crash, and they make the problem visible in the result:
-//  * a row index outside [0, n_data) is skipped (never dereferenced); the affected
-//    sample's loss and grad_x (nce_loss, softmax_ce_loss, nce_scores_backward, and every
-//    sample of full_softmax_loss whose y is out of range) or the score entry (nce_scores)
-//    become NaN; nce_estimate_z_ leaves z unset (as it does for NaN / inf features), so a
-//    following nce_loss returns NaN; sample_negatives copies y into column 0 as given;
-//  * nce_loss with z <= 0 or non-finite gives NaN losses and gradients;
-//  * momentum_update_ skips a sample whose row is out of range, whose features are not
-//    finite, or whose updated row cannot be normalised (zero / infinite norm): the bank
-//    row keeps its previous value, so the bank never receives NaN rows.
-// With the environment variable NPID_CUDA_SYNC_CHECKS=1 (read on every call) the ops
-// instead validate on the device and raise the CPU's error message after a sync, before
-// any output or bank row is written. The check is skipped while the current stream is
-// being captured into a CUDA graph (a sync is illegal there).
+// Device helpers shared by the CUDA kernels (compiled by nvcc, or by the host compiler for the
+// emulator): NaN / infinity constants, warp reductions, bank-row vector loads.
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
+#include "gpu_platform.h"
 #include "npid/dispatch.h"
 
 namespace npid {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// ---------------------------------------------------------------------------------------
-// Host helpers
-
-inline bool sync_checks_enabled() {
-  const char* v = std::getenv("NPID_CUDA_SYNC_CHECKS");
-  if (v == nullptr || v[0] == '\0' || (v[0] == '0' && v[1] == '\0')) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status));
-  return status == cudaStreamCaptureStatusNone;
-}
-
-// Debug path only (syncs): raise the CPU message if `rows` holds an index outside [0, n).
-inline void sync_check_rows(const at::Tensor& rows, int64_t n, const char* name) {
-  if (rows.numel() == 0) return;
-  const at::Tensor flat = rows.reshape(-1);
-  const at::Tensor bad = flat.lt(0).logical_or_(flat.ge(n));
-  if (!bad.any().item<bool>()) return;
-  const int64_t first = bad.to(at::kInt).argmax().item<int64_t>();
-  TORCH_CHECK(false, name, " holds row ", flat[first].item<int64_t>(), ", outside the bank [0, ",
-              n, ")");
-}
-
-inline int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-inline int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v && p < (1 << 30)) p <<= 1;
-  return p;
-}
-
-// ---------------------------------------------------------------------------------------
-// Device helpers
 
 template <typename T>
 __device__ __forceinline__ T quiet_nan();

@@ -1,0 +1,139 @@
+"""Build the emulated-CUDA operator library `npid_emu` (tests only; never installed).
+
+The CUDA launchers and kernels of csrc/cuda/ are compiled by the host compiler against the
+emulator in csrc/emu/ (-DNPID_EMULATE_CUDA) into one shared library that registers
+torch.ops.npid_emu.* for CPU tensors. Variants:
+
+  plain  -O2, loaded by the test suite itself
+  asan   AddressSanitizer + UndefinedBehaviorSanitizer (run with LD_PRELOAD of libasan)
+  tsan   ThreadSanitizer (run with LD_PRELOAD of libtsan)
+
+Usage: python scripts/build_emu.py [plain|asan|tsan ...]  (prints each library's path).
+Rebuilds only when a source under csrc/, the flags, the compiler or torch changed. The sanitizer
+builds are compiled here, outside any sanitized process, so that no compiler runs preloaded.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+SOURCES = [
+    "emu/cuda_emu.cpp",
+    "emu/emu_library.cpp",
+    "emu/emu_nce.cpp",
+    "emu/emu_bank.cpp",
+    "bank_scan.cpp",  # full_softmax_loss / knn_topk's streaming, CPU GEMMs in place of cuBLAS
+]
+
+VARIANT_FLAGS = {
+    "plain": ["-O2"],
+    "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=undefined"],
+    "tsan": ["-O1", "-g", "-fsanitize=thread"],
+}
+
+SANITIZER_RUNTIME = {"asan": "libasan.so", "tsan": "libtsan.so"}
+
+
+def compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def sanitizer_runtime(variant: str) -> str | None:
+    """Path of the sanitizer's shared runtime (for LD_PRELOAD), or None for the plain build."""
+    name = SANITIZER_RUNTIME.get(variant)
+    if name is None:
+        return None
+    path = subprocess.run([compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if not os.path.isabs(path) or not os.path.exists(path):
+        raise RuntimeError(f"{compiler()} has no {name} (install the compiler's sanitizer runtime, "
+                           f"e.g. the libasan/libtsan package)")
+    return path
+
+
+def _torch_flags():
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = [os.path.join(CSRC, "include"), CSRC] + cpp_extension.include_paths()
+    cflags = ["-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-DNPID_EMULATE_CUDA",
+              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+              "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+    cflags += [f"-I{p}" for p in includes]
+    lib_dirs = cpp_extension.library_paths()
+    ldflags = [f"-L{d}" for d in lib_dirs] + [f"-Wl,-rpath,{d}" for d in lib_dirs]
+    ldflags += ["-lc10", "-ltorch_cpu", "-ltorch", "-fopenmp"]
+    return cflags, ldflags, torch.__version__
+
+
+def _stamp(flags) -> str:
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(path.encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    h.update(" ".join(flags).encode())
+    h.update(subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout.encode())
+    return h.hexdigest()
+
+
+def library_path(variant: str) -> str:
+    return os.path.join(ROOT, "build", f"emu-{variant}", f"npid_emu_{variant}.so")
+
+
+def build(variant: str = "plain", jobs: int | None = None, quiet: bool = False) -> str:
+    """Compile (if needed) and return the path of the variant's shared library."""
+    if variant not in VARIANT_FLAGS:
+        raise ValueError(f"variant must be one of {sorted(VARIANT_FLAGS)}, got {variant!r}")
+    if shutil.which(compiler()) is None:
+        raise RuntimeError(f"no C++ compiler '{compiler()}' on PATH")
+    cflags, ldflags, torch_version = _torch_flags()
+    vflags = VARIANT_FLAGS[variant]
+    out_dir = os.path.dirname(library_path(variant))
+    lib = library_path(variant)
+    stamp = _stamp(cflags + ldflags + vflags + [torch_version])
+    stamp_file = os.path.join(out_dir, "stamp")
+    if os.path.exists(lib) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    if not quiet:
+        print(f"npid_emu: building the emulated CUDA library ({variant}) with {compiler()}",
+              file=sys.stderr, flush=True)
+
+    def compile_one(src):
+        obj = os.path.join(out_dir, src.replace("/", "_") + ".o")
+        cmd = [compiler(), *cflags, *vflags, "-c", os.path.join(CSRC, src), "-o", obj]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{res.stderr[-8000:]}")
+        return obj
+
+    jobs = jobs or max(1, min(len(SOURCES), os.cpu_count() or 1))
+    # The largest translation units first, so that the pool finishes together.
+    order = sorted(SOURCES, key=lambda s: -os.path.getsize(os.path.join(CSRC, s)))
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        objs = list(pool.map(compile_one, order))
+    tmp = lib + ".tmp"
+    cmd = [compiler(), "-shared", *vflags, *objs, "-o", tmp, *ldflags]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"linking {lib} failed:\n{' '.join(cmd)}\n{res.stderr[-8000:]}")
+    os.replace(tmp, lib)
+    with open(stamp_file, "w") as f:
+        f.write(stamp)
+    return lib
+
+
+if __name__ == "__main__":
+    for v in sys.argv[1:] or ["plain"]:
+        print(build(v))
