@@ -1,7 +1,7 @@
 """The npid operators: loading the compiled library, fake (meta) implementations for
 torch.compile, autograd formulas, and thin Python entry points.
 
-The schemas live in csrc/npid_ops.cpp. Loss ops return (per-sample loss, grad_x) from one
+The schemas live in csrc/include/npid/schemas.h. Loss ops return (per-sample loss, grad_x) from one
 pass over the gathered bank rows; their autograd backward only scales the saved grad_x,
 so no (B, K+1, d) tensor exists in forward or backward. The bank never receives a
 gradient (it is a buffer updated by momentum_update_, as in lemniscate).

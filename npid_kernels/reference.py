@@ -122,6 +122,9 @@ def momentum_update(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, moment
     old rows; for duplicates in y the last occurrence wins (sequential index_copy_)."""
     old = bank.index_select(0, y).to(x.dtype)
     mixed = old * momentum + x.detach() * (1 - momentum)
+    # Divided by max|w_j| first, so a finite row far from unit length normalises without its
+    # squared norm over- or underflowing (what the kernels do when that happens).
+    mixed = mixed / mixed.abs().amax(1, keepdim=True)
     updated = mixed / mixed.pow(2).sum(1, keepdim=True).sqrt()
     out = bank.clone()
     for b in range(y.shape[0]):  # sequential: the last duplicate wins, on every device

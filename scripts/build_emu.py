@@ -8,7 +8,8 @@ torch.ops.npid_emu.* for CPU tensors. Variants:
   asan   AddressSanitizer + UndefinedBehaviorSanitizer (run with LD_PRELOAD of libasan)
   tsan   ThreadSanitizer (run with LD_PRELOAD of libtsan)
 
-Usage: python scripts/build_emu.py [plain|asan|tsan ...]  (prints each library's path).
+Usage: python scripts/build_emu.py [plain|asan|tsan|debug ...] [--target ops|defects]
+(prints each library's path).
 Rebuilds only when a source under csrc/, the flags, the compiler or torch changed. The sanitizer
 builds are compiled here, outside any sanitized process, so that no compiler runs preloaded.
 """
@@ -25,16 +26,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
-SOURCES = [
-    "emu/cuda_emu.cpp",
-    "emu/emu_library.cpp",
-    "emu/emu_nce.cpp",
-    "emu/emu_bank.cpp",
-    "bank_scan.cpp",  # full_softmax_loss / knn_topk's streaming, CPU GEMMs in place of cuBLAS
-]
+# Targets: the operator library, and the deliberately broken kernels that show each detector
+# fires (tests/emu_defects.cpp, with the same runtime). Paths relative to csrc/.
+TARGETS = {
+    "ops": [
+        "emu/cuda_emu.cpp",
+        "emu/emu_library.cpp",
+        "emu/emu_nce.cpp",
+        "emu/emu_bank.cpp",
+        "bank_scan.cpp",  # full_softmax_loss / knn_topk's streaming, CPU GEMMs in place of cuBLAS
+    ],
+    "defects": ["emu/cuda_emu.cpp", "../tests/emu_defects.cpp"],
+}
 
 VARIANT_FLAGS = {
     "plain": ["-O2"],
+    "debug": ["-O0"],  # quick to compile: the seeded-defect builds
     "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=undefined"],
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
@@ -60,11 +67,11 @@ def sanitizer_runtime(variant: str) -> str | None:
     return path
 
 
-def _torch_flags():
+def _torch_flags(csrc: str):
     import torch
     from torch.utils import cpp_extension
 
-    includes = [os.path.join(CSRC, "include"), CSRC] + cpp_extension.include_paths()
+    includes = [os.path.join(csrc, "include"), csrc] + cpp_extension.include_paths()
     cflags = ["-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-DNPID_EMULATE_CUDA",
               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
               "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
@@ -75,9 +82,11 @@ def _torch_flags():
     return cflags, ldflags, torch.__version__
 
 
-def _stamp(flags) -> str:
+def _stamp(csrc: str, sources, flags) -> str:
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+    paths = glob.glob(os.path.join(csrc, "**", "*"), recursive=True)
+    paths += [os.path.join(csrc, s) for s in sources]
+    for path in sorted(set(paths)):
         if os.path.isfile(path):
             h.update(path.encode())
             with open(path, "rb") as f:
@@ -87,40 +96,43 @@ def _stamp(flags) -> str:
     return h.hexdigest()
 
 
-def library_path(variant: str) -> str:
-    return os.path.join(ROOT, "build", f"emu-{variant}", f"npid_emu_{variant}.so")
-
-
-def build(variant: str = "plain", jobs: int | None = None, quiet: bool = False) -> str:
-    """Compile (if needed) and return the path of the variant's shared library."""
+def build(variant: str = "plain", target: str = "ops", csrc: str = CSRC, out_dir: str | None = None,
+          jobs: int | None = None, quiet: bool = False) -> str:
+    """Compile (if needed) and return the path of the target's shared library in that variant.
+    csrc / out_dir: another source tree (a mutated copy, for the seeded-defect tests) and where
+    its build goes; by default this checkout's csrc/ and build/emu-<variant>/."""
     if variant not in VARIANT_FLAGS:
         raise ValueError(f"variant must be one of {sorted(VARIANT_FLAGS)}, got {variant!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     if shutil.which(compiler()) is None:
         raise RuntimeError(f"no C++ compiler '{compiler()}' on PATH")
-    cflags, ldflags, torch_version = _torch_flags()
+    sources = TARGETS[target]
+    cflags, ldflags, torch_version = _torch_flags(csrc)
     vflags = VARIANT_FLAGS[variant]
-    out_dir = os.path.dirname(library_path(variant))
-    lib = library_path(variant)
-    stamp = _stamp(cflags + ldflags + vflags + [torch_version])
-    stamp_file = os.path.join(out_dir, "stamp")
+    out_dir = out_dir or os.path.join(ROOT, "build", f"emu-{variant}")
+    name = "npid_emu" if target == "ops" else "npid_emu_defects"
+    lib = os.path.join(out_dir, f"{name}_{variant}.so")
+    stamp = _stamp(csrc, sources, cflags + ldflags + vflags + [torch_version])
+    stamp_file = os.path.join(out_dir, f"{name}.stamp")
     if os.path.exists(lib) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
         return lib
     os.makedirs(out_dir, exist_ok=True)
     if not quiet:
-        print(f"npid_emu: building the emulated CUDA library ({variant}) with {compiler()}",
+        print(f"npid_emu: building {name} ({variant}) with {compiler()}",
               file=sys.stderr, flush=True)
 
     def compile_one(src):
-        obj = os.path.join(out_dir, src.replace("/", "_") + ".o")
-        cmd = [compiler(), *cflags, *vflags, "-c", os.path.join(CSRC, src), "-o", obj]
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        cmd = [compiler(), *cflags, *vflags, "-c", os.path.normpath(os.path.join(csrc, src)), "-o", obj]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{res.stderr[-8000:]}")
         return obj
 
-    jobs = jobs or max(1, min(len(SOURCES), os.cpu_count() or 1))
+    jobs = jobs or max(1, min(len(sources), os.cpu_count() or 1))
     # The largest translation units first, so that the pool finishes together.
-    order = sorted(SOURCES, key=lambda s: -os.path.getsize(os.path.join(CSRC, s)))
+    order = sorted(sources, key=lambda s: -os.path.getsize(os.path.join(csrc, s)))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         objs = list(pool.map(compile_one, order))
     tmp = lib + ".tmp"
@@ -135,5 +147,11 @@ def build(variant: str = "plain", jobs: int | None = None, quiet: bool = False) 
 
 
 if __name__ == "__main__":
-    for v in sys.argv[1:] or ["plain"]:
-        print(build(v))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", default=["plain"], choices=sorted(VARIANT_FLAGS))
+    parser.add_argument("--target", default="ops", choices=sorted(TARGETS))
+    args = parser.parse_args()
+    for v in args.variants:
+        print(build(v, args.target))

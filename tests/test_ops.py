@@ -561,3 +561,33 @@ print("ok")
     env = dict(os.environ, NPID_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------ behaviours both paths define the same way
+
+def test_strided_rng_state_is_read_through_its_stride(device):
+    """A (2,) view with stride 2 holds [seed, offset] at elements 0 and 2 of its storage."""
+    y = torch.tensor([1, 2, 3], device=device)
+    strided = torch.tensor([7, 99, 5, 99], device=device)[::2]
+    contiguous = torch.tensor([7, 5], device=device)
+    assert torch.equal(ops.sample_negatives(y, strided, 50, 9), ops.sample_negatives(y, contiguous, 50, 9))
+    x, bank, _, _, _ = make_problem(3, 9, 50, 8, device, dtype=torch.float32)
+    z = torch.tensor([40.0], device=device)
+    for fn in (lambda r: ops.nce_loss(x, bank, y, z, rng_state=r, num_negatives=9, temperature=T),
+               lambda r: ops.softmax_ce_loss(x, bank, y, rng_state=r, num_negatives=9, temperature=T)):
+        assert torch.equal(fn(strided), fn(contiguous))
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_momentum_update_normalises_rows_far_from_unit_length(device, scale):
+    """|w|^2 of a float32 row of 1e30s overflows and of 1e-30s underflows; the row is still
+    normalised (rescaled by its largest entry first), never written as zeros, NaN, or skipped."""
+    g = torch.Generator().manual_seed(0)
+    bank = unit_rows(6, 16, dtype=torch.float32, device=device, generator=g)
+    direction = unit_rows(2, 16, generator=g)
+    x = (direction * scale).float().to(device)
+    y = torch.tensor([1, 4], device=device)
+    got = bank.clone()
+    ops.momentum_update_(got, x, y, 0.0)
+    assert relative_error(got[y], direction) < 1e-6
+    assert torch.equal(got[[0, 2, 3, 5]], bank[[0, 2, 3, 5]])

@@ -44,9 +44,10 @@ inline RowSource make_row_source(const at::Tensor& bank, const at::Tensor& y,
     idx_storage = idx->contiguous();
     src.idx = idx_storage.data_ptr<int64_t>();
   } else {
+    // Through the stride: a strided (2,) view holds [seed, offset] at 0 and stride(0).
     const int64_t* state = rng_state->data_ptr<int64_t>();
     src.seed = static_cast<uint64_t>(state[0]);
-    src.offset = static_cast<uint64_t>(state[1]);
+    src.offset = static_cast<uint64_t>(state[rng_state->stride(0)]);
   }
   return src;
 }

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_map>
 #include <vector>
@@ -68,14 +69,26 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
           w[j] = mu * static_cast<acc_t>(row[j]) + one_minus_mu * static_cast<acc_t>(xp[b * d + j]);
           sq += w[j] * w[j];
         }
+        if (!(sq > 0) || !std::isfinite(sq)) {
+          // |w|^2 over- or underflowed: normalise w / max|w_j| (squared norm in [1, d]), as the
+          // CUDA kernel does. Only a zero or non-finite mix cannot be normalised.
+          acc_t mx = 0;
+          for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::abs(w[j]));
+          degenerate[i] = !(mx > 0) || !std::isfinite(mx);
+          if (degenerate[i]) continue;
+          sq = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            w[j] /= mx;
+            sq += w[j] * w[j];
+          }
+        }
         const acc_t inv_norm = acc_t(1) / std::sqrt(sq);
-        degenerate[i] = !(sq > 0) || !std::isfinite(inv_norm);
         for (int64_t j = 0; j < d; ++j) w[j] *= inv_norm;
       }
     });
     for (int64_t i = 0; i < W; ++i)
       TORCH_CHECK(!degenerate[i], "momentum update of bank row ", yp[writers[i]], " (x[", writers[i],
-                  "]) has zero norm and cannot be normalised; bank left unchanged");
+                  "]) has zero norm (or overflows) and cannot be normalised; bank left unchanged");
     at::parallel_for(0, W, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         bank_t* row = bp + yp[writers[i]] * d;

@@ -37,8 +37,9 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
   at::Tensor out = at::empty({B, columns}, y.options());
   const int64_t* yp = yc.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
+  // A strided (2,) view is read through its stride, as the CUDA path reads a contiguous copy.
   const int64_t* state = rng_state.data_ptr<int64_t>();
-  const uint64_t seed = state[0], offset = state[1];
+  const uint64_t seed = state[0], offset = state[rng_state.stride(0)];
   BadIndexFlag bad;
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {

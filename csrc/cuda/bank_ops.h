@@ -55,7 +55,8 @@ inline void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at:
     }
     TORCH_CHECK(at::isfinite(x).all().item<bool>(),
                 "x holds NaN or inf features; refusing to write them into the bank");
-    // A winning row whose mix has zero norm cannot be normalised (the CPU op raises too).
+    // A winning row whose mix is zero (or overflows) cannot be normalised (the CPU op raises too);
+    // any other finite mix can, however far from unit length (the kernel rescales it).
     const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const at::Tensor order_b = at::arange(B, y.options());
     const at::Tensor last = at::full({n}, -1, y.options())
@@ -63,12 +64,13 @@ inline void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at:
     const at::Tensor winner = last.index_select(0, y).eq(order_b);  // last occurrence wins
     const at::Tensor mixed = bank.index_select(0, y).to(acc_type).mul_(momentum)
                                  .add_(x.to(acc_type), 1.0 - momentum);
+    const at::Tensor largest = mixed.abs().amax(1);
     const at::Tensor degenerate =
-        mixed.mul(mixed).sum(1).gt(0).logical_not_().logical_and_(winner);
+        largest.gt(0).logical_and_(largest.isfinite()).logical_not_().logical_and_(winner);
     if (degenerate.any().item<bool>()) {
       const int64_t b = degenerate.to(at::kInt).argmax().item<int64_t>();
       TORCH_CHECK(false, "momentum update of bank row ", y[b].item<int64_t>(), " (x[", b,
-                  "]) has zero norm and cannot be normalised; bank left unchanged");
+                  "]) has zero norm (or overflows) and cannot be normalised; bank left unchanged");
     }
   }
   if (B == 0 || d == 0) return;

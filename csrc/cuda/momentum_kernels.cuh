@@ -51,11 +51,31 @@ __global__ void __launch_bounds__(kMomentumWarps * 32)
     sq += wv * wv;
   }
   sq = group_sum(sq, 32);  // bitwise identical on every lane
-  if (!__all_sync(kFullMask, finite) || !(sq > acc_t(0)) || isinf(sq)) return;
+  if (!__all_sync(kFullMask, finite)) return;
+  // |w|^2 over- or underflowed (a finite row far from unit length): normalise w / max|w_j|
+  // instead, whose squared norm lies in [1, d]. Only a zero or non-finite mix is skipped.
+  acc_t scale = acc_t(1);
+  if (!(sq > acc_t(0)) || isinf(sq)) {
+    acc_t mx = acc_t(0);
+    for (int64_t j = lane; j < d; j += 32) {
+      const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
+      const acc_t a = wv < acc_t(0) ? -wv : wv;
+      mx = a > mx ? a : mx;  // NaN-free: the features are finite
+    }
+    mx = across_groups_max(mx, 1);  // bitwise identical on every lane
+    if (!(mx > acc_t(0)) || isinf(mx)) return;
+    scale = mx;
+    sq = acc_t(0);
+    for (int64_t j = lane; j < d; j += 32) {
+      const acc_t wv = (mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j])) / scale;
+      sq += wv * wv;
+    }
+    sq = group_sum(sq, 32);
+  }
   const acc_t inv_norm = acc_t(1) / math::sqrt(sq);
   for (int64_t j = lane; j < d; j += 32) {
     const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
-    row[j] = static_cast<bank_t>(wv * inv_norm);
+    row[j] = static_cast<bank_t>((scale == acc_t(1) ? wv : wv / scale) * inv_norm);
   }
 }
 

@@ -25,7 +25,8 @@
 //    with several (small batches: B < #SMs, so that enough blocks are in flight) each block
 //    writes a partial state and a finalize kernel merges the splits in order.
 //  * Rows too long for the register layout (more than 128 vectors: d > 512 fp32, d > 256
-//    fp64, d > 1024 16-bit, or d > 128 without 16-byte alignment) go through a general kernel: one warp per row, element
+//    fp64, d > 1024 16-bit, or d > 256 without 16-byte alignment, where a lane holds 8 elements
+//    and a group one row) go through a general kernel: one warp per row, element
 //    loads, the warp's accumulators in a global workspace; the finalize kernel merges the
 //    warps' partial states the same way.
 // Errors are reported without a host sync (NaN results); see host_common.h.

@@ -51,6 +51,10 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
   // row), 2 for 16-bit rows of up to 64 vectors (register budget), 0: general kernel.
   int nv = nvec <= 128 ? 4 : 0;
   if (kVec == 8 && vec == 8 && nvec <= 64) nv = 2;
+  // Element loads (an unaligned bank view, or d * sizeof(bank_t) not a multiple of 16, e.g.
+  // d = 130) of up to 256 elements: 8 per lane, one row per group, still in registers. Without
+  // this such rows took the general kernel, whose accumulators live in global memory.
+  if (vec == 1 && nvec > 128 && nvec <= 256) nv = 8;
   const size_t smem = Tr::kAcc ? static_cast<size_t>(kWarps) * d * sizeof(acc_t) : 0;
   const bool fast = nv > 0 && smem <= kMaxFastSmem;
   // Lanes per row: covers the row with nv vectors per lane, at least R = 8 / nv (so that the
@@ -88,7 +92,9 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
       gpu::launch(scan_fast_kernel<M, scalar_t, bank_t, V, NV>,
                   {"scan_fast_kernel", kThreads, grid, kThreads, smem}, a, G);
     };
-    if (vec == 1) {
+    if (vec == 1 && nv == 8) {
+      launch(IntC<1>{}, IntC<8>{});
+    } else if (vec == 1) {
       launch(IntC<1>{}, IntC<4>{});
     } else if (nv == 4) {
       launch(IntC<kVec>{}, IntC<4>{});
