@@ -40,17 +40,27 @@ def demangle(names: list[str]) -> dict[str, str]:
         pretty = names
     short = {}
     for n, p in zip(names, pretty):
-        p = re.sub(r"npid::cuda::|c10::|\(.*\)$", "", p)
-        p = p.replace("Mode)0", "kScores").replace("Mode)1", "kScoresBwd").replace("Mode)2", "kEstZ")
-        p = p.replace("Mode)3", "kNce").replace("Mode)4", "kSoftmax").replace("(", "").replace("void ", "")
+        p = re.sub(r"npid::cuda::|c10::|\(anonymous namespace\)::|^void ", "", p)
+        for i, mode in enumerate(("kScores", "kScoresBwd", "kEstZ", "kNce", "kSoftmax")):
+            p = p.replace(f"(Mode){i}", mode)
+        depth = 0  # drop the parameter list: the first '(' outside the template arguments
+        for i, ch in enumerate(p):
+            depth += ch == "<"
+            depth -= ch == ">"
+            if ch == "(" and depth == 0:
+                p = p[:i]
+                break
         short[n] = p
     return short
 
 
 def main(before: str, after: str) -> None:
     a, b = parse(before), parse(after)
+    # Match by readable name: the mangled names change when a kernel leaves an anonymous namespace.
+    a = {k: v for k, v in zip(demangle(list(a)).values(), a.values())}
+    b = {k: v for k, v in zip(demangle(list(b)).values(), b.values())}
     names = sorted(set(a) | set(b))
-    short = demangle(names)
+    short = {n: n for n in names}
     print("| kernel | registers before / after | spill stores before / after | spill loads before / after | stack before / after |")
     print("|---|---|---|---|---|")
     worse = 0

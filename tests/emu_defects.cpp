@@ -44,11 +44,16 @@ __global__ void __launch_bounds__(kThreads) with_syncthreads(const float* x, flo
   out[t] = slots[(t + 1) % kThreads];
 }
 
-// A full-mask shuffle inside a branch only half the warp takes.
+// Full-mask shuffles in the two sides of a branch that splits the warp: two collectives, each
+// reached by half of the lanes its mask names.
 __global__ void __launch_bounds__(kThreads) divergent_shuffle(const float* x, float* out) {
   const int t = threadIdx.x;
   float v = x[t];
-  if ((t & 31) < 16) v = __shfl_sync(kFullMask, v, 0);
+  if ((t & 31) < 16) {
+    v = __shfl_sync(kFullMask, v, 0);
+  } else {
+    v = __shfl_sync(kFullMask, v, 31);
+  }
   out[t] = v;
 }
 

@@ -27,6 +27,7 @@
 #define NPID_SHARED_ARRAY(type, name, count) __shared__ type name[count]
 #define NPID_SHARED(type, name) __shared__ type name
 #define NPID_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#define NPID_NOINLINE __noinline__
 #endif
 
 namespace npid {

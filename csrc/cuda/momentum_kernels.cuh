@@ -12,6 +12,36 @@ namespace cuda {
 
 constexpr int kMomentumWarps = 8;
 
+// The rare case of a mixed row w = mu * row + (1 - mu) * x whose |w|^2 over- or underflowed (a
+// finite row far from unit length): normalise w / max|w_j| instead, whose squared norm lies in
+// [1, d]; a zero or non-finite w is left as it was. Kept out of line so that the common path's
+// registers are what they were without it. Every lane of the warp calls it.
+template <typename scalar_t, typename bank_t>
+__device__ NPID_NOINLINE void write_rescaled_row(bank_t* row, const scalar_t* xb, int64_t d,
+                                                 acc_type_t<scalar_t> mu,
+                                                 acc_type_t<scalar_t> one_minus_mu, int lane) {
+  using acc_t = acc_type_t<scalar_t>;
+  acc_t mx = acc_t(0);
+  for (int64_t j = lane; j < d; j += 32) {
+    const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
+    const acc_t a = wv < acc_t(0) ? -wv : wv;
+    mx = a > mx ? a : mx;  // the features are finite: no NaN here
+  }
+  mx = across_groups_max(mx, 1);  // bitwise identical on every lane
+  if (!(mx > acc_t(0)) || isinf(mx)) return;
+  acc_t sq = acc_t(0);
+  for (int64_t j = lane; j < d; j += 32) {
+    const acc_t wv = (mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j])) / mx;
+    sq += wv * wv;
+  }
+  sq = group_sum(sq, 32);
+  const acc_t inv_norm = acc_t(1) / math::sqrt(sq);
+  for (int64_t j = lane; j < d; j += 32) {
+    const acc_t wv = (mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j])) / mx;
+    row[j] = static_cast<bank_t>(wv * inv_norm);
+  }
+}
+
 template <typename scalar_t, typename bank_t>
 __global__ void __launch_bounds__(kMomentumWarps * 32)
     momentum_update_kernel(bank_t* __restrict__ bank, const scalar_t* __restrict__ x,
@@ -52,30 +82,14 @@ __global__ void __launch_bounds__(kMomentumWarps * 32)
   }
   sq = group_sum(sq, 32);  // bitwise identical on every lane
   if (!__all_sync(kFullMask, finite)) return;
-  // |w|^2 over- or underflowed (a finite row far from unit length): normalise w / max|w_j|
-  // instead, whose squared norm lies in [1, d]. Only a zero or non-finite mix is skipped.
-  acc_t scale = acc_t(1);
-  if (!(sq > acc_t(0)) || isinf(sq)) {
-    acc_t mx = acc_t(0);
-    for (int64_t j = lane; j < d; j += 32) {
-      const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
-      const acc_t a = wv < acc_t(0) ? -wv : wv;
-      mx = a > mx ? a : mx;  // NaN-free: the features are finite
-    }
-    mx = across_groups_max(mx, 1);  // bitwise identical on every lane
-    if (!(mx > acc_t(0)) || isinf(mx)) return;
-    scale = mx;
-    sq = acc_t(0);
-    for (int64_t j = lane; j < d; j += 32) {
-      const acc_t wv = (mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j])) / scale;
-      sq += wv * wv;
-    }
-    sq = group_sum(sq, 32);
+  if (!(sq > acc_t(0)) || isinf(sq)) {  // warp-uniform: sq is the same on every lane
+    write_rescaled_row<scalar_t, bank_t>(row, xb, d, mu, one_minus_mu, lane);
+    return;
   }
   const acc_t inv_norm = acc_t(1) / math::sqrt(sq);
   for (int64_t j = lane; j < d; j += 32) {
     const acc_t wv = mu * to_acc<acc_t>(row[j]) + one_minus_mu * to_acc<acc_t>(xb[j]);
-    row[j] = static_cast<bank_t>((scale == acc_t(1) ? wv : wv / scale) * inv_norm);
+    row[j] = static_cast<bank_t>(wv * inv_norm);
   }
 }
 

@@ -502,7 +502,7 @@ void run(const Launch& launch, const std::function<void()>& body) {
   const uint64_t nthreads = uint64_t(launch.block.x) * launch.block.y * launch.block.z;
   const uint64_t nblocks = uint64_t(launch.grid.x) * launch.grid.y * launch.grid.z;
   auto bad = [&](const std::string& what) {
-    throw std::invalid_argument(std::string("emulated CUDA: launch of ") + launch.kernel +
+    throw std::runtime_error(std::string("emulated CUDA: launch of ") + launch.kernel +
                                 ": invalid configuration: " + what);
   };
   if (nthreads == 0 || nblocks == 0)

@@ -38,6 +38,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// (__noinline__ itself cannot be a macro here: libstdc++ spells __attribute__((__noinline__)).)
+#define NPID_NOINLINE __attribute__((noinline))
 
 // ----------------------------------------------------------------------------- vector types
 struct uint3 {
