@@ -104,7 +104,34 @@ class _UpdateBankAfterBackward(torch.autograd.Function):
         return grad, None, None, None
 
 
-class NCEAverage(nn.Module):
+class _LemniscateParams(nn.Module):
+    """The drop-ins' `params` buffer, read the way lemniscate reads it (params[i].item() in its
+    forward/backward): T and momentum are the buffer's values in the buffer's own dtype, float32(T)
+    under torch's default float32 dtype, T exactly under float64. They are cached as Python floats
+    (an .item() every step would sync the GPU) and re-read whenever the buffer can change: after
+    .to()/.double()/.cuda() and after load_state_dict."""
+
+    _T_SLOT, _MOMENTUM_SLOT = 0, 1
+
+    def _init_params(self, values) -> None:
+        self.register_buffer("params", torch.tensor(values))  # torch's default dtype, as lemniscate
+        self._read_params()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._read_params())
+
+    def _read_params(self) -> None:
+        if self.params.is_meta:
+            return
+        values = self.params.detach().cpu()
+        self.T = float(values[self._T_SLOT])
+        self.momentum = float(values[self._MOMENTUM_SLOT])
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._read_params()
+        return out
+
+
+class NCEAverage(_LemniscateParams):
     """Drop-in for lemniscate's lib/NCEAverage.py: forward(x, y) returns P (B, K+1), the
     normalised exp scores of the positive (column 0) and K uniform noise rows; the memory
     is updated during backward. Z (params[2]) is estimated from the first batch on the device.
@@ -119,11 +146,10 @@ class NCEAverage(nn.Module):
         _check_sizes(outputSize, inputSize, K)
         self.nLem = outputSize
         self.K = K
-        # T and momentum as Python floats: reading them back from `params` would sync the GPU
-        # every step. `params` mirrors lemniscate's buffer (and holds Z) for its checkpoints.
-        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum
-        self.register_buffer("params", torch.tensor([K, T, -1 if Z is None else Z, momentum]))
-        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+        # params = [K, T, Z, momentum] as lemniscate's buffer (it holds Z, and T/momentum as read).
+        self._T_SLOT, self._MOMENTUM_SLOT = 1, 3
+        self._init_params([K, T, -1 if Z is None else Z, momentum])
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_batch(x, y, self.memory)
@@ -155,7 +181,7 @@ class NCECriterion(nn.Module):
         return reference.nce_criterion(x, self.nLem).sum() / x.shape[0]
 
 
-class LinearAverage(nn.Module):
+class LinearAverage(_LemniscateParams):
     """Drop-in for lemniscate's lib/LinearAverage.py: forward(x, y) returns the logits
     x @ memory.T / T over every instance (feed them to nn.CrossEntropyLoss); the memory is
     updated during backward. For large banks prefer NPIDLoss(loss="softmax"), which never
@@ -165,9 +191,8 @@ class LinearAverage(nn.Module):
         super().__init__()
         _check_sizes(outputSize, inputSize)
         self.nLem = outputSize
-        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum  # see NCEAverage
-        self.register_buffer("params", torch.tensor([T, momentum]))
-        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+        self._init_params([T, momentum])  # params = [T, momentum], read as lemniscate reads them
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_batch(x, y, self.memory)
