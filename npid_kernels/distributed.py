@@ -411,16 +411,22 @@ class DistributedNPIDLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
-        _check_batch(features, indices, memory, num_data=self.num_data)
-        if idx is not None:
-            if self.loss_type == "softmax":
-                raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
-                                 "the whole bank")
-            _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
-                       indices, "indices")
-        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
-            features = features.float()
-        _check_bank_dtype(features, memory)
+        # The value checks (rows in range, finite features) read this rank's batch: the ranks agree
+        # on the outcome, so that a refused batch stops every rank instead of leaving the others
+        # waiting in a collective. Only where values are read (CPU, or NPID_CUDA_SYNC_CHECKS=1 on
+        # CUDA): an all_reduce and a host read per step.
+        agree = self.world_size > 1 and C._values_readable(memory)
+        with _refused_together(agree, self.process_group, memory.device):
+            _check_batch(features, indices, memory, num_data=self.num_data)
+            if idx is not None:
+                if self.loss_type == "softmax":
+                    raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
+                                     "scans the whole bank")
+                _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
+                           indices, "indices")
+            if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+                features = features.float()
+            _check_bank_dtype(features, memory)
         sample_here = idx is None and self.loss_type != "softmax"
         if self.mode == "replicated":
             per_sample = self._replicated_loss(features, indices, idx, memory)
@@ -653,6 +659,34 @@ class DistributedNPIDLoss(nn.Module):
 
 # ---------------------------------------------------------------- distributed kNN
 
+class _refused_together:
+    """Context manager around argument checks: with agree=True (several ranks) the ranks exchange
+    whether their checks passed (one all_reduce) and all raise when any refused: the refusing rank
+    with its own error, the others with a ValueError naming it. agree=False: errors as they come."""
+
+    def __init__(self, agree: bool, group, device):
+        self.agree, self.group, self.device = agree, group, device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self.agree:
+            return False
+        refused = kind is not None and issubclass(kind, (TypeError, ValueError, IndexError))
+        if kind is not None and not refused:
+            return False  # not an argument error: let it through as is
+        rank = get_rank(self.group)
+        flag = torch.tensor([rank + 1 if refused else 0], dtype=torch.int64,
+                            device=_comm_device(self.group, torch.device(self.device)))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        bad = int(flag.item())
+        if refused or not bad:
+            return False  # re-raise this rank's own error, or all passed
+        raise ValueError(f"rank {bad - 1} refused its arguments (see its error); every rank stops so that "
+                         "none waits in a collective")
+
+
 def _knn_checks(bank, bank_labels, num_classes, bank_offset, query=None, k=None, temperature=None):
     C.tensor(bank, "bank")
     C.tensor(bank_labels, "bank_labels")
@@ -700,11 +734,13 @@ def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, ban
     [bank_offset, bank_offset + len(bank)): the queries are all_gathered, every rank computes
     the top-k over its shard for all of them, the candidates are sent to the queries' ranks
     (all_to_all) and merged there. precision of the products as in knn_topk."""
-    if bank_offset is None:
-        _check_search(query, bank, k)
-    else:
-        _check_shard(query, bank, bank_offset)
-        C.count(k, "k", 1)
+    with _refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        if bank_offset is None:
+            _check_search(query, bank, k)
+        else:
+            _check_shard(query, bank, bank_offset)
+            C.count(k, "k", 1)
     if bank_offset is None:
         if query.shape[0] == 0:
             return query.new_empty((0, k)), torch.empty(0, k, dtype=torch.int64, device=query.device)
@@ -737,8 +773,10 @@ def distributed_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels
     """knn_predict for this rank's queries: (Q_local, num_classes) weighted-kNN class scores
     over the whole bank (replicated, or sharded with bank_offset). bank_labels holds the labels
     of all n rows on every rank. Gather the ranks' results with all_gather_varsize."""
-    n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, k, temperature)
-    C.count(k, "k", 1, n, f"n_data = {n}")
+    with _refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, k, temperature)
+        C.count(k, "k", 1, n, f"n_data = {n}")
     sims, rows = distributed_knn_topk(query, bank, k, bank_offset=bank_offset, process_group=process_group,
                                       precision=precision)
     return knn_vote(sims.float(), rows, bank_labels, num_classes, temperature)
@@ -753,10 +791,12 @@ def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, ba
     e.g. from DistributedEvalSampler; any counts, even zero) and the bank replicated
     (bank_offset None) or sharded (this rank's rows start at bank_offset). The hit counts are
     summed across ranks, so every rank returns the numbers knn_evaluate gives on all queries."""
-    n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, None, temperature)
-    C.count(k, "k", 1, n, f"n_data = {n}")
-    C.labels(query_labels, "query_labels", num_classes, (query.shape[0],), query, "query")
-    recall_ks = _check_recall_ks(recall_ks, n)
+    with _refused_together(get_world_size(process_group) > 1, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, None, temperature)
+        C.count(k, "k", 1, n, f"n_data = {n}")
+        C.labels(query_labels, "query_labels", num_classes, (query.shape[0],), query, "query")
+        recall_ks = _check_recall_ks(recall_ks, n)
     k_search = max([k] + recall_ks)
     sims, rows = distributed_knn_topk(query, bank, k_search, bank_offset=bank_offset, process_group=process_group,
                                       precision=precision)
