@@ -71,11 +71,12 @@ def rows(t, name: str, n: int, shape: Sequence[int], ref: torch.Tensor, ref_name
 
 
 def in_range(t: torch.Tensor, name: str, n: int, what: str = "the bank") -> None:
+    """Every value in [0, n); the error names the first one outside (in t's order), as the ops do.
+    (Two compares: int64 aminmax is ~15x slower on the CPU.)"""
     if t.numel() and _values_readable(t):
-        lo, hi = torch.aminmax(t)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= n:
-            bad = lo if lo < 0 else hi
+        outside = (t < 0) | (t >= n)
+        if bool(outside.any()):
+            bad = int(t.reshape(-1)[outside.reshape(-1).nonzero()[0, 0]])
             raise IndexError(f"{name} holds row {bad}, outside {what} [0, {n})")
 
 

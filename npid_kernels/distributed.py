@@ -422,8 +422,9 @@ class DistributedNPIDLoss(nn.Module):
                 if self.loss_type == "softmax":
                     raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
                                      "scans the whole bank")
+                # the range too: in the sharded mode the rows are fetched (collectives) before any op
                 _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
-                           indices, "indices")
+                           indices, "indices", check_range=True)
             if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
                 features = features.float()
             _check_bank_dtype(features, memory)

@@ -101,9 +101,11 @@ IDX_CASES = [
     ("idx-shape", lambda x, y, i: (x, y, i[:, :5]), ValueError, r"idx must have shape \(4, 8\), got \(4, 5\)"),
     ("idx-batch", lambda x, y, i: (x, y, i[:3]), ValueError, r"idx must have shape \(4, 8\), got \(3, 8\)"),
     ("idx-int32", lambda x, y, i: (x, y, i.int()), ValueError, "idx must be int64"),
-    ("idx-row", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:].clone().fill_(N + 7)], 1)), IndexError,
-     r"idx holds row 57, outside the bank \[0, 50\)"),
-    ("idx-negative", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:] - N], 1)), IndexError, "idx holds row -"),
+    # The ops check idx's rows in their own pass (RuntimeError), DistributedNPIDLoss before fetching (IndexError)
+    ("idx-row", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:].clone().fill_(N + 7)], 1)),
+     (IndexError, RuntimeError), r"idx holds row 57, outside the bank \[0, 50\)"),
+    ("idx-negative", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:] - N], 1)), (IndexError, RuntimeError),
+     "idx holds row -"),
     ("idx-device", lambda x, y, i: (x, y, torch.empty(B, K + 1, dtype=torch.int64, device="meta")), ValueError,
      "idx is on meta but {f} is on"),
 ]

@@ -492,7 +492,7 @@ def test_failed_z_estimate_raises_on_every_rank(tmp_path):
     for mode in MODES:
         assert got[1][mode] == "features holds NaN or inf", (mode, got[1][mode])  # its own message
         assert got[0][mode].startswith("rank 1 refused its arguments"), (mode, got[0][mode])
-        assert got[1][mode + "-row"].startswith(f"indices holds row {N + 3}, outside the bank"), got[1][mode + "-row"]
+        assert got[1][mode + "-row"].startswith(f"indices holds row {N}, outside the bank"), got[1][mode + "-row"]
         assert got[0][mode + "-row"].startswith("rank 1 refused its arguments"), got[0][mode + "-row"]
 
 
