@@ -415,7 +415,7 @@ class DataModule:
                 mean, std = (mean[0],) * self.in_channels, (std[0],) * self.in_channels
             self.batch_augment = BatchAugment(mean, std, strength, out_size=size, hflip=hflip)
             self.eval_augment = BatchAugment(mean, std, "none", out_size=size)
-            self.cpu_transform = paper_transform(size, mean, std, strength, hflip)
+            self._cpu_transform_args = (size, mean, std, strength, hflip)  # built on first use (torchvision)
         self.augment = strength
         self.image_size = size
         self.num_train = len(self.train_labels)
@@ -446,7 +446,7 @@ class DataModule:
         steps = self.steps_per_epoch(batch_size, world)
         mine = order[: steps * batch_size * world].view(steps, world, batch_size)[:, rank].reshape(-1)
         if self.folder or cpu_augment:
-            dataset = self.train_set if self.folder else InstanceDataset(self.train, self.cpu_transform)
+            dataset = self.train_set if self.folder else InstanceDataset(self.train, paper_transform(*self._cpu_transform_args))
             # The workers' seeds come from this generator, so the augmentation is fixed by (seed, epoch, rank).
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, shuffle=False,

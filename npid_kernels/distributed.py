@@ -36,7 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .nn import _check_batch, _check_loss_args
+from . import _checks as C
+from .knn import _check_labels, _check_recall_ks, _check_search, _check_temperature
+from .nn import _check_bank_dtype, _check_batch, _check_idx, _check_loss_args
 from .reference import knn_vote, round_to_precision
 
 __all__ = [
@@ -409,11 +411,23 @@ class DistributedNPIDLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
-        _check_batch(features, indices, memory)
-        if idx is not None and (idx.dim() != 2 or idx.shape[0] != features.shape[0] or idx.shape[1] < 1):
-            raise ValueError(f"idx must have shape (batch, K+1) with batch = {features.shape[0]}, got {tuple(idx.shape)}")
-        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
-            features = features.float()
+        # The value checks (rows in range, finite features) read this rank's batch: the ranks agree
+        # on the outcome, so that a refused batch stops every rank instead of leaving the others
+        # waiting in a collective. Only where values are read (CPU, or NPID_CUDA_SYNC_CHECKS=1 on
+        # CUDA): an all_reduce and a host read per step.
+        agree = self.world_size > 1 and C._values_readable(memory)
+        with _refused_together(agree, self.process_group, memory.device):
+            _check_batch(features, indices, memory, num_data=self.num_data)
+            if idx is not None:
+                if self.loss_type == "softmax":
+                    raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
+                                     "scans the whole bank")
+                # the range too: in the sharded mode the rows are fetched (collectives) before any op
+                _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
+                           indices, "indices", check_range=True)
+            if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+                features = features.float()
+            _check_bank_dtype(features, memory)
         sample_here = idx is None and self.loss_type != "softmax"
         if self.mode == "replicated":
             per_sample = self._replicated_loss(features, indices, idx, memory)
@@ -646,17 +660,69 @@ class DistributedNPIDLoss(nn.Module):
 
 # ---------------------------------------------------------------- distributed kNN
 
-def _knn_checks(bank, bank_labels, num_classes, bank_offset):
-    n = bank_labels.shape[0]
+class _refused_together:
+    """Context manager around argument checks: with agree=True (several ranks) the ranks exchange
+    whether their checks passed (one all_reduce) and all raise when any refused: the refusing rank
+    with its own error, the others with a ValueError naming it. agree=False: errors as they come."""
+
+    def __init__(self, agree: bool, group, device):
+        self.agree, self.group, self.device = agree, group, device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self.agree:
+            return False
+        refused = kind is not None and issubclass(kind, (TypeError, ValueError, IndexError))
+        if kind is not None and not refused:
+            return False  # not an argument error: let it through as is
+        rank = get_rank(self.group)
+        flag = torch.tensor([rank + 1 if refused else 0], dtype=torch.int64,
+                            device=_comm_device(self.group, torch.device(self.device)))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        bad = int(flag.item())
+        if refused or not bad:
+            return False  # re-raise this rank's own error, or all passed
+        raise ValueError(f"rank {bad - 1} refused its arguments (see its error); every rank stops so that "
+                         "none waits in a collective")
+
+
+def _knn_checks(bank, bank_labels, num_classes, bank_offset, query=None, k=None, temperature=None):
+    C.tensor(bank, "bank")
+    C.tensor(bank_labels, "bank_labels")
     if bank_labels.dim() != 1:
         raise ValueError(f"bank_labels must be 1-D (the labels of all n bank rows), got {tuple(bank_labels.shape)}")
+    n = bank_labels.shape[0]
     if bank_offset is None and bank.shape[0] != n:
         raise ValueError(f"bank has {bank.shape[0]} rows but bank_labels {n} (a sharded bank needs bank_offset)")
     if bank_offset is not None and not (0 <= bank_offset and bank_offset + bank.shape[0] <= n):
         raise ValueError(f"shard rows [{bank_offset}, {bank_offset + bank.shape[0]}) are outside [0, {n})")
-    if n and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):
-        raise ValueError(f"bank_labels must be in [0, num_classes = {num_classes})")
+    if bank_offset is None:
+        _check_search(query, bank, k if k is not None else 1)
+        _check_labels(bank, bank_labels, num_classes)
+    else:
+        _check_shard(query, bank, bank_offset)
+        C.count(num_classes, "num_classes", 1)
+        C.labels(bank_labels, "bank_labels", num_classes, (n,), bank, "bank")
+        if n and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):
+            raise ValueError(f"bank_labels must be in [0, num_classes = {num_classes})")
+    if temperature is not None:
+        _check_temperature(temperature)
     return n
+
+
+def _check_shard(query, bank, bank_offset) -> None:
+    """A sharded search: this rank's shard may be empty, k may exceed its rows."""
+    C.tensor(bank, "bank")
+    if bank.dim() != 2 or not bank.is_floating_point():
+        raise ValueError(f"bank must be a 2-D float (rows, dim) tensor (this rank's shard), got "
+                         f"{tuple(bank.shape)} {bank.dtype}")
+    C.features(query, "query", bank.shape[1], allow_empty=True)
+    C.same_device(query, "query", bank, "bank")
+    C.count(bank_offset, "bank_offset", 0)
+    if bank.numel() and C._values_readable(bank) and not bool(torch.isfinite(bank).all()):
+        raise ValueError("bank holds NaN or inf")
 
 
 @torch.no_grad()
@@ -669,6 +735,13 @@ def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, ban
     [bank_offset, bank_offset + len(bank)): the queries are all_gathered, every rank computes
     the top-k over its shard for all of them, the candidates are sent to the queries' ranks
     (all_to_all) and merged there. precision of the products as in knn_topk."""
+    with _refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        if bank_offset is None:
+            _check_search(query, bank, k)
+        else:
+            _check_shard(query, bank, bank_offset)
+            C.count(k, "k", 1)
     if bank_offset is None:
         if query.shape[0] == 0:
             return query.new_empty((0, k)), torch.empty(0, k, dtype=torch.int64, device=query.device)
@@ -701,9 +774,10 @@ def distributed_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels
     """knn_predict for this rank's queries: (Q_local, num_classes) weighted-kNN class scores
     over the whole bank (replicated, or sharded with bank_offset). bank_labels holds the labels
     of all n rows on every rank. Gather the ranks' results with all_gather_varsize."""
-    n = _knn_checks(bank, bank_labels, num_classes, bank_offset)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, n_data = {n}], got {k}")
+    with _refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, k, temperature)
+        C.count(k, "k", 1, n, f"n_data = {n}")
     sims, rows = distributed_knn_topk(query, bank, k, bank_offset=bank_offset, process_group=process_group,
                                       precision=precision)
     return knn_vote(sims.float(), rows, bank_labels, num_classes, temperature)
@@ -718,13 +792,13 @@ def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, ba
     e.g. from DistributedEvalSampler; any counts, even zero) and the bank replicated
     (bank_offset None) or sharded (this rank's rows start at bank_offset). The hit counts are
     summed across ranks, so every rank returns the numbers knn_evaluate gives on all queries."""
-    n = _knn_checks(bank, bank_labels, num_classes, bank_offset)
-    if query_labels.shape[0] != query.shape[0]:
-        raise ValueError(f"query_labels has {query_labels.shape[0]} entries but query has {query.shape[0]} rows")
-    recall_ks = sorted(set(int(r) for r in recall_ks if r <= n))
+    with _refused_together(get_world_size(process_group) > 1, process_group,
+                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+        n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, None, temperature)
+        C.count(k, "k", 1, n, f"n_data = {n}")
+        C.labels(query_labels, "query_labels", num_classes, (query.shape[0],), query, "query")
+        recall_ks = _check_recall_ks(recall_ks, n)
     k_search = max([k] + recall_ks)
-    if not 1 <= k_search <= n:
-        raise ValueError(f"k must be in [1, n_data = {n}], got {k_search}")
     sims, rows = distributed_knn_topk(query, bank, k_search, bank_offset=bank_offset, process_group=process_group,
                                       precision=precision)
     neighbour_labels = bank_labels[rows]

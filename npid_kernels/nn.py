@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _checks as C
 from . import ops, reference
 
 LOSSES = ("nce", "softmax-ce", "softmax")
@@ -29,14 +30,40 @@ def _check_sizes(num_data: int, dim: int, num_negatives: Optional[int] = None):
         raise ValueError(f"K (num_negatives) must be in [1, num_data = {num_data}), got {num_negatives}")
 
 
-def _check_batch(features: torch.Tensor, indices: torch.Tensor, memory: torch.Tensor):
-    """Python-side checks that need no device sync (the kernels check the rest)."""
-    if features.dim() != 2 or features.shape[1] != memory.shape[1]:
-        raise ValueError(f"features must have shape (batch, {memory.shape[1]}), got {tuple(features.shape)}")
-    if features.shape[0] == 0:
-        raise ValueError("features is an empty batch (batch size 0)")
-    if indices.shape != (features.shape[0],):
-        raise ValueError(f"indices must have shape ({features.shape[0]},), got {tuple(indices.shape)}")
+def _check_batch(features, indices, memory: torch.Tensor, names=("features", "indices"),
+                 num_data: Optional[int] = None):
+    """A module's (features, indices) batch against its bank, in the caller's names (NPIDLoss:
+    features/indices; the lemniscate drop-ins: x/y): shapes, dtypes, devices, and on the CPU
+    (or with NPID_CUDA_SYNC_CHECKS=1) rows in [0, num_data) and finite features. num_data: the
+    bank's rows (default memory.shape[0]; a shard passes the whole bank's)."""
+    f, i = names
+    C.features(features, f, memory.shape[1])
+    if features.device != memory.device:
+        raise ValueError(f"{f} is on {features.device} but the module's bank is on {memory.device} "
+                         "(move the module with .to())")
+    C.rows(indices, i, memory.shape[0] if num_data is None else num_data, (features.shape[0],), features, f)
+
+
+def _check_bank_dtype(features: torch.Tensor, memory: torch.Tensor, name: str = "features"):
+    if memory.dtype != features.dtype and memory.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} is {features.dtype} but the module's bank is {memory.dtype}: the bank must be "
+                         f"in {name}'s dtype or bfloat16/float16 (convert {name}, or the module with .to(dtype))")
+
+
+def _check_idx(idx, batch: int, num_negatives: int, num_data: int, features: torch.Tensor, features_name: str,
+               positives: Optional[torch.Tensor] = None, positives_name: str = "indices",
+               check_range: bool = False):
+    """An explicit (batch, K+1) idx. positives given: idx[:, 0] must equal them (NPIDLoss);
+    None: column 0 is overwritten (the drop-ins, as lemniscate) and not checked. The rows' range
+    is left to the ops by default: they check it in their pass over the rows (CPU; CUDA with
+    NPID_CUDA_SYNC_CHECKS=1), before any output or bank row is written, with the message
+    "idx holds row r, outside the bank [0, n)"; a second pass over B x (K+1) rows here would
+    cost ~10% of a CPU step."""
+    C.rows(idx, "idx", num_data, (batch, num_negatives + 1), features, features_name, check_range=False)
+    if check_range:
+        C.in_range(idx if positives is not None else idx[:, 1:], "idx", num_data)
+    if positives is not None:
+        C.positive_column(idx, positives, positives_name)
 
 
 def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
@@ -79,10 +106,15 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update_(self, features: torch.Tensor, indices: torch.Tensor, momentum: float = 0.5) -> None:
         """memory[indices] <- normalise(momentum * memory[indices] + (1 - momentum) * features)."""
+        _check_batch(features, indices, self.memory)
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         ops.momentum_update_(self.memory, features, indices, momentum)
 
     def nearest_neighbors(self, query: torch.Tensor, k: int):
-        return ops.knn_topk(query, self.memory, k)
+        from .knn import nearest_neighbors
+
+        return nearest_neighbors(query, self.memory, k)
 
     def extra_repr(self) -> str:
         return f"num_data={self.num_data}, dim={self.dim}, dtype={self.memory.dtype}"
@@ -104,7 +136,34 @@ class _UpdateBankAfterBackward(torch.autograd.Function):
         return grad, None, None, None
 
 
-class NCEAverage(nn.Module):
+class _LemniscateParams(nn.Module):
+    """The drop-ins' `params` buffer, read the way lemniscate reads it (params[i].item() in its
+    forward/backward): T and momentum are the buffer's values in the buffer's own dtype, float32(T)
+    under torch's default float32 dtype, T exactly under float64. They are cached as Python floats
+    (an .item() every step would sync the GPU) and re-read whenever the buffer can change: after
+    .to()/.double()/.cuda() and after load_state_dict."""
+
+    _T_SLOT, _MOMENTUM_SLOT = 0, 1
+
+    def _init_params(self, values) -> None:
+        self.register_buffer("params", torch.tensor(values))  # torch's default dtype, as lemniscate
+        self._read_params()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._read_params())
+
+    def _read_params(self) -> None:
+        if self.params.is_meta:
+            return
+        values = self.params.detach().cpu()
+        self.T = float(values[self._T_SLOT])
+        self.momentum = float(values[self._MOMENTUM_SLOT])
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._read_params()
+        return out
+
+
+class NCEAverage(_LemniscateParams):
     """Drop-in for lemniscate's lib/NCEAverage.py: forward(x, y) returns P (B, K+1), the
     normalised exp scores of the positive (column 0) and K uniform noise rows; the memory
     is updated during backward. Z (params[2]) is estimated from the first batch on the device.
@@ -119,20 +178,19 @@ class NCEAverage(nn.Module):
         _check_sizes(outputSize, inputSize, K)
         self.nLem = outputSize
         self.K = K
-        # T and momentum as Python floats: reading them back from `params` would sync the GPU
-        # every step. `params` mirrors lemniscate's buffer (and holds Z) for its checkpoints.
-        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum
-        self.register_buffer("params", torch.tensor([K, T, -1 if Z is None else Z, momentum]))
-        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+        # params = [K, T, Z, momentum] as lemniscate's buffer (it holds Z, and T/momentum as read).
+        self._T_SLOT, self._MOMENTUM_SLOT = 1, 3
+        self._init_params([K, T, -1 if Z is None else Z, momentum])
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        _check_batch(x, y, self.memory)
+        _check_batch(x, y, self.memory, ("x", "y"))
+        _check_bank_dtype(x, self.memory, "x")
         batch = x.shape[0]
         if idx is None:
             idx = torch.randint(0, self.nLem, (batch, self.K + 1), device=x.device)
         else:
-            if idx.shape != (batch, self.K + 1):
-                raise ValueError(f"idx must have shape (batch, K+1) = ({batch}, {self.K + 1}), got {tuple(idx.shape)}")
+            _check_idx(idx, batch, self.K, self.nLem, x, "x")  # column 0 is y's, as in lemniscate
             idx = idx.clone()
         idx[:, 0] = y
         if torch.is_grad_enabled() and x.requires_grad:
@@ -152,10 +210,14 @@ class NCECriterion(nn.Module):
         self.nLem = nLem
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        C.tensor(x, "x")
+        if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] < 2 or not x.is_floating_point():
+            raise ValueError(f"x must be NCEAverage's output, a non-empty float (batch, K+1) tensor with K >= 1, "
+                             f"got {tuple(x.shape)} {x.dtype}")
         return reference.nce_criterion(x, self.nLem).sum() / x.shape[0]
 
 
-class LinearAverage(nn.Module):
+class LinearAverage(_LemniscateParams):
     """Drop-in for lemniscate's lib/LinearAverage.py: forward(x, y) returns the logits
     x @ memory.T / T over every instance (feed them to nn.CrossEntropyLoss); the memory is
     updated during backward. For large banks prefer NPIDLoss(loss="softmax"), which never
@@ -165,12 +227,12 @@ class LinearAverage(nn.Module):
         super().__init__()
         _check_sizes(outputSize, inputSize)
         self.nLem = outputSize
-        self.T, self.momentum = float(torch.tensor(T, dtype=torch.float32)), momentum  # see NCEAverage
-        self.register_buffer("params", torch.tensor([T, momentum]))
-        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize))
+        self._init_params([T, momentum])  # params = [T, momentum], read as lemniscate reads them
+        self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_batch(x, y, self.memory)
+        _check_batch(x, y, self.memory, ("x", "y"))  # y in range here, not in cross_entropy or backward
+        _check_bank_dtype(x, self.memory, "x")
         if torch.is_grad_enabled() and x.requires_grad:
             x = _UpdateBankAfterBackward.apply(x, self.memory, y, self.momentum)
         return x @ self.memory.to(x.dtype).t() / self.T
@@ -225,8 +287,15 @@ class NPIDLoss(nn.Module):
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
         _check_batch(features, indices, memory)
+        if idx is not None:
+            if self.loss_type == "softmax":
+                raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
+                                 "the whole bank")
+            _check_idx(idx, features.shape[0], self.num_negatives, memory.shape[0], features, "features",
+                       indices, "indices")
         if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
             features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
+        _check_bank_dtype(features, memory)
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
                         num_negatives=self.num_negatives, temperature=self.temperature)
         if self.loss_type == "nce":
@@ -285,6 +354,9 @@ class AliasSampler(nn.Module):
 
     def draw_rows(self, y: torch.Tensor, num_negatives: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(B, K+1) rows for the losses' idx argument: column 0 = y, the rest drawn from the table."""
+        C.tensor(y, "y")
+        C.rows(y, "y", self.prob.numel(), (y.shape[0],) if y.dim() == 1 else ("batch",), self.prob, "the sampler")
+        C.count(num_negatives, "num_negatives", 1)
         rows = self.draw(y.shape[0], num_negatives + 1, generator=generator)
         rows[:, 0] = y
         return rows

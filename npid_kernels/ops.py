@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
+from ._checks import _values_readable
 
 # The operator library the entry points below call. The tests swap in `npid_emu`, the CUDA
 # launchers built against the CPU emulator (scripts/build_emu.py), with _calls_into().
@@ -32,28 +33,41 @@ def cuda_available() -> bool:
 
 # ---------------------------------------------------------------- fake implementations and autograd
 
+def _same_device(x, x_name="x", **others):
+    """The device check of csrc/include/npid/checks.h, in the fakes: a meta tensor among real ones
+    sends the call to the fake (Meta) kernel, which would otherwise return uninitialised memory."""
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == x.device, lambda: f"{name} is on {t.device} but {x_name} is on {x.device}")
+
+
 def _register_python_side(ns: str) -> None:
     """Fakes (torch.compile, opcheck) and autograd formulas for the ops of library `ns`."""
 
     @torch.library.register_fake(f"{ns}::sample_negatives")
     def _(y, rng_state, n_data, num_negatives):
+        _same_device(y, "y", rng_state=rng_state)
         return y.new_empty((y.shape[0], num_negatives + 1))
 
     @torch.library.register_fake(f"{ns}::nce_scores")
     def _(x, bank, idx, temperature):
+        _same_device(x, bank=bank, idx=idx)
         torch._check(idx.shape[0] == x.shape[0], lambda: "idx and x must have the same batch size")
         return x.new_empty(idx.shape)
 
     @torch.library.register_fake(f"{ns}::nce_scores_backward")
     def _(grad_out, out, x, bank, idx, temperature):
+        _same_device(x, bank=bank, idx=idx, grad_out=grad_out)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{ns}::nce_init_z_")
     def _(z, scores, n_data):
+        _same_device(scores, "scores", z=z)
         return None
 
     @torch.library.register_fake(f"{ns}::nce_estimate_z_")
     def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1):
+        _same_device(x, z=z, bank=bank, y=y, idx=idx, rng_state=rng_state)
         return None
 
     def _loss_and_grad_fake(x):
@@ -61,22 +75,27 @@ def _register_python_side(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::nce_loss")
     def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
+        _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state, z=z)
         return _loss_and_grad_fake(x)
 
     @torch.library.register_fake(f"{ns}::softmax_ce_loss")
     def _(x, bank, y, idx, rng_state, num_negatives, temperature):
+        _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state)
         return _loss_and_grad_fake(x)
 
     @torch.library.register_fake(f"{ns}::full_softmax_loss")
     def _(x, bank, y, temperature, precision="fp32", compute_grad=True):
+        _same_device(x, bank=bank, y=y)
         return _loss_and_grad_fake(x)
 
     @torch.library.register_fake(f"{ns}::momentum_update_")
     def _(bank, x, y, momentum):
+        _same_device(x, bank=bank, y=y)
         return None
 
     @torch.library.register_fake(f"{ns}::knn_topk")
     def _(query, bank, k, precision="fp32"):
+        _same_device(query, "query", bank=bank)
         return query.new_empty((query.shape[0], k)), query.new_empty((query.shape[0], k), dtype=torch.int64)
 
     # autograd
@@ -126,6 +145,13 @@ def _calls_into(namespace: str):
 
 # ---------------------------------------------------------------- Python entry points
 
+def _finite(t: torch.Tensor, name: str) -> None:
+    """The loss and search kernels return NaN for non-finite features; refuse them where the values
+    can be read without a sync (CPU; CUDA with NPID_CUDA_SYNC_CHECKS=1)."""
+    if isinstance(t, torch.Tensor) and t.numel() and _values_readable(t) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or inf")
+
+
 def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
     """(B, K+1) int64 rows, column 0 = y, the rest uniform in [0, n_data): the same rows the
     fused losses draw in-kernel from the same rng_state = [seed, offset]."""
@@ -135,6 +161,7 @@ def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_
 def nce_scores(x: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
     """exp(bank[idx[b, k]] . x[b] / T), (B, K+1), differentiable w.r.t. x (lemniscate's
     NCEAverage before the division by Z)."""
+    _finite(x, "x")
     return npid.nce_scores(x, bank, idx, temperature)
 
 
@@ -156,6 +183,7 @@ def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Op
     Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel.
     n_data: the bank size n of the noise distribution when `bank` holds only the rows idx
     points into (a shard's fetched rows); default bank.shape[0]."""
+    _finite(x, "x")
     return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
                          -1 if n_data is None else n_data)[0]
 
@@ -163,6 +191,7 @@ def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Op
 def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
                     num_negatives: int = -1, temperature: float = 0.07) -> torch.Tensor:
     """Per-sample -log softmax over the positive and K negatives (InfoNCE), one fused pass."""
+    _finite(x, "x")
     return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature)[0]
 
 
@@ -176,6 +205,7 @@ def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "f
     "tf32" or "bf16" (both operands rounded to that format, tensor cores on CUDA). Sums and
     the logsumexp stay in float32 (float64 for double x) in every mode. Without autograd
     (no_grad, or x not requiring grad) the gradient's GEMM is skipped."""
+    _finite(x, "x")
     compute_grad = torch.is_grad_enabled() and x.requires_grad
     return npid.full_softmax_loss(x, bank, y, temperature, precision, compute_grad)[0]
 
@@ -187,5 +217,6 @@ def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momen
 
 def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32"):
     """(similarities, indices) of the k largest query . bank rows, sorted descending;
-    precision of the products as in full_softmax_loss."""
+    precision of the products as in full_softmax_loss. NaN rows and queries are not refused here
+    (they rank as torch.topk ranks NaN); nearest_neighbors and the kNN functions refuse them."""
     return npid.knn_topk(query, bank, k, precision)

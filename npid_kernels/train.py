@@ -234,6 +234,88 @@ def _check_args(args) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
 
 
+# ---------------------------------------------------------------- optional dependencies
+
+# pip names of the driver's optional dependencies (pyproject's [train] extra); `pip install .`
+# installs npid-train without them.
+PIP_NAMES = {"sklearn": "scikit-learn", "torchvision": "torchvision", "matplotlib": "matplotlib",
+             "tqdm": "tqdm", "tensorboard": "tensorboard"}
+
+
+def _import_error(module: str) -> Optional[str]:
+    """None when `module` imports, else why not (one line)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
+def check_dependencies(args, command: str = "train") -> List[str]:
+    """Find missing optional dependencies before any work starts. Raises ValueError (one line: what
+    needs what, and the pip command) for a dependency the requested run cannot do without; returns
+    one-line warnings for features that are skipped instead (no progress bar without tqdm, no
+    curves.png without matplotlib; the checkpoint, log.csv and results.json are written anyway)."""
+    needs = {}  # module -> the first feature that needs it
+
+    def need(module, why, when=True):
+        if when:
+            needs.setdefault(module, why)
+
+    dataset, arch = getattr(args, "dataset", None), getattr(args, "arch", None)
+    saved = "" if command == "train" else "the checkpoint's "  # eval/export: settings from the checkpoint
+    need("sklearn.datasets", f"{saved}--dataset digits", dataset == "digits")
+    need("sklearn.svm", "--linear-probe", getattr(args, "linear_probe", False))
+    need("torchvision", f"{saved}--arch {arch}", arch not in (None, "small-cnn"))
+    need("torchvision", f"{saved}--dataset imagefolder", dataset == "imagefolder")
+    need("torchvision", "--download", dataset == "cifar10" and getattr(args, "download", False))
+    need("torchvision", "--cpu-augment", getattr(args, "cpu_augment", False))
+    need("matplotlib", "--retrieval-png", bool(getattr(args, "retrieval_png", None)))
+    need("torch.utils.tensorboard", "--tensorboard", getattr(args, "tensorboard", False))
+    missing = []
+    for module, why in needs.items():
+        error = _import_error(module)
+        if error is not None:
+            pip_name = PIP_NAMES.get(module.split(".")[0], module.split(".")[0])
+            if module == "torch.utils.tensorboard":
+                pip_name = "tensorboard"
+            missing.append(f"{why} needs {pip_name} ({error}): pip install {pip_name}")
+    if missing:
+        raise ValueError("; ".join(missing))
+    warnings = []
+    if command == "train":
+        if _import_error("tqdm") is not None:
+            warnings.append("warning: tqdm is not installed: no progress bar (pip install tqdm)")
+        if _import_error("matplotlib") is not None:
+            warnings.append("warning: matplotlib is not installed: curves.png will not be drawn "
+                            "(pip install matplotlib)")
+    return warnings
+
+
+def _progress(iterable, **kwargs):
+    """tqdm's progress bar, or the iterable itself (with tqdm's close/disable) when tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(iterable)
+    return tqdm(iterable, **kwargs)
+
+
+class _NoBar:
+    disable = True
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def close(self):
+        pass
+
+
 def _resolve_device(name: Optional[str]) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -250,13 +332,12 @@ def _config(args, data: DataModule) -> Dict:
 # ---------------------------------------------------------------- training
 
 def train(args) -> Dict:
-    from tqdm.auto import tqdm
-
     from .distributed import (DistributedNPIDLoss, cleanup_distributed, distributed_knn_evaluate, init_distributed,
                               wrap_ddp)
 
     _check_args(args)
     presets = apply_presets(args)
+    dependency_warnings = check_dependencies(args, "train")  # before any work
     dist_info = init_distributed()  # a single process unless launched by torchrun
     world, rank, main_rank = dist_info.world_size, dist_info.rank, dist_info.is_main
     device = dist_info.device if world > 1 else _resolve_device(args.device)
@@ -314,6 +395,8 @@ def train(args) -> Dict:
         return distributed_knn_evaluate(test_features, test_labels[rank::world], criterion.memory, train_labels,
                                         data.num_classes, bank_offset=offset, **common)
 
+    for warning in dependency_warnings:
+        log(f"npid-train: {warning}")
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters), loss {args.loss}" + ("" if args.loss == "softmax" else f" K={args.nce_k}")
@@ -347,10 +430,8 @@ def train(args) -> Dict:
     forward_model = torch.compile(train_model) if args.compile else train_model
     writer = None
     if args.tensorboard and main_rank:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {error}")
+        from torch.utils.tensorboard import SummaryWriter  # present: check_dependencies looked
+
         writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
 
     end_epoch = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
@@ -364,7 +445,7 @@ def train(args) -> Dict:
         criterion.train()
         t0, steps, seen = time.perf_counter(), 0, 0
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
+        bar = _progress(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
                    mininterval=1.0, dynamic_ncols=True, disable=None if main_rank else True)
         for inputs, index in bar:
@@ -431,7 +512,7 @@ def train(args) -> Dict:
                     "train_images": n, "test_images": len(data.test_labels),
                     "train_seconds_total": sum(row["seconds"] + row.get("eval_seconds", 0) for row in history),
                     "wall_seconds_this_command": time.perf_counter() - started})
-    if history:
+    if history and _import_error("matplotlib") is None:  # else warned at the start
         plot_history(history, os.path.join(args.out_dir, "curves.png"))
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -499,9 +580,10 @@ def _print_summary(results: Dict, where: Optional[str] = None) -> None:
 
 # ---------------------------------------------------------------- eval / export
 
-def _load_for_eval(args, device: Optional[torch.device] = None):
-    ckpt = C.load(args.checkpoint)
+def _load_for_eval(args, device: Optional[torch.device] = None, ckpt: Optional[Dict] = None):
+    ckpt = C.load(args.checkpoint) if ckpt is None else ckpt
     saved = argparse.Namespace(**ckpt["args"])
+    check_dependencies(argparse.Namespace(arch=saved.arch), "export")
     model = build_encoder(saved.arch, saved.low_dim, ckpt["in_channels"], saved.cifar_stem)
     model.load_state_dict(ckpt["model"])
     return ckpt, saved, model.to(device or "cpu")
@@ -509,7 +591,11 @@ def _load_for_eval(args, device: Optional[torch.device] = None):
 
 def run_eval(args) -> Dict:
     device = _resolve_device(args.device)
-    ckpt, saved, model = _load_for_eval(args, device)
+    ckpt = C.load(args.checkpoint)
+    saved = argparse.Namespace(**ckpt["args"])
+    check_dependencies(argparse.Namespace(dataset=saved.dataset, arch=saved.arch, linear_probe=args.linear_probe,
+                                          retrieval_png=args.retrieval_png), "eval")
+    ckpt, saved, model = _load_for_eval(args, device, ckpt)
     if args.data_dir:
         saved.data_dir = args.data_dir
     saved.workers, saved.download = args.workers, False

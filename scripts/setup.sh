@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+# First line of output: a CUDA toolkit without a GPU means minutes of nvcc before a CPU user can train.
+if [ "${FORCE_ONLY_CPU:-0}" != "1" ] && [ -n "$($PY scripts/find_cuda_home.py 2>/dev/null)" ] \
+        && ! (nvidia-smi -L 2>/dev/null || true) | grep -q '^GPU'; then
+    echo "npid_kernels: CUDA toolkit found but no GPU visible: building also compiles the CUDA kernels" \
+         "(several minutes when they are not built yet); CPU only: FORCE_ONLY_CPU=1 bash scripts/setup.sh"
+fi
+
 if ! $PY -c "import torch, torchvision" 2>/dev/null; then
     # The pair pip can take on this project's machines (CUDA 13 build; runs on the CPU too).
     $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1"

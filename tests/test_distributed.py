@@ -257,8 +257,10 @@ def worker_knn(outdir, rank):
 
 
 def worker_nan_z(outdir, rank):
-    """Rank 1's first batch holds NaN features, so its Z estimate fails: in both modes both ranks
-    must raise (none may hang in the all_reduce that agrees on Z), rank 1 with the op's message."""
+    """Rank 1's first batch holds NaN features: in both modes both ranks must raise (none may hang
+    in a collective), rank 1 naming its features, rank 0 naming rank 1. (On CUDA without
+    NPID_CUDA_SYNC_CHECKS the batch is not read; rank 1's Z estimate then fails and the ranks agree
+    on that instead: "the Z estimate agreed across ranks is nan".)"""
     messages = {}
     for mode in MODES:
         crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss="nce", seed=5, mode=mode)
@@ -268,8 +270,15 @@ def worker_nan_z(outdir, rank):
         try:
             crit(x, torch.arange(4) + 4 * rank)
             messages[mode] = "no error"
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             messages[mode] = str(e)
+        # After a good step (Z set), rank 1 passes a row outside the bank: both ranks stop.
+        crit(F.normalize(torch.randn(4, D), dim=1), torch.arange(4) + 4 * rank)
+        try:
+            crit(F.normalize(torch.randn(4, D), dim=1), torch.arange(4) + (N if rank == 1 else 0))
+            messages[mode + "-row"] = "no error"
+        except (IndexError, ValueError) as e:
+            messages[mode + "-row"] = str(e)
     torch.save(messages, outdir / f"nan_z_rank{rank}.pt")
 
 
@@ -481,8 +490,10 @@ def test_failed_z_estimate_raises_on_every_rank(tmp_path):
     launch("nan_z", tmp_path, timeout=120.0)
     got = [torch.load(tmp_path / f"nan_z_rank{r}.pt") for r in range(WORLD)]
     for mode in MODES:
-        assert "NaN" in got[1][mode], (mode, got[1][mode])  # the op's own message on the bad rank
-        assert "Z estimate agreed across ranks" in got[0][mode], (mode, got[0][mode])
+        assert got[1][mode] == "features holds NaN or inf", (mode, got[1][mode])  # its own message
+        assert got[0][mode].startswith("rank 1 refused its arguments"), (mode, got[0][mode])
+        assert got[1][mode + "-row"].startswith(f"indices holds row {N}, outside the bank"), got[1][mode + "-row"]
+        assert got[0][mode + "-row"].startswith("rank 1 refused its arguments"), got[0][mode + "-row"]
 
 
 # ---------------------------------------------------------------- world size 1 (no process group)

@@ -145,25 +145,26 @@ def test_npid_loss_nan_features_error_and_state_untouched(loss):
     state = {k: v.clone() for k, v in module.state_dict().items()}
     x = unit_rows(4, 16, dtype=torch.float32)
     x[1, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN"):
+    with pytest.raises(ValueError, match="features holds NaN or inf"):
         module(x, torch.tensor([1, 2, 3, 4]))
     for key, value in module.state_dict().items():
         assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("module_fn", [
-    lambda: NPIDLoss(50, 16, 7),
-    lambda: NCEAverage(16, 50, 7),
-    lambda: LinearAverage(16, 50),
+@pytest.mark.parametrize("module_fn,x_name,y_name", [
+    (lambda: NPIDLoss(50, 16, 7), "features", "indices"),
+    (lambda: NCEAverage(16, 50, 7), "x", "y"),
+    (lambda: LinearAverage(16, 50), "x", "y"),
 ], ids=["NPIDLoss", "NCEAverage", "LinearAverage"])
-def test_modules_reject_bad_batches(module_fn):
+def test_modules_reject_bad_batches(module_fn, x_name, y_name):
+    """Errors name the module's own arguments (forward(features, indices) / forward(x, y))."""
     module = module_fn()
     x = unit_rows(4, 16, dtype=torch.float32)
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ValueError, match=f"{x_name} is an empty batch"):
         module(x[:0], torch.zeros(0, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"features must have shape \(batch, 16\)"):
+    with pytest.raises(ValueError, match=rf"^{x_name} must have shape \(batch, 16\)"):
         module(x[:, :8], torch.arange(4))
-    with pytest.raises(ValueError, match=r"indices must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=rf"^{y_name} must have shape \(4,\), got \(3,\)"):
         module(x, torch.arange(3))
 
 
@@ -191,6 +192,6 @@ def test_npid_loss_bad_arguments():
 def test_npid_loss_out_of_range_indices_leave_bank_unchanged():
     module = NPIDLoss(50, 16, 7)
     before = module.memory.clone()
-    with pytest.raises(RuntimeError, match="y holds row 50"):
+    with pytest.raises(IndexError, match=r"^indices holds row 50, outside the bank \[0, 50\)"):
         module(unit_rows(2, 16, dtype=torch.float32), torch.tensor([3, 50]))
     assert torch.equal(module.memory, before)

@@ -86,6 +86,58 @@ def test_nce_average_and_criterion_equal_lemniscate(device, dtype):
     assert relative_error(lem.memory, ref_memory2) < tol
 
 
+@pytest.fixture
+def default_dtype(request):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.float32], indirect=True)
+def test_drop_ins_take_t_from_their_params_buffer_like_lemniscate(default_dtype):
+    """lemniscate builds `params` and `memory` in torch's default dtype and reads T as
+    params[1].item(): float32(T) under the default float32, T exactly under float64. The
+    drop-ins do the same, so both match lemniscate to rounding (float64: 1e-13; a T rounded to
+    float32 would be ~1e-8 off)."""
+    torch.manual_seed(5)
+    B, d, n, K = 6, 24, 200, 31
+    lem = NCEAverage(d, n, K, T, MOMENTUM)
+    assert lem.params.dtype == default_dtype and lem.memory.dtype == default_dtype
+    t_lem = lem.params[1].item()
+    assert t_lem == (T if default_dtype == torch.float64 else T32) and lem.T == t_lem
+    memory0 = lem.memory.clone()
+    x = unit_rows(B, d, dtype=default_dtype).requires_grad_(True)
+    y = torch.randint(0, n, (B,))
+    idx = torch.randint(0, n, (B, K + 1))
+    loss = NCECriterion(n)(lem(x, y, idx=idx), y)
+    loss.backward()
+    ref_loss, ref_grad, ref_memory, _ = lemniscate_nce_step(memory0, x, y, idx, K, t_lem, MOMENTUM)
+    tol = 1e-13 if default_dtype == torch.float64 else 2e-5
+    assert relative_error(loss, ref_loss) < tol
+    assert relative_error(x.grad, ref_grad) < tol
+    assert relative_error(lem.memory, ref_memory) < tol
+
+    lin = LinearAverage(d, n, T, MOMENTUM)
+    assert lin.params.dtype == default_dtype and lin.T == lin.params[0].item()
+    xl = x.detach().clone().requires_grad_(True)
+    ref = xl.detach() @ lin.memory.t() / lin.params[0].item()  # lemniscate: mm(x, memory.t()).div_(T)
+    assert relative_error(lin(xl, y), ref) < (1e-15 if default_dtype == torch.float64 else 1e-6)
+
+
+def test_drop_ins_reread_params_after_conversion_and_loading():
+    lem = NCEAverage(8, 50, 10, T, MOMENTUM)
+    assert lem.T == T32
+    lem.double()  # the float32 buffer's value, now in float64: still float32(T), as lemniscate would read it
+    assert lem.params.dtype == torch.float64 and lem.T == T32
+    other = NCEAverage(8, 50, 10, 0.2, 0.3)
+    other.load_state_dict(lem.state_dict())
+    assert (other.T, other.momentum) == (T32, MOMENTUM)
+    lin = LinearAverage(8, 50, 0.2, 0.3)
+    lin.load_state_dict(LinearAverage(8, 50, T, MOMENTUM).state_dict())
+    assert (lin.T, lin.momentum) == (T32, MOMENTUM)
+
+
 def test_nce_average_samples_and_overwrites_column_zero():
     torch.manual_seed(2)
     lem = NCEAverage(8, 50, 10)

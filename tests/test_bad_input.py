@@ -1,0 +1,371 @@
+"""A sweep of every public entry point with bad input: wrong dtype, device, shape, out-of-range
+row, NaN, empty batch, k >= n, non-tensor. Each error names the argument the caller passed, in
+the caller's own API (NPIDLoss: features/indices; the lemniscate drop-ins: x/y; idx only for an
+idx the caller passed; kNN: query/bank/bank_labels/query_labels/k), and a refused call leaves
+the module's state (bank, Z, sampler) exactly as it was. Non-contiguous input is not an error.
+
+The wrong device is a "meta" tensor, so the device checks run on CPU-only machines too."""
+import re
+
+import pytest
+import torch
+
+from npid_kernels import (AliasSampler, LinearAverage, MemoryBank, NCEAverage, NCECriterion, NPIDLoss,
+                          knn_evaluate, knn_predict, nearest_neighbors, ops)
+from npid_kernels.distributed import (DistributedNPIDLoss, distributed_knn_evaluate, distributed_knn_predict,
+                                      distributed_knn_topk)
+
+from conftest import unit_rows
+
+N, D, K, B = 50, 16, 7, 4
+
+
+def modules(device):
+    """(id, module, forward taking (features, indices, idx) and running backward, names of its
+    (features, indices) arguments, whether it takes idx)."""
+    def npid(loss, cls=NPIDLoss, **kw):
+        return cls(N, D, K, loss=loss, seed=0, device=device, **kw)
+
+    def loss_call(m):
+        def call(f, i, idx=None):
+            out = m(f, i, idx=idx) if idx is not None else m(f, i)
+            out.backward()
+        return call
+
+    def drop_in_call(m, takes_idx):
+        def call(f, i, idx=None):
+            out = m(f, i, idx=idx) if takes_idx and idx is not None else m(f, i)
+            out.sum().backward()  # the drop-ins update the bank in backward
+        return call
+
+    out = []
+    for loss in ("nce", "softmax-ce", "softmax"):
+        m = npid(loss)
+        out.append((f"NPIDLoss-{loss}", m, loss_call(m), ("features", "indices"), loss != "softmax"))
+    for mode in ("replicated", "sharded"):
+        m = npid("nce", DistributedNPIDLoss, mode=mode)
+        out.append((f"DistributedNPIDLoss-{mode}", m, loss_call(m), ("features", "indices"), True))
+    m = NCEAverage(D, N, K).to(device)
+    out.append(("NCEAverage", m, drop_in_call(m, True), ("x", "y"), True))
+    m = LinearAverage(D, N).to(device)
+    out.append(("LinearAverage", m, drop_in_call(m, False), ("x", "y"), False))
+    bank = MemoryBank(N, D, device=device)
+    out.append(("MemoryBank.update_", bank, lambda f, i, idx=None: bank.update_(f.detach() if torch.is_tensor(f) else f, i),
+                ("features", "indices"), False))
+    return out
+
+
+MODULE_IDS = ["NPIDLoss-nce", "NPIDLoss-softmax-ce", "NPIDLoss-softmax", "DistributedNPIDLoss-replicated",
+              "DistributedNPIDLoss-sharded", "NCEAverage", "LinearAverage", "MemoryBank.update_"]
+
+
+def batch(device):
+    g = torch.Generator().manual_seed(3)
+    x = unit_rows(B, D, dtype=torch.float32, generator=g).to(device).requires_grad_(True)
+    y = torch.tensor([0, 5, 9, N - 1], device=device)
+    idx = torch.randint(0, N, (B, K + 1), generator=g).to(device)
+    idx[:, 0] = y
+    return x, y, idx
+
+
+def nan_at(x, b, j):
+    x = x.detach().clone()
+    x[b, j] = float("nan")
+    return x.requires_grad_(True)
+
+
+# (id, function of (x, y, idx) -> (features, indices, idx), exception, message with {f} {i} placeholders)
+BATCH_CASES = [
+    ("features-int", lambda x, y, i: (x.detach().long(), y, None), ValueError, "{f} must be a floating-point tensor"),
+    ("features-1d", lambda x, y, i: (x.detach()[0], y, None), ValueError, r"{f} must have shape \(batch, 16\)"),
+    ("features-dim", lambda x, y, i: (x.detach()[:, :15], y, None), ValueError, r"{f} must have shape \(batch, 16\), got \(4, 15\)"),
+    ("features-empty", lambda x, y, i: (x.detach()[:0], y[:0], None), ValueError, "{f} is an empty batch"),
+    ("features-nan", lambda x, y, i: (nan_at(x, 2, 3), y, None), ValueError, "{f} holds NaN or inf"),
+    ("features-inf", lambda x, y, i: (x.detach() / 0.0, y, None), ValueError, "{f} holds NaN or inf"),
+    ("features-device", lambda x, y, i: (torch.empty(B, D, device="meta"), y, None), ValueError,
+     "{f} is on meta but the module's bank is on"),
+    ("features-list", lambda x, y, i: (x.tolist(), y, None), TypeError, "{f} must be a torch.Tensor, got list"),
+    ("indices-int32", lambda x, y, i: (x, y.int(), None), ValueError, r"{i} must be int64 \(torch.long\), got torch.int32"),
+    ("indices-float", lambda x, y, i: (x, y.float(), None), ValueError, "{i} must be int64"),
+    ("indices-short", lambda x, y, i: (x, y[:3], None), ValueError, r"{i} must have shape \(4,\), got \(3,\)"),
+    ("indices-2d", lambda x, y, i: (x, y[:, None], None), ValueError, r"{i} must have shape \(4,\), got \(4, 1\)"),
+    ("indices-n", lambda x, y, i: (x, y.clone().fill_(N), None), IndexError, r"{i} holds row 50, outside the bank \[0, 50\)"),
+    ("indices-500", lambda x, y, i: (x, torch.tensor([1, 500, 2, 3], device=y.device), None), IndexError, "{i} holds row 500"),
+    ("indices-negative", lambda x, y, i: (x, y - 1, None), IndexError, "{i} holds row -1"),
+    ("indices-device", lambda x, y, i: (x, torch.empty(B, dtype=torch.int64, device="meta"), None), ValueError,
+     "{i} is on meta but {f} is on"),
+    ("indices-list", lambda x, y, i: (x, y.tolist(), None), TypeError, "{i} must be a torch.Tensor"),
+]
+
+IDX_CASES = [
+    ("idx-shape", lambda x, y, i: (x, y, i[:, :5]), ValueError, r"idx must have shape \(4, 8\), got \(4, 5\)"),
+    ("idx-batch", lambda x, y, i: (x, y, i[:3]), ValueError, r"idx must have shape \(4, 8\), got \(3, 8\)"),
+    ("idx-int32", lambda x, y, i: (x, y, i.int()), ValueError, "idx must be int64"),
+    # The ops check idx's rows in their own pass (RuntimeError), DistributedNPIDLoss before fetching (IndexError)
+    ("idx-row", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:].clone().fill_(N + 7)], 1)),
+     (IndexError, RuntimeError), r"idx holds row 57, outside the bank \[0, 50\)"),
+    ("idx-negative", lambda x, y, i: (x, y, torch.cat([i[:, :1], i[:, 1:] - N], 1)), (IndexError, RuntimeError),
+     "idx holds row -"),
+    ("idx-device", lambda x, y, i: (x, y, torch.empty(B, K + 1, dtype=torch.int64, device="meta")), ValueError,
+     "idx is on meta but {f} is on"),
+]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module, before, what):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{what}: {key} changed by a refused call"
+
+
+@pytest.mark.parametrize("case", BATCH_CASES + IDX_CASES, ids=[c[0] for c in BATCH_CASES + IDX_CASES])
+def test_modules_refuse_bad_batches_in_their_own_words(device, case):
+    name, make, error, message = case
+    x, y, idx = batch(device)
+    for module_id, module, call, (f, i), takes_idx in modules(device):
+        if name.startswith("idx") and not takes_idx:
+            continue
+        call(x, y, idx if takes_idx else None)  # a valid step first (sets Z), then the bad one
+        before = snapshot(module)
+        features, indices, bad_idx = make(x, y, idx)
+        pattern = "^" + message.format(f=f, i=i)
+        with pytest.raises(error, match=pattern) as info:
+            call(features, indices, bad_idx if bad_idx is not None else (idx if takes_idx else None))
+        not_passed = {"features", "indices", "x", "y", "idx"} - {f, i} - ({"idx"} if name.startswith("idx") else set())
+        named = set(re.findall(r"\b(features|indices|x|y|idx)\b", str(info.value)))
+        assert not named & not_passed, f"{module_id}: {info.value!r} names an argument the caller did not pass"
+        assert_unchanged(module, before, module_id)
+
+
+def test_the_issue_examples():
+    """The issue's three: y outside the bank, y of the wrong length (drop-ins), and
+    LinearAverage's y no longer left to cross_entropy."""
+    x = unit_rows(9, D, dtype=torch.float32)
+    lem = NCEAverage(D, 500, K)
+    with pytest.raises(IndexError, match=r"^y holds row 500, outside the bank \[0, 500\)$"):
+        lem(x, torch.full((9,), 500))
+    with pytest.raises(ValueError, match=r"^y must have shape \(9,\), got \(8,\)$"):
+        lem(x, torch.arange(8))
+    with pytest.raises(IndexError, match=r"^y holds row 501, outside the bank \[0, 500\)$"):
+        LinearAverage(D, 500)(x, torch.full((9,), 501))
+    with pytest.raises(IndexError, match=r"^indices holds row 500"):
+        NPIDLoss(500, D, K)(x, torch.full((9,), 500))
+
+
+def test_npid_loss_idx_must_hold_the_positives_and_applies_to_sampled_losses():
+    x, y, idx = batch("cpu")
+    module = NPIDLoss(N, D, K, seed=0)
+    before = snapshot(module)
+    bad = idx.clone()
+    bad[2, 0] = 11
+    with pytest.raises(ValueError, match=r"^idx\[:, 0\] must equal indices \(the positives\): idx\[2, 0\] = 11 "
+                                         r"but indices\[2\] = 9"):
+        module(x, y, idx=bad)
+    assert_unchanged(module, before, "NPIDLoss")
+    with pytest.raises(ValueError, match="idx applies to loss='nce' and 'softmax-ce'"):
+        NPIDLoss(N, D, K, loss="softmax")(x, y, idx=idx)
+    # The drop-in overwrites column 0 with y, as lemniscate does: any column 0 is accepted.
+    lem = NCEAverage(D, N, K)
+    bad[:, 0] = -1
+    assert lem(x, y, idx=bad).shape == (B, K + 1)
+
+
+def test_bank_dtype_mismatch_names_the_callers_argument():
+    x, y, _ = batch("cpu")
+    with pytest.raises(ValueError, match=r"^features is torch.float64 but the module's bank is torch.float32"):
+        NPIDLoss(N, D, K)(x.double(), y)
+    with pytest.raises(ValueError, match=r"^x is torch.float64 but the module's bank is torch.float32"):
+        NCEAverage(D, N, K)(x.double(), y)
+    bank = NPIDLoss(N, D, K, bank_dtype=torch.bfloat16)
+    assert torch.isfinite(bank(x.double(), y))  # a bf16 bank takes float64 features
+
+
+def test_non_contiguous_batches_give_the_contiguous_result(device):
+    x, y, idx = batch(device)
+    wide = torch.stack([x.detach(), x.detach()], 2).reshape(B, 2 * D)[:, ::2]
+    y_wide = torch.stack([y, y], 1).reshape(-1)[::2]
+    idx_t = idx.t().contiguous().t()
+    assert not (wide.is_contiguous() or y_wide.is_contiguous() or idx_t.is_contiguous())
+    for (module_id, m1, call1, _, takes_idx), (_, m2, call2, _, _) in zip(modules(device), modules(device)):
+        m2.load_state_dict(m1.state_dict())
+        call1(x.detach().clone().requires_grad_(True), y, idx if takes_idx else None)
+        call2(wide.requires_grad_(True), y_wide, idx_t if takes_idx else None)
+        for key, value in m1.state_dict().items():
+            assert torch.equal(value, m2.state_dict()[key]), (module_id, key)
+        wide = wide.detach()
+
+
+def test_nce_criterion_refuses_what_nce_average_cannot_output():
+    crit = NCECriterion(N)
+    with pytest.raises(ValueError, match=r"^x must be NCEAverage's output"):
+        crit(torch.rand(4))
+    with pytest.raises(ValueError, match=r"^x must be NCEAverage's output"):
+        crit(torch.rand(0, 8))
+    with pytest.raises(ValueError, match=r"^x must be NCEAverage's output"):
+        crit(torch.rand(4, 1))
+    with pytest.raises(TypeError, match=r"^x must be a torch.Tensor"):
+        crit([[0.1, 0.2]])
+
+
+def test_alias_sampler_draw_rows_checks_y():
+    sampler = AliasSampler(torch.ones(N))
+    with pytest.raises(IndexError, match=r"^y holds row 50, outside the bank \[0, 50\)"):
+        sampler.draw_rows(torch.tensor([1, 50]), K)
+    with pytest.raises(ValueError, match=r"^y must be int64"):
+        sampler.draw_rows(torch.tensor([1.0, 2.0]), K)
+    with pytest.raises(ValueError, match=r"^num_negatives must be >= 1, got 0"):
+        sampler.draw_rows(torch.tensor([1, 2]), 0)
+
+
+# ---------------------------------------------------------------- kNN, local and distributed (world size 1)
+
+def knn_problem(device):
+    g = torch.Generator().manual_seed(4)
+    bank = unit_rows(N, D, dtype=torch.float32, generator=g).to(device)
+    query = unit_rows(6, D, dtype=torch.float32, generator=g).to(device)
+    labels = torch.randint(0, 3, (N,), generator=g).to(device)
+    query_labels = torch.randint(0, 3, (6,), generator=g).to(device)
+    return query, bank, labels, query_labels
+
+
+KNN_ENTRIES = {
+    "nearest_neighbors": lambda q, b, l, ql, k: nearest_neighbors(q, b, k),
+    "MemoryBank.nearest_neighbors": None,  # built in the test (its bank is its own)
+    "knn_predict": lambda q, b, l, ql, k: knn_predict(q, b, l, 3, k=k),
+    "knn_evaluate": lambda q, b, l, ql, k: knn_evaluate(q, ql, b, l, 3, k=k),
+    "distributed_knn_topk": lambda q, b, l, ql, k: distributed_knn_topk(q, b, k),
+    "distributed_knn_predict": lambda q, b, l, ql, k: distributed_knn_predict(q, b, l, 3, k=k),
+    "distributed_knn_evaluate": lambda q, b, l, ql, k: distributed_knn_evaluate(q, ql, b, l, 3, k=k),
+    "distributed_knn_topk-sharded": lambda q, b, l, ql, k: distributed_knn_topk(q, b, k, bank_offset=0),
+}
+
+KNN_CASES = [
+    ("query-int", lambda q, b, l, ql, k: (q.long(), b, l, ql, k), ValueError, "query must be a floating-point tensor"),
+    ("query-dim", lambda q, b, l, ql, k: (q[:, :5], b, l, ql, k), ValueError, r"query must have shape \(batch, 16\)"),
+    ("query-nan", lambda q, b, l, ql, k: (q.clone().fill_(float("nan")), b, l, ql, k), ValueError, "query holds NaN or inf"),
+    ("query-device", lambda q, b, l, ql, k: (torch.empty(6, D, device="meta"), b, l, ql, k), ValueError,
+     "query is on meta but bank is on"),
+    ("query-list", lambda q, b, l, ql, k: (q.tolist(), b, l, ql, k), TypeError, "query must be a torch.Tensor"),
+    ("bank-nan", lambda q, b, l, ql, k: (q, b.clone().fill_(float("nan")), l, ql, k), ValueError, "bank holds NaN or inf"),
+    ("k-0", lambda q, b, l, ql, k: (q, b, l, ql, 0), ValueError, r"k must be (in \[1, n_data = 50\]|>= 1), got 0"),
+    ("k-n+1", lambda q, b, l, ql, k: (q, b, l, ql, N + 1), ValueError, r"k must be in \[1, n_data = 50\], got 51"),
+    ("k-float", lambda q, b, l, ql, k: (q, b, l, ql, 2.5), TypeError, "k must be an int, got float"),
+]
+LABEL_CASES = [
+    ("bank_labels-range", lambda q, b, l, ql, k: (q, b, l + 3, ql, k), ValueError, r"bank_labels must be in \[0, num_classes = 3\)"),
+    ("bank_labels-float", lambda q, b, l, ql, k: (q, b, l.float(), ql, k), ValueError, "bank_labels must be an integer tensor"),
+    ("bank_labels-short", lambda q, b, l, ql, k: (q, b, l[:10], ql, k), ValueError, "bank"),
+]
+QUERY_LABEL_CASES = [
+    ("query_labels-range", lambda q, b, l, ql, k: (q, b, l, ql.clone().fill_(-1), k), ValueError, r"query_labels must be in \[0, num_classes = 3\)"),
+    ("query_labels-short", lambda q, b, l, ql, k: (q, b, l, ql[:2], k), ValueError, r"query_labels must have shape \(6,\)"),
+]
+
+
+def knn_combinations():
+    """(entry, case) pairs where the entry takes the argument the case spoils."""
+    out = []
+    for entry in KNN_ENTRIES:
+        takes_labels = entry in ("knn_predict", "knn_evaluate", "distributed_knn_predict", "distributed_knn_evaluate")
+        for case in KNN_CASES + (LABEL_CASES if takes_labels else []) + \
+                (QUERY_LABEL_CASES if entry.endswith("evaluate") else []):
+            if entry == "distributed_knn_topk-sharded" and case[0] == "k-n+1":
+                continue  # a shard's search takes any k >= 1 (the other ranks' rows count too)
+            if entry == "MemoryBank.nearest_neighbors" and case[0].startswith("bank"):
+                continue  # the module's own bank
+            out.append(pytest.param(entry, case, id=f"{entry}-{case[0]}"))
+    return out
+
+
+@pytest.mark.parametrize("entry,case", knn_combinations())
+def test_knn_entry_points_refuse_bad_input(device, entry, case):
+    name, make, error, message = case
+    q, b, l, ql = knn_problem(device)
+    assert KNN_ENTRIES[entry] is None or KNN_ENTRIES[entry](q, b, l, ql, 5) is not None  # valid input works
+    args = make(q, b, l, ql, 5)
+    if entry == "MemoryBank.nearest_neighbors":
+        bank = MemoryBank(N, D, device=device)
+        before = bank.memory.clone()
+        with pytest.raises(error, match="^" + message):
+            bank.nearest_neighbors(args[0], args[4])
+        assert torch.equal(bank.memory, before)
+        return
+    with pytest.raises(error, match="^" + message):
+        KNN_ENTRIES[entry](*args)
+
+
+def test_knn_non_contiguous_and_empty_queries(device):
+    q, b, l, ql = knn_problem(device)
+    qt, bt = q.t().contiguous().t(), torch.stack([b, b], 2).reshape(N, 2 * D)[:, ::2]
+    assert not (qt.is_contiguous() or bt.is_contiguous())
+    assert torch.equal(nearest_neighbors(qt, bt, 5)[1], nearest_neighbors(q, b, 5)[1])
+    # the same neighbours; the GEMM blocks a strided bank differently, so the sums may differ in the last bits
+    torch.testing.assert_close(knn_predict(qt, bt, l, 3, k=5), knn_predict(q, b, l, 3, k=5), rtol=1e-5, atol=0)
+    assert nearest_neighbors(q[:0], b, 5)[1].shape == (0, 5)
+    assert distributed_knn_evaluate(q[:0], ql[:0], b, l, 3, k=5)["knn_top1"] == 0.0
+
+
+# ---------------------------------------------------------------- the ops (their own argument names)
+
+def ops_calls(x, bank, y, idx):
+    z = torch.tensor([50.0], device=x.device)
+    rng = torch.tensor([1, 0], device=x.device)
+    return {
+        "nce_scores": lambda: ops.nce_scores(x, bank, idx, 0.07),
+        "nce_loss": lambda: ops.nce_loss(x, bank, y, z, idx=idx, num_negatives=K),
+        "nce_loss-sampling": lambda: ops.nce_loss(x, bank, y, z, rng_state=rng, num_negatives=K),
+        "softmax_ce_loss": lambda: ops.softmax_ce_loss(x, bank, y, idx=idx, num_negatives=K),
+        "full_softmax_loss": lambda: ops.full_softmax_loss(x, bank, y),
+        "nce_estimate_z_": lambda: ops.nce_estimate_z_(torch.tensor([-1.0], device=x.device), x, bank, y, idx=idx,
+                                                       num_negatives=K),
+        "momentum_update_": lambda: ops.momentum_update_(bank, x, y, 0.5),
+    }
+
+
+@pytest.mark.parametrize("op", list(ops_calls(*[torch.zeros(1)] * 4)))
+def test_ops_refuse_non_finite_features(device, op):
+    x, y, idx = batch(device)
+    x = nan_at(x, 1, 2).detach()
+    bank = unit_rows(N, D, dtype=torch.float32).to(device)
+    before = bank.clone()
+    name = "x"
+    # nce_estimate_z_'s own (C++) message: "x (or bank) holds NaN or inf features: ... z left unset"
+    with pytest.raises((ValueError, RuntimeError), match=rf"^{name}( \(or bank\))? holds NaN or inf"):
+        ops_calls(x, bank, y, idx)[op]()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    assert torch.equal(bank, before)
+
+
+TAKES = {"nce_scores": ("bank", "idx"), "nce_loss-sampling": ("bank", "y"), "full_softmax_loss": ("bank", "y"),
+         "momentum_update_": ("bank", "y")}
+
+
+@pytest.mark.parametrize("op,which", [(op, which) for op in ops_calls(*[torch.zeros(1)] * 4)
+                                      for which in TAKES.get(op, ("bank", "y", "idx"))])
+def test_ops_refuse_a_meta_tensor_among_real_ones(which, op):
+    """A meta tensor sends the call to the fake kernel, which returned uninitialised memory."""
+    x, y, idx = batch("cpu")
+    x = x.detach()
+    bank = unit_rows(N, D, dtype=torch.float32)
+    args = {"bank": bank, "y": y, "idx": idx}
+    args[which] = torch.empty_like(args[which], device="meta")
+    with pytest.raises(RuntimeError, match=f"{which} is on meta but x is on cpu"):
+        ops_calls(x, args["bank"], args["y"], args["idx"])[op]()
+
+
+def test_knn_topk_refuses_a_meta_bank():
+    with pytest.raises(RuntimeError, match="bank is on meta but query is on cpu"):
+        ops.knn_topk(unit_rows(3, D, dtype=torch.float32), torch.empty(N, D, device="meta"), 3)
+
+
+def test_nearest_neighbors_refuses_a_non_finite_bank():
+    """(ops.knn_topk itself ranks NaN as torch.topk does: test_ops.py)"""
+    bank = unit_rows(N, D, dtype=torch.float32)
+    bank[7, 1] = float("inf")
+    with pytest.raises(ValueError, match="^bank holds NaN or inf"):
+        nearest_neighbors(unit_rows(3, D, dtype=torch.float32), bank, 3)
