@@ -4,6 +4,8 @@ layouts and the general kernel, 16-bit banks and unaligned bank views, in-kernel
 against the CPU sampler bit for bit, the momentum update's duplicate rule on both of its paths,
 the default no-sync error semantics, and NPIDLoss training steps against the CPU kernels.
 What this proves and what it cannot: docs/emulation.md."""
+import os
+
 import pytest
 import torch
 
@@ -46,9 +48,17 @@ def reference_z(x, bank, idx):
 # (B, K, n, d) and the kernel they take: fast (d = 3, 128), fast with 8 elements per lane
 # (d = 130: element loads), general (d = 600: more than 128 float4 vectors).
 LAYOUTS = [(2, 40, 50, 3), (1, 600, 900, 128), (5, 300, 400, 130), (3, 520, 600, 600)]
+SM_COUNTS = ["1", "132", "65536"]
+BANK_DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)]
+# Under a sanitizer (tests/test_emulator.py, 3-10x slower) every kernel variant and launch plan
+# once, at the smallest shapes that still reach them (more than 256 columns split a sample).
+if os.environ.get("NPID_SANITIZED_RUN"):
+    LAYOUTS = [(2, 40, 50, 3), (1, 300, 400, 128), (2, 260, 300, 130), (1, 260, 300, 600)]
+    SM_COUNTS = ["1", "65536"]
+    BANK_DTYPES = BANK_DTYPES[2:]
 
 
-@pytest.mark.parametrize("sms", ["1", "132", "65536"])
+@pytest.mark.parametrize("sms", SM_COUNTS)
 @pytest.mark.parametrize("B,K,n,d", LAYOUTS)
 def test_launch_plans_match_reference(emu, monkeypatch, sms, B, K, n, d):
     """1 SM: one split per sample (the block writes the result); many SMs: the columns split
@@ -137,8 +147,7 @@ def test_fp32_math_matches_cpu_kernels(emu):
 
 
 @pytest.mark.parametrize("B", [64, 2100])  # <= 2048: each warp scans y; above: sorted runs
-@pytest.mark.parametrize("dtype,bank_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                              (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("dtype,bank_dtype", BANK_DTYPES)
 def test_momentum_update_duplicates_last_wins(emu, B, dtype, bank_dtype):
     n, d = 50, 24
     g = torch.Generator().manual_seed(B)

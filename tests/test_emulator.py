@@ -108,12 +108,10 @@ def test_sanitizer_reports_planted_defect(variant, defect, expected):
     assert REPORT[variant] not in good.stderr, good.stderr[-4000:]
 
 
-# The emulated op tests under each sanitizer: every CUDA code path of test_emulated_cuda.py and
-# the device matrix's emulated cases of the op tests at their smallest shapes.
+# The emulated op tests under each sanitizer: every CUDA code path of test_emulated_cuda.py
+# (its reduced shape set: NPID_SANITIZED_RUN) and the sampler's cases of the device matrix.
 SANITIZED_SELECTION = ["tests/test_emulated_cuda.py",
-                       "tests/test_ops.py::test_sample_negatives_matches_reference",
-                       "tests/test_ops.py::test_fused_loss_gradcheck",
-                       "tests/test_ops.py::test_opcheck_every_op"]
+                       "tests/test_ops.py::test_sample_negatives_matches_reference"]
 
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
