@@ -72,8 +72,8 @@ def test_nce_learns_as_well_as_the_exact_softmax(tmp_path, random_init_knn):
 def test_nce_with_first_batch_z_collapses_on_digits(tmp_path, random_init_knn):
     """The counterpart that must fail the check: lemniscate's Z fixed on the first batch (the bank
     still random) is ~370x below the true Z from the second step on; NCE ends at chance."""
-    run(NCE_JOB[:-4] + ["--z-mode", "first-batch", "--eval-every", "100", "--epochs", "6", "--knn-source", "bank",
-                        "--z-stats", "--out-dir", str(tmp_path)])
+    job = [("first-batch" if a == "batch" else a) for a in NCE_JOB]
+    run(job + ["--epochs", "6", "--knn-source", "bank", "--z-stats", "--out-dir", str(tmp_path)])
     collapsed = results(tmp_path)["knn_top1_bank"]
     assert collapsed < random_init_knn + 10, f"first-batch NCE kNN {collapsed:.1f}% vs random init {random_init_knn:.1f}%"
     stats = list(csv.DictReader((tmp_path / "z_stats.csv").open()))
