@@ -289,7 +289,9 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
         port = s.getsockname()[1]
     # --z-mode first-batch: the Z this test was written with. With the digits preset's per-step Z the
     # split 1-NN monitor and the single-process eval differed by 2 of 359 test images (9.19% vs 9.75%)
-    # after one epoch; not investigated yet (suspected near-ties: the features are still bunched up).
+    # after one epoch. Not near-ties (single-process top-2 gaps between labels are >= 2.7e-5); suspected:
+    # each rank embeds its test share with its own BatchNorm running statistics, which differ from
+    # rank 0's after the epoch's last step (DDP broadcasts buffers before a forward, not after). Open.
     common = ["train", "--dataset", "digits", "--loss", "nce", "--nce-k", "64", "--epochs", "2", "--batch-size", "64",
               "--eval-every", "100", "--knn-source", "bank", "--z-mode", "first-batch", "--out-dir", str(tmp_path)]
     result = subprocess.run(
