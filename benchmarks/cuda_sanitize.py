@@ -143,8 +143,8 @@ def case_sampled_row_ops(dev, B, K, d, n, xdt, bdt, gen, tag, misaligned=False, 
             # nce_loss
             z_d = torch.full((1,), z_val, dtype=zdt, device=dev)
             z_c = torch.full((1,), z_val, dtype=zdt)
-            loss, grad = npid.nce_loss(xd, bankd, yd, i_d, r_d, z_d, K, T)
-            loss_c, grad_c = npid.nce_loss(xc, bank, y, i_c, r_c, z_c, K, T)
+            loss, grad, _ = npid.nce_loss(xd, bankd, yd, i_d, r_d, z_d, K, T)
+            loss_c, grad_c, _ = npid.nce_loss(xc, bank, y, i_c, r_c, z_c, K, T)
             check_close(f"{src} nce_loss loss z={zdt}", loss, back(loss_c, xdt), xdt)
             check_close(f"{src} nce_loss grad z={zdt}", grad, back(grad_c, xdt), xdt)
             if use_idx:  # the sharded mode's call: the noise distribution of a larger bank
@@ -154,8 +154,8 @@ def case_sampled_row_ops(dev, B, K, d, n, xdt, bdt, gen, tag, misaligned=False, 
                 npid.nce_estimate_z_(z_d, xd, bankd, yd, i_d, None, K, T, n_data)
                 npid.nce_estimate_z_(z_c, xc, bank, y, i_c, None, K, T, n_data)
                 check_close(f"{src} nce_estimate_z_ n_data z={zdt}", z_d, z_c, torch.float32)
-                loss, grad = npid.nce_loss(xd, bankd, yd, i_d, None, z_d, K, T, n_data)
-                loss_c, grad_c = npid.nce_loss(xc, bank, y, i_c, None, z_c, K, T, n_data)
+                loss, grad, _ = npid.nce_loss(xd, bankd, yd, i_d, None, z_d, K, T, n_data)
+                loss_c, grad_c, _ = npid.nce_loss(xc, bank, y, i_c, None, z_c, K, T, n_data)
                 check_close(f"{src} nce_loss n_data loss z={zdt}", loss, back(loss_c, xdt), xdt)
                 check_close(f"{src} nce_loss n_data grad z={zdt}", grad, back(grad_c, xdt), xdt)
         loss, grad = npid.softmax_ce_loss(xd, bankd, yd, i_d, r_d, K, T)
@@ -217,7 +217,7 @@ def case_bad_indices(dev, gen):
         if not torch.isnan(loss[2]) or torch.isnan(loss[:2]).any():
             FAILURES.append(f"{name} full_softmax_loss: NaN pattern wrong")
         rng = torch.tensor([5, 0], device=dev)
-        loss, _ = npid.nce_loss(x, bank, yb, None, rng, z, K, T)
+        loss, _, _ = npid.nce_loss(x, bank, yb, None, rng, z, K, T)
         if not torch.isnan(loss[2]) or torch.isnan(loss[:2]).any():
             FAILURES.append(f"{name} nce_loss (philox, bad y): NaN pattern wrong")
         # momentum: bad y and non-finite x skipped, other rows updated
@@ -314,7 +314,7 @@ def case_cuda_graph(gen):
     bank_g = bank.clone()
     with torch.cuda.graph(graph):
         npid.nce_estimate_z_(z, x, bank_g, y, None, rng, K, T)
-        loss, grad = npid.nce_loss(x, bank_g, y, None, rng, z, K, T)
+        loss, grad, _ = npid.nce_loss(x, bank_g, y, None, rng, z, K, T)
         sloss, sgrad = npid.softmax_ce_loss(x, bank_g, y, None, rng, K, T)
         npid.momentum_update_(bank_g, x, y, 0.5)
     graph.replay()
@@ -322,7 +322,7 @@ def case_cuda_graph(gen):
     z_c = torch.zeros(1)
     npid.nce_estimate_z_(z_c, x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), K, T)
     check_close("[graph] z", z, z_c, torch.float32)
-    loss_c, grad_c = npid.nce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), z_c, K, T)
+    loss_c, grad_c, _ = npid.nce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), z_c, K, T)
     check_close("[graph] nce_loss", loss, loss_c, torch.float32)
     check_close("[graph] nce grad", grad, grad_c, torch.float32)
     sl_c, _ = npid.softmax_ce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), K, T)

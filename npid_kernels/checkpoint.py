@@ -22,7 +22,8 @@ FORMAT = "npid-train/1"
 # since the pieces then no longer add up to one run with the final settings.
 CONFIG_KEYS = ("dataset", "arch", "low_dim", "cifar_stem", "loss", "nce_k", "nce_t", "bank_dtype",
                "train_fraction", "seed", "image_size")
-SCHEDULE_KEYS = ("epochs", "lr", "schedule", "batch_size", "momentum", "weight_decay", "nce_m", "augment", "hflip")
+SCHEDULE_KEYS = ("epochs", "lr", "schedule", "batch_size", "momentum", "weight_decay", "nce_m", "augment", "hflip",
+                 "z_mode", "z_momentum")
 
 
 def save_atomic(obj, path: str) -> None:

@@ -293,6 +293,10 @@ class DistributedNPIDLoss(nn.Module):
             broadcasts it (every rank must agree on it).
         equal_batches: promise that every rank's batch has the same size every step (e.g.
             DistributedSampler with drop_last=True); skips one tiny size exchange per step.
+        z_mode, z_momentum: as NPIDLoss; with "ema" the ranks all_reduce the step's
+            [sum of noise exp-scores, their count] (one small device collective, no host sync)
+            and apply the same update, so every rank keeps the same Z: the EMA of the global
+            batch's estimate.
         device: where the bank lives (move it later with .to() as usual).
 
     forward(features, indices, idx=None) -> the mean loss over this rank's batch. All ranks
@@ -309,10 +313,12 @@ class DistributedNPIDLoss(nn.Module):
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, mode: str = "replicated",
-                 process_group=None, device=None, equal_batches: bool = False, precision: str = "fp32"):
+                 process_group=None, device=None, equal_batches: bool = False, precision: str = "fp32",
+                 z_mode: str = "first-batch", z_momentum: float = 0.99):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z)
         self.precision = precision
+        self.z_mode, self.z_momentum = z_mode, float(z_momentum)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.num_data, self.dim = int(num_data), int(dim)
@@ -407,6 +413,35 @@ class DistributedNPIDLoss(nn.Module):
             self.z.fill_(value.item())
         self._z_ready = True
 
+    def _nce(self, features, bank, y, **kwargs):
+        """The fused NCE loss with the current Z; in "ema" mode (training) Z is then updated
+        from the global batch's noise scores: all ranks reduce the same two numbers."""
+        if self.z_mode == "batch":  # Z from this step's global noise scores, before the loss (an extra pass)
+            with torch.no_grad():
+                _, noise_exp_sum = ops.nce_loss_and_z_stat(features.detach(), bank, y, torch.ones_like(self.z),
+                                                           **kwargs)
+            self._agreed_z_update_(noise_exp_sum, features.shape[0], kwargs.get("idx"), 0.0)
+            return ops.nce_loss(features, bank, y, self.z, **kwargs)
+        if not (self.z_mode == "ema" and self.training):
+            return ops.nce_loss(features, bank, y, self.z, **kwargs)
+        per_sample, noise_exp_sum = ops.nce_loss_and_z_stat(features, bank, y, self.z, **kwargs)
+        self._agreed_z_update_(noise_exp_sum, features.shape[0], kwargs.get("idx"), self.z_momentum)
+        return per_sample
+
+    def _agreed_z_update_(self, noise_exp_sum, batch: int, idx, alpha: float) -> None:
+        """Z <- alpha Z + (1 - alpha) n * (global sum of noise exp-scores) / (their global count):
+        the ranks all_reduce the same two numbers, so every rank applies the same update."""
+        columns = idx.shape[1] if idx is not None else self.num_negatives + 1
+        stats = torch.stack([noise_exp_sum.sum().double(),
+                             torch.tensor(float(batch * (columns - 1)), dtype=torch.float64,
+                                          device=noise_exp_sum.device)])
+        if self.world_size > 1:
+            comm = stats.to(_comm_device(self.process_group, stats.device))
+            dist.all_reduce(comm, group=self.process_group)
+            stats = comm.to(stats.device)
+        # z_ema_update_ averages sum / count: pass the global sum as one "sample".
+        ops.z_ema_update_(self.z, stats[0:1], stats[1], self.num_data, alpha)
+
     # ------------------------------------------------------------ forward
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -447,7 +482,7 @@ class DistributedNPIDLoss(nn.Module):
             if self._z_unset():
                 columns = idx.shape[1] if idx is not None else self.num_negatives + 1
                 self._estimate_and_agree_on_z(features, memory, indices, features.shape[0] * columns, **sampling)
-            return ops.nce_loss(features, memory, indices, self.z, **sampling)
+            return self._nce(features, memory, indices, **sampling)
         if self.loss_type == "softmax-ce":
             return ops.softmax_ce_loss(features, memory, indices, **sampling)
         return ops.full_softmax_loss(features, memory, indices, self.temperature, self.precision)
@@ -469,8 +504,7 @@ class DistributedNPIDLoss(nn.Module):
         if self._z_unset():
             self._estimate_and_agree_on_z(features, rows, y_local, local_idx.numel(), idx=local_idx,
                                           temperature=self.temperature, n_data=self.num_data)
-        return ops.nce_loss(features, rows, y_local, self.z, idx=local_idx, temperature=self.temperature,
-                            n_data=self.num_data)
+        return self._nce(features, rows, y_local, idx=local_idx, temperature=self.temperature, n_data=self.num_data)
 
     # ------------------------------------------------------------ sharded-bank traffic
 
@@ -653,9 +687,10 @@ class DistributedNPIDLoss(nn.Module):
         return ""
 
     def extra_repr(self) -> str:
+        z = f", z_mode={self.z_mode!r}" if self.loss_type == "nce" else ""
         return (f"num_data={self.num_data}, dim={self.dim}, mode={self.mode!r}, rows=[{self.row_start}, {self.row_end}), "
                 f"world_size={self.world_size}, loss={self.loss_type!r}, num_negatives={self.num_negatives}, "
-                f"temperature={self.temperature}, momentum={self.momentum}")
+                f"temperature={self.temperature}, momentum={self.momentum}{z}")
 
 
 # ---------------------------------------------------------------- distributed kNN

@@ -14,6 +14,7 @@ from . import _checks as C
 from . import ops, reference
 
 LOSSES = ("nce", "softmax-ce", "softmax")
+Z_MODES = ("first-batch", "ema", "batch")
 
 
 def lemniscate_bank_init(num_data: int, dim: int, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
@@ -67,8 +68,15 @@ def _check_idx(idx, batch: int, num_negatives: int, num_data: int, features: tor
 
 
 def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
-                     precision: str = "fp32"):
+                     precision: str = "fp32", z_mode: str = "first-batch", z_momentum: float = 0.99,
+                     z: Optional[float] = None):
     """Constructor checks shared by NPIDLoss and DistributedNPIDLoss."""
+    if z_mode not in Z_MODES:
+        raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    if not (isinstance(z_momentum, (int, float)) and 0 <= z_momentum < 1):
+        raise ValueError(f"z_momentum (the EMA's alpha) must be in [0, 1), got {z_momentum!r}")
+    if z is not None and not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a positive finite number (or None to estimate it), got {z!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if precision not in ops.PRECISIONS:
@@ -251,7 +259,19 @@ class NPIDLoss(nn.Module):
             "softmax-ce" (InfoNCE over the same rows, positive first), or
             "softmax" (the exact non-parametric softmax over all n rows, streamed).
         bank_dtype: float32, or bfloat16/float16 to halve the bank traffic.
-        z: a fixed NCE normalisation constant; None estimates it on the first batch.
+        z: the NCE normalisation constant to start from; None estimates it on the first
+            batch (lemniscate: Z = n * mean exp(s) over the first batch's K+1 columns).
+        z_mode: "first-batch" (lemniscate: Z stays at its first value) or "ema": after every
+            training step Z <- z_momentum * Z + (1 - z_momentum) * n * mean(exp(s_k)), the
+            mean over the step's B*K noise scores (positives left out), computed by the fused
+            loss pass and applied with device ops (no host sync). A step's loss uses the Z from
+            before the step. Z tracks the bank as it changes from random to trained features
+            (see docs/training.md, "NCE and Z").
+            "batch": Z = n * mean(exp(s_k)) over this step's own B*K noise scores, from an
+            extra pass over the same rows before the loss (about twice the cost of the loss),
+            so the step's loss uses a Z that matches its bank. The mode that trains on small
+            banks whose rows change fast (digits, see docs/training.md).
+        z_momentum: the EMA's alpha in [0, 1) (0.99; 0 uses the previous step's estimate alone).
         seed: seed of the in-kernel Philox sampler; None draws one from torch's global RNG.
         precision: products of the "softmax" loss's scan over the bank: "fp32" (exact),
             "tf32" or "bf16" (tensor cores on CUDA; sums stay fp32).
@@ -266,10 +286,12 @@ class NPIDLoss(nn.Module):
 
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
-                 z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32"):
+                 z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32",
+                 z_mode: str = "first-batch", z_momentum: float = 0.99):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z)
         self.precision = precision
+        self.z_mode, self.z_momentum = z_mode, float(z_momentum)
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
         self.momentum = float(momentum)
@@ -300,7 +322,16 @@ class NPIDLoss(nn.Module):
                         num_negatives=self.num_negatives, temperature=self.temperature)
         if self.loss_type == "nce":
             ops.nce_estimate_z_(self.z, features, memory, indices, **sampling)
-            per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
+            if self.z_mode == "batch":
+                self._batch_z_(features, memory, indices, sampling)
+                per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
+            elif self.z_mode == "ema" and self.training:
+                per_sample, noise_exp_sum = ops.nce_loss_and_z_stat(features, memory, indices, self.z, **sampling)
+                columns = idx.shape[1] if idx is not None else self.num_negatives + 1
+                ops.z_ema_update_(self.z, noise_exp_sum, features.shape[0] * (columns - 1), memory.shape[0],
+                                  self.z_momentum)
+            else:
+                per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
         elif self.loss_type == "softmax-ce":
             per_sample = ops.softmax_ce_loss(features, memory, indices, **sampling)
         else:
@@ -312,8 +343,19 @@ class NPIDLoss(nn.Module):
                     self.rng_state[1] += 1  # a fresh Philox stream for the next step
         return per_sample.mean()
 
+    @torch.no_grad()
+    def _batch_z_(self, features, memory, indices, sampling) -> None:
+        """z_mode "batch": Z = n * mean exp(s_k) over this step's own K noise columns, from an
+        extra pass over the same rows before the loss (no host sync)."""
+        one = torch.ones_like(self.z)
+        _, noise_exp_sum = ops.nce_loss_and_z_stat(features.detach(), memory, indices, one, **sampling)
+        columns = sampling["idx"].shape[1] if sampling["idx"] is not None else self.num_negatives + 1
+        ops.z_ema_update_(self.z, noise_exp_sum, features.shape[0] * (columns - 1), memory.shape[0], 0.0)
+
     def extra_repr(self) -> str:
         extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
+        if self.loss_type == "nce":
+            extra += f", z_mode={self.z_mode!r}" + (f", z_momentum={self.z_momentum}" if self.z_mode == "ema" else "")
         return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
                 f"momentum={self.momentum}{extra}")
 

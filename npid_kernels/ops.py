@@ -21,7 +21,8 @@ from ._checks import _values_readable
 npid = torch.ops.npid
 
 __all__ = [
-    "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss",
+    "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss", "nce_loss_and_z_stat",
+    "z_ema_update_",
     "softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available", "PRECISIONS",
 ]
 
@@ -76,7 +77,7 @@ def _register_python_side(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::nce_loss")
     def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
         _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state, z=z)
-        return _loss_and_grad_fake(x)
+        return _loss_and_grad_fake(x) + (x.new_empty((x.shape[0],), dtype=torch.float64),)
 
     @torch.library.register_fake(f"{ns}::softmax_ce_loss")
     def _(x, bank, y, idx, rng_state, num_negatives, temperature):
@@ -116,11 +117,13 @@ def _register_python_side(ns: str) -> None:
 
     def _fused_setup(ctx, inputs, output):
         # Only grad_x (B, d) is kept for backward: the loss's gradient w.r.t. x is
-        # grad_loss[b] * grad_x[b]; the second output (grad_x itself) is not differentiable.
+        # grad_loss[b] * grad_x[b]; the second output (grad_x itself) and nce_loss's third
+        # (noise_exp_sum, the Z statistic) are not differentiable.
         ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(*output[1:])
         ctx.num_inputs = len(inputs)
 
-    def _fused_backward(ctx, grad_loss, _grad_of_grad_x):
+    def _fused_backward(ctx, grad_loss, *_grads_of_the_other_outputs):
         (grad_x,) = ctx.saved_tensors
         return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
 
@@ -186,6 +189,31 @@ def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Op
     _finite(x, "x")
     return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
                          -1 if n_data is None else n_data)[0]
+
+
+def nce_loss_and_z_stat(x, bank, y, z, *, idx: Optional[torch.Tensor] = None,
+                        rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
+                        temperature: float = 0.07, n_data: Optional[int] = None):
+    """(per-sample NCE loss, noise_exp_sum) from the same fused pass as nce_loss.
+    noise_exp_sum (B,) float64, not differentiable: per sample, the sum of exp(s_k) over the
+    K noise columns (k >= 1, the positive left out). n * noise_exp_sum.sum() / (B * K) is the
+    step's Monte Carlo estimate of Z = sum_j exp(v_j . x / T) under uniform noise."""
+    loss, _, noise_exp_sum = npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
+                                           -1 if n_data is None else n_data)
+    return loss, noise_exp_sum
+
+
+def z_ema_update_(z: torch.Tensor, noise_exp_sum: torch.Tensor, num_noise, n_data: int, alpha: float) -> None:
+    """Z <- alpha * Z + (1 - alpha) * n * sum(noise_exp_sum) / num_noise, in place with device
+    ops (no host sync). num_noise: the number of noise scores summed (B * K; a device tensor
+    when it comes from an all_reduce across ranks). A non-finite estimate leaves Z unchanged."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha (z_momentum) must be in [0, 1), got {alpha}")
+    with torch.no_grad():
+        estimate = noise_exp_sum.sum().double() * float(n_data) / num_noise
+        new = z.double() * alpha + estimate * (1.0 - alpha)
+        ok = torch.isfinite(new) & (new > 0)
+        z.copy_(torch.where(ok, new, z.double()).to(z.dtype))
 
 
 def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,

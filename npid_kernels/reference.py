@@ -69,6 +69,22 @@ def estimate_z(scores: torch.Tensor, n_data: int) -> torch.Tensor:
     return scores.mean() * n_data
 
 
+def noise_exp_sum(x, bank, idx, temperature) -> torch.Tensor:
+    """nce_loss's third output: per sample, sum over the noise columns k >= 1 of exp(s_k)."""
+    return nce_scores(x, bank, idx, temperature)[:, 1:].sum(1)
+
+
+def z_ema(z, noise_sums: torch.Tensor, num_noise: int, n_data: int, alpha: float):
+    """The "ema" Z update: alpha * Z + (1 - alpha) * n * (sum of the noise exp-scores) / their count."""
+    return alpha * z + (1 - alpha) * n_data * noise_sums.sum() / num_noise
+
+
+def true_z(x: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per sample, the exact normaliser Z_b = sum_j exp(bank_j . x_b / T) over the whole bank,
+    which lemniscate's one constant Z stands in for (n * mean exp(s) estimates it)."""
+    return (x @ bank.to(x.dtype).t() / temperature).exp().sum(1)
+
+
 def nce_criterion(probs: torch.Tensor, n_data: int) -> torch.Tensor:
     """lemniscate's NCECriterion on NCEAverage's output P (B, K+1): per-sample losses.
     log1p forms of -log(P0 / (P0 + c + eps)) and -log(c / (Pk + c + eps))."""

@@ -31,14 +31,16 @@ from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
 from .models import build_encoder, export_state_dict
-from .nn import NPIDLoss
+from .nn import Z_MODES, NPIDLoss
+from .ops import sample_negatives
 
 # Defaults that depend on the dataset (flags left unset take these; the rest are the paper's).
-PAPER_DEFAULTS = {"arch": "resnet18", "loss": "nce", "epochs": 200, "augment": "paper"}
+PAPER_DEFAULTS = {"arch": "resnet18", "loss": "nce", "epochs": 200, "augment": "paper", "z_mode": "first-batch"}
 PRESETS = {
-    # 1,437 training images of 8x8: a small CNN, the exact softmax (cheap at this n; NCE with Z
-    # fixed on the first batch collapses when K is close to n), 60 epochs: about 1 minute on a CPU.
-    "digits": {"arch": "small-cnn", "loss": "softmax", "epochs": 60, "augment": "light"},
+    # 1,438 training images of 8x8: a small CNN, the exact softmax (cheap at this n), 60 epochs:
+    # about 1 minute on a CPU. For --loss nce, Z re-estimated on every step ("batch"): with
+    # lemniscate's first-batch Z NCE collapses here (docs/training.md, "NCE and Z").
+    "digits": {"arch": "small-cnn", "loss": "softmax", "epochs": 60, "augment": "light", "z_mode": "batch"},
     "fashion-mnist": {"arch": "small-cnn"},
 }
 
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nce-k", type=int, default=4096, help="K, negatives per sample for nce/softmax-ce (capped at n-1)")
     g.add_argument("--nce-t", type=float, default=0.07, help="temperature T (also the kNN weights' T)")
     g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum (proximal update)")
+    g.add_argument("--z-mode", choices=Z_MODES, default=None,
+                   help="NCE's normalisation constant Z: first-batch (lemniscate: estimated once, on the first "
+                        "batch), ema (after every step Z <- a*Z + (1-a)*n*mean exp(s/T) over the step's noise "
+                        "scores, a = --z-momentum) or batch (Z = n*mean exp(s/T) over the step's own noise scores, "
+                        "an extra pass before the loss) (default: first-batch; batch for digits)")
+    g.add_argument("--z-momentum", type=float, default=0.99, help="the ema Z mode's a, in [0, 1)")
+    g.add_argument("--z-stats", action="store_true",
+                   help="diagnostics (costs a B x n product per step): per step, Z against the true "
+                        "n*mean exp(s/T) over the whole bank and P/c of the positives and negatives, written to "
+                        "OUT_DIR/z_stats.csv; their epoch means go to log.csv")
     g.add_argument("--bank-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bank storage; bfloat16 halves the bank traffic")
     g.add_argument("--scan-precision", choices=("fp32", "tf32", "bf16"), default="fp32",
@@ -232,6 +244,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-minutes-this-run must be positive, got {args.max_minutes_this_run}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.z_momentum < 1:
+        raise ValueError(f"--z-momentum must be in [0, 1), got {args.z_momentum}")
+    if getattr(args, "z_stats", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--z-stats is a single-process diagnostic (it scans this process's whole bank)")
 
 
 # ---------------------------------------------------------------- optional dependencies
@@ -362,10 +378,12 @@ def train(args) -> Dict:
     if world > 1:
         criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
-                                        device=device, equal_batches=True, precision=loss_precision)
+                                        device=device, equal_batches=True, precision=loss_precision,
+                                        z_mode=args.z_mode, z_momentum=args.z_momentum)
     else:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
-                             bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision)
+                             bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,
+                             z_mode=args.z_mode, z_momentum=args.z_momentum)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
 
@@ -400,6 +418,7 @@ def train(args) -> Dict:
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters), loss {args.loss}" + ("" if args.loss == "softmax" else f" K={args.nce_k}")
+        + (f" Z {args.z_mode}" + (f" (a={args.z_momentum})" if args.z_mode == "ema" else "") if args.loss == "nce" else "")
         + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
         f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
         f"device {device}" + (f"; {args.dataset} defaults: {' '.join(presets)}" if presets else ""), flush=True)
@@ -445,6 +464,7 @@ def train(args) -> Dict:
         criterion.train()
         t0, steps, seen = time.perf_counter(), 0, 0
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        stats_rows = []
         bar = _progress(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
                    mininterval=1.0, dynamic_ncols=True, disable=None if main_rank else True)
@@ -453,6 +473,8 @@ def train(args) -> Dict:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 features = forward_model(inputs)
+            if args.z_stats and args.loss == "nce":
+                stats_rows.append(z_stats(features.detach().float(), index, criterion, args.nce_k, n, epoch, steps))
             loss = criterion(features.float(), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -476,6 +498,13 @@ def train(args) -> Dict:
         row["knn1_top1"] = scores["nn1_top1"]
         if full_eval:
             row["knn_top1"] = scores["knn_top1"]
+        if args.loss == "nce":
+            row["z"] = float(criterion.z.item())  # Z after the epoch's last step
+        if stats_rows:
+            for key in Z_STAT_KEYS:
+                row[f"{key}_mean"] = float(np.mean([r[key] for r in stats_rows]))
+            if main_rank:
+                _append_csv(stats_rows, os.path.join(args.out_dir, "z_stats.csv"), fresh=(epoch == 0))
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
@@ -509,6 +538,9 @@ def train(args) -> Dict:
     results = evaluate(model, bank, data, args)
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "loss": args.loss,
                     "nce_k": None if args.loss == "softmax" else args.nce_k, "low_dim": args.low_dim,
+                    "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
+                    "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
+                    "z_final": float(criterion.z.item()) if args.loss == "nce" else None,
                     "train_images": n, "test_images": len(data.test_labels),
                     "train_seconds_total": sum(row["seconds"] + row.get("eval_seconds", 0) for row in history),
                     "wall_seconds_this_command": time.perf_counter() - started})
@@ -536,6 +568,61 @@ def _out_of_time(args, started: float, row: Dict, world: int, device: torch.devi
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop = bool(flag.item())
     return stop
+
+
+Z_STAT_KEYS = ("z", "z_true", "log10_z_true_over_z", "p0_over_c_median", "pneg_over_c_mean",
+               "neg_saturated_frac", "neg_grad_weight", "pos_grad_weight", "feature_cos_mean", "bank_cos_mean")
+
+
+@torch.no_grad()
+def z_stats(features: torch.Tensor, index: torch.Tensor, criterion, num_negatives: int, n: int, epoch: int,
+            step: int) -> Dict[str, float]:
+    """--z-stats: how the NCE of this step sees the batch, against the whole bank (before the step's
+    update, with the Z the step uses). z_true = n * mean_j exp(v_j . x / T) averaged over the batch
+    (the Z that makes P a normalised distribution); P = exp(s)/Z, c = K/n. The negatives' values are
+    expectations over uniform noise, i.e. over all n rows: pneg_over_c_mean = E[P/c] (1/K when Z is
+    right), neg_saturated_frac = P(P > c), neg_grad_weight = K * E[P/(P+c)] (the summed weights of the
+    negatives in the gradient; about 1 when Z is right), pos_grad_weight = median c/(P0+c).
+    feature_cos_mean, bank_cos_mean: mean pairwise cosine of the batch's features and of bank rows."""
+    memory = criterion.memory.float()
+    T = criterion.temperature
+    s = features @ memory.t() / T  # (B, n)
+    e = s.double().exp()
+    if getattr(criterion, "z_mode", "first-batch") == "batch":  # the Z this step will use: its own noise rows
+        noise = sample_negatives(index, criterion.rng_state, n, num_negatives)[:, 1:]
+        z = float(e.gather(1, noise).mean() * n)
+    elif float(criterion.z.item()) > 0:
+        z = float(criterion.z.item())
+    else:  # the first step: lemniscate's estimate over the step's K+1 columns
+        rows = sample_negatives(index, criterion.rng_state, n, num_negatives)
+        z = float(e.gather(1, rows).mean() * n)
+    z_true = float(e.mean() * n)
+    c = num_negatives / n
+    p = e / z
+    p0 = p.gather(1, index.view(-1, 1)).squeeze(1)
+    b = features.shape[0]
+    fc = features @ features.t()
+    sample = memory[torch.arange(0, memory.shape[0], max(1, memory.shape[0] // 512), device=memory.device)]
+    sample = sample / sample.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    bc = sample @ sample.t()
+    m = sample.shape[0]
+    return {"epoch": epoch + 1, "step": step + 1, "z": z, "z_true": z_true,
+            "log10_z_true_over_z": math.log10(z_true / z),
+            "p0_over_c_median": float((p0 / c).median()), "pneg_over_c_mean": float((p / c).mean()),
+            "neg_saturated_frac": float((p > c).double().mean()),
+            "neg_grad_weight": float(num_negatives * (p / (p + c)).mean()),
+            "pos_grad_weight": float((c / (p0 + c)).median()),
+            "feature_cos_mean": float((fc.sum() - fc.diagonal().sum()) / max(b * (b - 1), 1)),
+            "bank_cos_mean": float((bc.sum() - bc.diagonal().sum()) / max(m * (m - 1), 1))}
+
+
+def _append_csv(rows, path, fresh: bool):
+    mode = "w" if fresh or not os.path.exists(path) else "a"
+    with open(path, mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def _write_csv(history, path):

@@ -282,7 +282,23 @@ def worker_nan_z(outdir, rank):
     torch.save(messages, outdir / f"nan_z_rank{rank}.pt")
 
 
-WORKERS = {"train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
+def worker_z_modes(outdir, rank):
+    """The "ema" and "batch" Z modes in both bank modes: Z per step on each rank (they must agree,
+    and equal a single process fed the global batch)."""
+    cfg = torch.load(outdir / "config.pt")
+    results = {}
+    for z_mode in ("ema", "batch"):
+        for mode in MODES:
+            crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss="nce", bank_dtype=torch.float64, seed=999,
+                                       mode=mode, z_mode=z_mode, z_momentum=0.7)
+            crit.load_full_state_dict(cfg["init"][("nce", "float64")])
+            steps = _run_steps(crit, cfg["batches"], range(len(STEP_SIZES)), rank, torch.float64)
+            results[(z_mode, mode)] = [{"z": st["full"]["z"], "loss": st["loss"], "grad": st["grad"]}
+                                       for st in steps]
+    torch.save(results, outdir / f"z_modes_rank{rank}.pt")
+
+
+WORKERS = {"z_modes": worker_z_modes, "train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
            "knn": worker_knn, "nan_z": worker_nan_z}
 
 
@@ -303,11 +319,11 @@ def _worker_main(scenario: str, outdir: str):
 
 # ---------------------------------------------------------------- single-process expectations
 
-def single_process_run(loss, name, init_sd, batches, steps, offset0=None):
+def single_process_run(loss, name, init_sd, batches, steps, offset0=None, **z_args):
     """NPIDLoss fed the concatenated global batches with the ranks' negatives: per step
     (per-rank expected losses, per-rank expected grads, bank after, z)."""
     dtype = DTYPES[name]
-    ref = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss, bank_dtype=dtype, seed=1)
+    ref = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss, bank_dtype=dtype, seed=1, **z_args)
     ref.load_state_dict(init_sd)
     seed, offset = (int(v) for v in init_sd["rng_state"])
     offset = offset if offset0 is None else offset0
@@ -316,10 +332,15 @@ def single_process_run(loss, name, init_sd, batches, steps, offset0=None):
         x_all, y_all, sizes = batches[t]
         idx = None if loss == "softmax" else rank_idx(y_all, sizes, seed, offset + WORLD * (t - steps[0]))
         bank_before = ref.memory.clone()
+        z_before = ref.z.clone()
         ref(x_all.to(dtype).requires_grad_(True), y_all, idx=idx)  # estimates Z, updates the bank
+        z_used = ref.z
+        if z_args.get("z_mode") == "ema":  # the step's loss used the Z from before the step (first: the estimate)
+            z_used = z_before.clone()
+            ops.nce_estimate_z_(z_used, x_all.to(dtype), bank_before, y_all, idx=idx, temperature=T)
         xs = x_all.to(dtype).clone().requires_grad_(True)
         if loss == "nce":
-            per_sample = ops.nce_loss(xs, bank_before, y_all, ref.z, idx=idx, temperature=T)
+            per_sample = ops.nce_loss(xs, bank_before, y_all, z_used, idx=idx, temperature=T)
         elif loss == "softmax-ce":
             per_sample = ops.softmax_ce_loss(xs, bank_before, y_all, idx=idx, temperature=T)
         else:
@@ -486,6 +507,29 @@ def test_distributed_knn_equals_knn_evaluate(tmp_path):
                 assert torch.allclose(res["scores"], expected_scores, rtol=1e-6, atol=1e-6), (r, split_id, mode)
 
 
+def test_z_modes_agree_across_ranks_and_equal_single_process(train_runs):
+    """ema and batch Z: the ranks all_reduce the step's noise statistics, so both keep the same Z,
+    the one a single process computes from the global batch (the EMA of the global estimate)."""
+    outdir, cfg, _ = train_runs
+    launch("z_modes", outdir)
+    ranks = [torch.load(outdir / f"z_modes_rank{r}.pt") for r in range(WORLD)]
+    for z_mode in ("ema", "batch"):
+        expected, _ = single_process_run("nce", "float64", cfg["init"][("nce", "float64")], cfg["batches"],
+                                         list(range(len(STEP_SIZES))), z_mode=z_mode, z_momentum=0.7)
+        zs = [e["z"] for e in expected]
+        assert len({float(z) for z in zs}) == len(zs), "Z must change every step in these modes"
+        for mode in MODES:
+            tol = TOL["float64"] if mode == "replicated" else TOL_SHARDED["float64"]
+            for t, exp in enumerate(expected):
+                z0, z1 = ranks[0][(z_mode, mode)][t]["z"], ranks[1][(z_mode, mode)][t]["z"]
+                assert torch.equal(z0, z1), (z_mode, mode, t)  # bit-identical across ranks
+                assert close(z0, exp["z"], **tol), (z_mode, mode, t, z0, exp["z"])
+                for r in range(WORLD):
+                    got = ranks[r][(z_mode, mode)][t]
+                    assert close(got["loss"], exp["losses"][r], **tol), (z_mode, mode, t, r)
+                    assert close(got["grad"], exp["grads"][r], **tol), (z_mode, mode, t, r)
+
+
 def test_failed_z_estimate_raises_on_every_rank(tmp_path):
     launch("nan_z", tmp_path, timeout=120.0)
     got = [torch.load(tmp_path / f"nan_z_rank{r}.pt") for r in range(WORLD)]
@@ -525,9 +569,30 @@ def test_world_size_one_is_npid_loss(loss, precision):
             assert torch.equal(sd["bank.memory"], mirror.memory)
 
 
+@pytest.mark.parametrize("z_mode", ["ema", "batch"])
+def test_world_size_one_z_modes_are_npid_loss(z_mode):
+    torch.manual_seed(5)
+    ref = NPIDLoss(N, D, K, T, MOMENTUM, loss="nce", seed=11)
+    for mode in MODES:
+        crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss="nce", seed=3, mode=mode, z_mode=z_mode, z_momentum=0.9)
+        crit.load_full_state_dict(ref.state_dict())
+        mirror = NPIDLoss(N, D, K, T, MOMENTUM, loss="nce", z_mode=z_mode, z_momentum=0.9)
+        mirror.load_state_dict(ref.state_dict())
+        g = torch.Generator().manual_seed(9)
+        for _ in range(3):
+            x = F.normalize(torch.randn(6, D, generator=g), dim=1)
+            y = torch.randint(0, N, (6,), generator=g)
+            assert close(mirror(x, y), crit(x, y), rtol=1e-6, atol=1e-6), mode
+            assert close(mirror.z, crit.z, rtol=1e-6, atol=0), mode
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         DistributedNPIDLoss(N, D, K, mode="mirrored")
+    with pytest.raises(ValueError, match="z_mode"):
+        DistributedNPIDLoss(N, D, K, z_mode="running")
+    with pytest.raises(ValueError, match="z_momentum"):
+        DistributedNPIDLoss(N, D, K, z_mode="ema", z_momentum=1.0)
     crit = DistributedNPIDLoss(N, D, K, seed=1)
     with pytest.raises(ValueError, match="shape"):
         crit.load_full_state_dict({"bank.memory": torch.zeros(N + 1, D), "z": torch.ones(1), "rng_state": torch.zeros(2)})

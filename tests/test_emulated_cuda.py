@@ -68,11 +68,13 @@ def test_launch_plans_match_reference(emu, monkeypatch, sms, B, K, n, d):
     z = reference_z(x, bank, idx)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         xs, bs, zs = x.to(dtype), bank.to(dtype), z.to(dtype)
-        loss, grad = emu.nce_loss(xs.clone().requires_grad_(), bs, y, idx, None, zs, K, T)
+        loss, grad, noise_exp = emu.nce_loss(xs.clone().requires_grad_(), bs, y, idx, None, zs, K, T)
         xr = x.clone().requires_grad_()
         want = R.nce_loss(xr, bank, y, idx, z, T)
         want.sum().backward()
         assert relative_error(loss, want) < tol and relative_error(grad, xr.grad) < tol
+        assert noise_exp.dtype == torch.float64
+        assert relative_error(noise_exp, R.noise_exp_sum(x, bank, idx, T)) < tol
         loss, grad = emu.softmax_ce_loss(xs, bs, y, idx, None, K, T)
         xr = x.clone().requires_grad_()
         want = R.softmax_ce_loss(xr, bank, y, idx, T)
@@ -104,8 +106,9 @@ def test_bank_dtypes_and_views(emu, bank_dtype, d, aligned):
     assert (view.data_ptr() % 16 == 0) == aligned
     exact_bank = view.double()
     z = reference_z(x, exact_bank, idx)
-    loss, grad = emu.nce_loss(x, view, y, idx, None, z.float(), 200, T)
+    loss, grad, noise_exp = emu.nce_loss(x, view, y, idx, None, z.float(), 200, T)
     assert relative_error(loss, R.nce_loss(x.double(), exact_bank, y, idx, z, T)) < 2e-6
+    assert relative_error(noise_exp, R.noise_exp_sum(x.double(), exact_bank, idx, T)) < 2e-6
     loss, grad = emu.softmax_ce_loss(x, view, y, idx, None, 200, T)
     assert relative_error(loss, R.softmax_ce_loss(x.double(), exact_bank, y, idx, T)) < 2e-6
 
@@ -129,7 +132,7 @@ def test_in_kernel_sampling_equals_cpu_sampler_bit_for_bit(emu, monkeypatch, sms
     z = torch.tensor([3000.0])
     for a, b in [(emu.nce_loss(x, bank, y, None, rng, z, 500, T), emu.nce_loss(x, bank, y, idx, None, z, 500, T)),
                  (emu.softmax_ce_loss(x, bank, y, None, rng, 500, T), emu.softmax_ce_loss(x, bank, y, idx, None, 500, T))]:
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
     za, zb = torch.tensor([-1.0]), torch.tensor([-1.0])
     emu.nce_estimate_z_(za, x, bank, y, None, rng, 500, T)
     emu.nce_estimate_z_(zb, x, bank, y, idx, None, 500, T)
@@ -143,7 +146,7 @@ def test_fp32_math_matches_cpu_kernels(emu):
     for name, args in [("nce_loss", (x, bank, y, idx, None, z, 400, T)),
                        ("softmax_ce_loss", (x, bank, y, idx, None, 400, T))]:
         got, want = getattr(emu, name)(*args), getattr(torch.ops.npid, name)(*args)
-        assert relative_error(got[0], want[0]) < 1e-6 and relative_error(got[1], want[1]) < 1e-6
+        assert len(got) == len(want) and all(relative_error(g, w) < 1e-6 for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("B", [64, 2100])  # <= 2048: each warp scans y; above: sorted runs
@@ -172,8 +175,10 @@ def test_no_sync_out_of_range_rows_give_nan(emu, no_sync_checks):
     bad[1, 5] = 50  # one past the bank
     bad[2, 0] = -1
     z = reference_z(x, bank, idx).float()
-    for loss, grad in (emu.nce_loss(x, bank, y, bad, None, z, 20, T), emu.softmax_ce_loss(x, bank, y, bad, None, 20, T)):
+    for loss, grad, *rest in (emu.nce_loss(x, bank, y, bad, None, z, 20, T),
+                              emu.softmax_ce_loss(x, bank, y, bad, None, 20, T)):
         assert bool(loss[1:3].isnan().all()) and bool(grad[1:3].isnan().all())
+        assert all(bool(r[1:3].isnan().all()) and bool(r[[0, 3]].isfinite().all()) for r in rest)
         assert bool(loss[[0, 3]].isfinite().all()) and bool(grad[[0, 3]].isfinite().all())
     scores = emu.nce_scores(x, bank, bad, T)
     assert scores[1, 5].isnan() and scores[2, 0].isnan() and int(scores.isnan().sum()) == 2
@@ -182,7 +187,7 @@ def test_no_sync_out_of_range_rows_give_nan(emu, no_sync_checks):
     zz = torch.tensor([-1.0])
     emu.nce_estimate_z_(zz, x, bank, y, bad, None, 20, T)
     assert zz.item() == -1.0  # left unset ...
-    loss, grad = emu.nce_loss(x, bank, y, idx, None, zz, 20, T)
+    loss, grad, _ = emu.nce_loss(x, bank, y, idx, None, zz, 20, T)
     assert bool(loss.isnan().all())  # ... so the next loss is NaN, not silently wrong
     y_bad = y.clone()
     y_bad[0] = 50
@@ -231,15 +236,17 @@ def test_sync_checks_raise_the_cpu_messages(emu, monkeypatch):
 
 # ------------------------------------------------------------------ NPIDLoss on the CUDA code
 
-@pytest.mark.parametrize("loss", ["nce", "softmax-ce", "softmax"])
-def test_npid_loss_training_steps_match_cpu(loss):
+@pytest.mark.parametrize("loss,z_mode", [("nce", "first-batch"), ("nce", "ema"), ("nce", "batch"),
+                                         ("softmax-ce", "first-batch"), ("softmax", "first-batch")])
+def test_npid_loss_training_steps_match_cpu(loss, z_mode):
     """Three steps of NPIDLoss (sampling, Z, loss, backward, bank update): the CUDA code on the
     emulator and the CPU kernels keep the same bank, Z and sampler state."""
     n, d, B = 300, 32, 16
     modules, results = [], []
     for emulated in (False, True):
         torch.manual_seed(0)
-        crit = NPIDLoss(num_data=n, dim=d, num_negatives=100, temperature=T, momentum=0.5, loss=loss)
+        crit = NPIDLoss(num_data=n, dim=d, num_negatives=100, temperature=T, momentum=0.5, loss=loss,
+                        z_mode=z_mode, z_momentum=0.9)
         g = torch.Generator().manual_seed(5)
         losses, grads = [], []
         for _ in range(3):

@@ -227,6 +227,62 @@ def test_npid_loss_matches_reference_step(device, loss):
         assert module.rng_state[1].item() == rng_state0[1].item() + 1
 
 
+@pytest.mark.parametrize("z_mode", ["ema", "batch"])
+def test_npid_loss_z_modes_match_reference(z_mode):
+    """Three steps against the float64 reference. ema: the step's loss uses the Z from before the
+    step (the first step: lemniscate's first-batch estimate), then Z <- a Z + (1 - a) n mean exp(s_k)
+    over the step's B*K noise scores. batch: Z = n mean exp(s_k) over the step's own noise scores."""
+    torch.manual_seed(5)
+    B, d, n, K, alpha = 6, 20, 100, 15, 0.8
+    module = NPIDLoss(n, d, K, T, MOMENTUM, loss="nce", z_mode=z_mode, z_momentum=alpha)
+    z_ref = None
+    for step in range(3):
+        memory0, rng0 = module.memory.clone().double(), module.rng_state.clone()
+        x = unit_rows(B, d, dtype=torch.float32).requires_grad_(True)
+        y = torch.randint(0, n, (B,))
+        out = module(x, y)
+        out.backward()
+        idx = R.sample_negatives(y, rng0, n, K)
+        xr = x.detach().double().requires_grad_(True)
+        estimate = n * R.noise_exp_sum(xr.detach(), memory0, idx, T).sum() / (B * K)
+        if z_mode == "batch":
+            z_used = estimate
+        else:
+            z_used = R.estimate_z(R.nce_scores(xr.detach(), memory0, idx, T), n) if z_ref is None else z_ref
+        ref = R.nce_loss(xr, memory0, y, idx, z_used, T).mean()
+        ref.backward()
+        z_ref = R.z_ema(z_used, R.noise_exp_sum(xr.detach(), memory0, idx, T), B * K, n, alpha) \
+            if z_mode == "ema" else estimate
+        assert relative_error(out, ref) < 1e-5, step
+        assert relative_error(x.grad, xr.grad) < 1e-5, step
+        assert relative_error(module.z, z_ref) < 1e-6, step
+    module.eval()  # no training step: ema leaves Z alone
+    before = module.z.clone()
+    module(unit_rows(B, d, dtype=torch.float32), torch.arange(B))
+    assert torch.equal(before, module.z) or z_mode == "batch"
+
+
+def test_npid_loss_z_mode_first_batch_keeps_z():
+    module = NPIDLoss(100, 8, 10, T, MOMENTUM, loss="nce")
+    assert module.z_mode == "first-batch"
+    module(unit_rows(4, 8, dtype=torch.float32), torch.arange(4))
+    z = module.z.clone()
+    module(unit_rows(4, 8, dtype=torch.float32) * -1, torch.arange(4, 8))
+    assert torch.equal(z, module.z)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(z_mode="running"), "z_mode must be one of"),
+    (dict(z_mode="ema", z_momentum=1.0), r"z_momentum .* must be in \[0, 1\)"),
+    (dict(z_mode="ema", z_momentum=-0.1), "z_momentum"),
+    (dict(z=0.0), "z must be a positive finite number"),
+    (dict(z=float("nan")), "z must be a positive finite number"),
+])
+def test_npid_loss_bad_z_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NPIDLoss(100, 8, 10, **kwargs)
+
+
 def test_npid_loss_eval_mode_leaves_bank_alone():
     module = NPIDLoss(50, 8, 5)
     module.eval()

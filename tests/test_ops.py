@@ -210,6 +210,75 @@ def test_fused_loss_in_kernel_sampling_equals_explicit_idx(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B,K,n,d", SHAPES)
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("dtype,bank_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                              (torch.float32, torch.bfloat16)])
+def test_nce_loss_noise_exp_sum_matches_reference(device, B, K, n, d, sampled, dtype, bank_dtype):
+    """nce_loss's third output: per sample, sum_{k>=1} exp(s_k) over the noise columns only
+    (the positive, column 0, left out), float64, from the same pass as the loss; the loss and
+    grad_x are those of the two-output call."""
+    x, bank, y, idx, rng_state = make_problem(B, K, n, d, device)
+    if sampled:
+        idx = R.sample_negatives(y.cpu(), rng_state.cpu(), n, K).to(device)
+    z = reference_z(x, bank, idx).reshape(1)
+    low_bank = bank.to(bank_dtype)
+    kwargs = dict(rng_state=rng_state) if sampled else dict(idx=idx)
+    loss, sums = ops.nce_loss_and_z_stat(x.to(dtype), low_bank, y, z.to(dtype), num_negatives=K, temperature=T,
+                                         **kwargs)
+    assert sums.dtype == torch.float64 and sums.shape == (B,) and not sums.requires_grad
+    expected = R.noise_exp_sum(x.double(), low_bank.double(), idx, T)
+    assert relative_error(sums, expected) < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert torch.equal(loss, ops.nce_loss(x.to(dtype), low_bank, y, z.to(dtype), num_negatives=K, temperature=T,
+                                          **kwargs))
+    # the positive really is left out: a positive score changed alone leaves the sums unchanged
+    if K >= 1 and not sampled:
+        moved = idx.clone()
+        moved[:, 0] = (moved[:, 0] + 1) % n
+        _, again = ops.nce_loss_and_z_stat(x.to(dtype), low_bank, y, z.to(dtype), idx=moved, temperature=T)
+        assert torch.equal(again, sums)
+
+
+def test_nce_loss_third_output_is_not_differentiable_and_backward_ignores_it(device):
+    x, bank, y, idx, _ = make_problem(3, 7, 50, 16, device)
+    z = reference_z(x, bank, idx).reshape(1)
+    xs = leaf(x)
+    loss, _, sums = ops.npid.nce_loss(xs, bank, y, idx, None, z, 7, T)
+    assert loss.requires_grad and not sums.requires_grad
+    (loss.sum() + 0 * sums.sum()).backward()
+    _, expected_grad = reference_loss_and_grad("nce", x, bank, y, idx, z)
+    assert relative_error(xs.grad, expected_grad) < 1e-12
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("z_dtype", [torch.float64, torch.float32])
+def test_z_ema_update_matches_reference(device, alpha, z_dtype):
+    B, K, n, d = 5, 40, 300, 24
+    x, bank, y, idx, _ = make_problem(B, K, n, d, device)
+    z0 = reference_z(x, bank, idx).reshape(1) * 3.0
+    z = z0.to(z_dtype).clone()
+    _, sums = ops.nce_loss_and_z_stat(x, bank, y, z0, idx=idx, temperature=T)
+    ops.z_ema_update_(z, sums, B * K, n, alpha)
+    expected = R.z_ema(z0.to(z_dtype).double(), R.noise_exp_sum(x, bank, idx, T), B * K, n, alpha)
+    assert relative_error(z.double(), expected) < (1e-12 if z_dtype == torch.float64 else 1e-6)
+    # n * mean exp(s) over uniform noise is an unbiased estimate of the true Z (alpha = 0, many rows)
+    many = torch.randint(0, n, (B, 20001), device=device)
+    many[:, 0] = y
+    fresh = torch.tensor([1.0], dtype=torch.float64, device=device)
+    _, sums = ops.nce_loss_and_z_stat(x, bank, y, fresh, idx=many, temperature=T)
+    ops.z_ema_update_(fresh, sums, B * 20000, n, 0.0)
+    assert relative_error(fresh, R.true_z(x, bank, T).mean()) < 0.05
+
+
+def test_z_ema_update_rejects_bad_alpha_and_keeps_z_on_a_non_finite_estimate(device):
+    z = torch.tensor([5.0], dtype=torch.float64, device=device)
+    for alpha in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            ops.z_ema_update_(z, torch.ones(2, dtype=torch.float64, device=device), 2, 10, alpha)
+    ops.z_ema_update_(z, torch.tensor([float("nan"), 1.0], dtype=torch.float64, device=device), 2, 10, 0.5)
+    assert z.item() == 5.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_nce_on_fetched_rows_with_n_data_equals_whole_bank(device, dtype):
     """What sharded training does: only the rows idx needs, idx renumbered into them, and n_data =
@@ -223,11 +292,11 @@ def test_nce_on_fetched_rows_with_n_data_equals_whole_bank(device, dtype):
     ops.nce_estimate_z_(z_whole, x, bank, y, idx=idx, temperature=T)
     ops.nce_estimate_z_(z_fetched, x, fetched, local[:, 0].contiguous(), idx=local, temperature=T, n_data=n)
     assert relative_error(z_fetched, z_whole) < 1e-12
-    whole, xw = ops.npid.nce_loss(x, bank, y, idx, None, z_whole, K, T)
-    part, xp = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T, n)
-    assert relative_error(part, whole) < 1e-12 and relative_error(xp, xw) < 1e-12
+    whole, xw, ew = ops.npid.nce_loss(x, bank, y, idx, None, z_whole, K, T)
+    part, xp, ep = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T, n)
+    assert relative_error(part, whole) < 1e-12 and relative_error(xp, xw) < 1e-12 and relative_error(ep, ew) < 1e-12
     # Without n_data the fetched rows' count would set c = K / len(rows): a different loss.
-    wrong, _ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T)
+    wrong, _, _ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T)
     assert relative_error(wrong, whole) > 1e-3
 
 

@@ -268,7 +268,7 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
   z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(n_noise));
 }
 
-std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
                                             const at::Tensor& y,
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
@@ -283,6 +283,10 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
   at::Tensor loss = at::empty({B}, a.x.options());
   at::Tensor grad_x = at::empty_like(a.x);
+  // Per sample, sum_{k >= 1} exp(s_k) over the K noise columns, in float64: the Monte Carlo
+  // estimate of Z / n that the "ema" Z mode averages (noise rows only: the positive is not
+  // a draw from Pn and would bias the estimate up by up to exp(1/T) / K).
+  at::Tensor noise_exp_sum = at::empty({B}, a.x.options().dtype(at::kDouble));
   BadIndexFlag bad;
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_loss",
                          [&](auto xt, auto bt) {
@@ -300,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
     // double-precision product of (1 + (P + eps) / c): one log per sample instead of one
     // log1p per row (the transcendental was a third of the loop), accurate to ~K * 1e-16.
     std::vector<acc_t> grad(B * d, acc_t(0));
-    std::vector<double> sample_loss(B, 0.0), negatives_product(B, 1.0);
+    std::vector<double> sample_loss(B, 0.0), negatives_product(B, 1.0), exp_sum(B, 0.0);
+    double* ep = noise_exp_sum.data_ptr<double>();
     scan_rows<scalar_t, bank_t>(
         a, temperature, bad, [](int64_t) {},
         [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
@@ -310,7 +315,9 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
             nce_term<acc_t>(s, true, inv_z, c, l, dl_ds);
             sample_loss[b] += l;
           } else {
-            const acc_t p = std::exp(s) * inv_z;
+            const acc_t e = std::exp(s);
+            exp_sum[b] += static_cast<double>(e);
+            const acc_t p = e * inv_z;
             dl_ds = p / (p + c + static_cast<acc_t>(eps));
             double& prod = negatives_product[b];
             prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
@@ -323,11 +330,12 @@ std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tenso
         },
         [&](int64_t b) {
           lp[b] = static_cast<scalar_t>(sample_loss[b] + std::log(negatives_product[b]));
+          ep[b] = exp_sum[b];
           for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
         });
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
-  return {loss, grad_x};
+  return {loss, grad_x, noise_exp_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,

@@ -81,8 +81,10 @@ struct ScanArgs {
   const scalar_t* so = nullptr;        // kScoresBwd: out (B, cols)
   scalar_t* loss = nullptr;            // (B,)
   scalar_t* grad = nullptr;            // (B, d)
+  double* noise_exp = nullptr;         // kNce: (B,) sum of exp(s_k) over the noise columns k >= 1
   // Workspace (partial states), P per sample.
   double* ws_lsum = nullptr;  // (B, P)
+  double* ws_esum = nullptr;  // (B, P) kNce: noise_exp partial sums
   acc_t* ws_m = nullptr;      // (B, P)
   acc_t* ws_l = nullptr;      // (B, P)
   acc_t* ws_acc = nullptr;    // (B, P, d)
@@ -152,10 +154,11 @@ __device__ __forceinline__ acc_t softmax_weight(acc_t m_i, acc_t m_max) {
   return m_i == neg_inf<acc_t>() ? acc_t(0) : math::exp(m_i - m_max);
 }
 
-// A list of `count` partial states: lsum[i], m[i], l[i], acc[i * stride + j].
+// A list of `count` partial states: lsum[i], esum[i], m[i], l[i], acc[i * stride + j].
 template <typename acc_t>
 struct PartialList {
   const double* lsum;
+  const double* esum;
   const acc_t* m;
   const acc_t* l;
   const acc_t* acc;
@@ -165,8 +168,12 @@ struct PartialList {
 
 template <Mode M, typename acc_t>
 __device__ __forceinline__ void merge_scalars(const PartialList<acc_t>& p, double& lsum,
-                                              acc_t& m_max, acc_t& l_sum) {
+                                              double& esum, acc_t& m_max, acc_t& l_sum) {
   lsum = 0.0;
+  esum = 0.0;
+  if constexpr (M == Mode::kNce) {
+    for (int i = 0; i < p.count; ++i) esum += p.esum[i];
+  }
   m_max = neg_inf<acc_t>();
   l_sum = acc_t(0);
   if constexpr (ModeTraits<M>::kLsum) {
@@ -198,11 +205,14 @@ __device__ void emit_final(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
                            const PartialList<acc_type_t<scalar_t>>& p, acc_type_t<scalar_t> s0) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t d = a.d;
-  double lsum;
+  double lsum, esum;
   acc_t m_max, l_sum;
-  merge_scalars<M>(p, lsum, m_max, l_sum);
+  merge_scalars<M>(p, lsum, esum, m_max, l_sum);
   if constexpr (M == Mode::kNce) {
-    if (threadIdx.x == 0) a.loss[b] = static_cast<scalar_t>(lsum);
+    if (threadIdx.x == 0) {
+      a.loss[b] = static_cast<scalar_t>(lsum);
+      a.noise_exp[b] = esum;
+    }
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
       a.grad[b * d + j] = static_cast<scalar_t>(merge_elem<M>(p, m_max, j));
   } else if constexpr (M == Mode::kScoresBwd) {
@@ -227,11 +237,12 @@ template <Mode M, typename scalar_t, typename bank_t>
 __device__ void emit_partial(const ScanArgs<scalar_t, bank_t>& a, int64_t pidx,
                              const PartialList<acc_type_t<scalar_t>>& p) {
   using acc_t = acc_type_t<scalar_t>;
-  double lsum;
+  double lsum, esum;
   acc_t m_max, l_sum;
-  merge_scalars<M>(p, lsum, m_max, l_sum);
+  merge_scalars<M>(p, lsum, esum, m_max, l_sum);
   if (threadIdx.x == 0) {
     if constexpr (ModeTraits<M>::kLsum) a.ws_lsum[pidx] = lsum;
+    if constexpr (M == Mode::kNce) a.ws_esum[pidx] = esum;
     if constexpr (M == Mode::kSoftmax) {
       a.ws_m[pidx] = m_max;
       a.ws_l[pidx] = l_sum;
@@ -266,6 +277,7 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
 
   NPID_DYNAMIC_SHARED(unsigned char, smem_raw);
   NPID_SHARED_ARRAY(double, sm_lsum, kWarps);
+  NPID_SHARED_ARRAY(double, sm_esum, kWarps);
   NPID_SHARED_ARRAY(acc_t, sm_m, kWarps);
   NPID_SHARED_ARRAY(acc_t, sm_l, kWarps);
   NPID_SHARED(acc_t, sm_s0);
@@ -304,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
   for (int s = 0; s < NV; ++s)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[s][e] = acc_t(0);
-  double lsum = 0.0;
+  double lsum = 0.0, esum = 0.0;  // esum: kNce's noise_exp (each group's lane 0)
   acc_t m = neg_inf<acc_t>(), l = acc_t(0);
   bool bad = false;
 
@@ -399,8 +411,12 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
           } else if constexpr (M == Mode::kNce) {
             if (rr[r] >= 0) {
               acc_t term, dl_ds;
-              nce_term<acc_t>(sc, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
-              if (li == 0) lsum += static_cast<double>(term);
+              const acc_t e = math::exp(sc);
+              nce_term_of_exp<acc_t>(e, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
+              if (li == 0) {
+                lsum += static_cast<double>(term);
+                if (kcol != 0) esum += static_cast<double>(e);
+              }
               const acc_t coef = dl_ds * inv_t;
 #pragma unroll
               for (int s = 0; s < NV; ++s)
@@ -440,8 +456,10 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
         for (int e = 0; e < VEC; ++e) acc[s][e] = across_groups_sum(acc[s][e], G);
     }
     if constexpr (Tr::kLsum) lsum = group_sum(lsum, 32);  // only each group's lane 0 summed
+    if constexpr (M == Mode::kNce) esum = group_sum(esum, 32);
     if (warp_bad) {
       lsum = quiet_nan<double>();
+      esum = quiet_nan<double>();
       l = quiet_nan<acc_t>();
 #pragma unroll
       for (int s = 0; s < NV; ++s)
@@ -463,11 +481,12 @@ __global__ void __launch_bounds__(kThreads, (fast_min_blocks<scalar_t, VEC, NV>(
     }
     if (lane == 0) {
       sm_lsum[w] = lsum;
+      sm_esum[w] = esum;
       sm_m[w] = m;
       sm_l[w] = l;
     }
     __syncthreads();
-    const PartialList<acc_t> parts{sm_lsum, sm_m, sm_l, sm_acc, d, kWarps};
+    const PartialList<acc_t> parts{sm_lsum, sm_esum, sm_m, sm_l, sm_acc, d, kWarps};
     if (a.S == 1 && M != Mode::kEstZ) {
       emit_final<M>(a, b, parts, M == Mode::kSoftmax ? sm_s0 : acc_t(0));
     } else {
@@ -508,7 +527,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const scalar_t* xb = a.x + b * d;
 
-  double lsum = 0.0;
+  double lsum = 0.0, esum = 0.0;  // esum: kNce's noise_exp (each group's lane 0)
   acc_t m = neg_inf<acc_t>(), l = acc_t(0);
   bool bad = false;
   for (int64_t kb = k0 + 32 * w; kb < k1; kb += 32 * kWarps) {
@@ -538,8 +557,12 @@ __global__ void __launch_bounds__(kThreads)
         if (lane == 0) lsum += math::exp(static_cast<double>(sc));
       } else if constexpr (M == Mode::kNce) {
         acc_t term, dl_ds;
-        nce_term<acc_t>(sc, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
-        if (lane == 0) lsum += static_cast<double>(term);
+        const acc_t e = math::exp(sc);
+        nce_term_of_exp<acc_t>(e, kcol == 0, consts.inv_z, consts.c, term, dl_ds);
+        if (lane == 0) {
+          lsum += static_cast<double>(term);
+          if (kcol != 0) esum += static_cast<double>(e);
+        }
         const acc_t coef = dl_ds * inv_t;
         for (int64_t j = lane; j < d; j += 32) accp[j] += coef * to_acc<acc_t>(row[j]);
       } else if constexpr (M == Mode::kScoresBwd) {
@@ -563,6 +586,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool warp_bad = __any_sync(kFullMask, bad);
     if (lane == 0) {
       if constexpr (Tr::kLsum) a.ws_lsum[pidx] = warp_bad ? quiet_nan<double>() : lsum;
+      if constexpr (M == Mode::kNce) a.ws_esum[pidx] = warp_bad ? quiet_nan<double>() : esum;
       if constexpr (M == Mode::kSoftmax) {
         a.ws_m[pidx] = m;
         a.ws_l[pidx] = warp_bad ? quiet_nan<acc_t>() : l;
@@ -582,6 +606,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   using acc_t = acc_type_t<scalar_t>;
   const int64_t b = blockIdx.x;
   const PartialList<acc_t> parts{a.ws_lsum != nullptr ? a.ws_lsum + b * a.P : nullptr,
+                                 a.ws_esum != nullptr ? a.ws_esum + b * a.P : nullptr,
                                  a.ws_m != nullptr ? a.ws_m + b * a.P : nullptr,
                                  a.ws_l != nullptr ? a.ws_l + b * a.P : nullptr,
                                  a.ws_acc != nullptr ? a.ws_acc + b * a.P * a.d : nullptr,

@@ -69,6 +69,7 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
     const int64_t np = B * a.P;
     Carver cv;
     const size_t o_lsum = Tr::kLsum ? cv.reserve<double>(np) : 0;
+    const size_t o_esum = M == Mode::kNce ? cv.reserve<double>(np) : 0;
     const size_t o_m = M == Mode::kSoftmax ? cv.reserve<acc_t>(np) : 0;
     const size_t o_l = M == Mode::kSoftmax ? cv.reserve<acc_t>(np) : 0;
     const size_t o_s0 = M == Mode::kSoftmax ? cv.reserve<acc_t>(B) : 0;
@@ -76,6 +77,7 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
     ws = at::empty({static_cast<int64_t>(std::max<size_t>(cv.used, 16))}, opts.dtype(at::kByte));
     char* base = static_cast<char*>(ws.data_ptr());
     if (Tr::kLsum) a.ws_lsum = reinterpret_cast<double*>(base + o_lsum);
+    if (M == Mode::kNce) a.ws_esum = reinterpret_cast<double*>(base + o_esum);
     if (M == Mode::kSoftmax) {
       a.ws_m = reinterpret_cast<acc_t*>(base + o_m);
       a.ws_l = reinterpret_cast<acc_t*>(base + o_l);
@@ -301,7 +303,7 @@ inline void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor
   }
 }
 
-inline std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
                                             const at::Tensor& y,
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
@@ -320,6 +322,9 @@ inline std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at
   }
   at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
   at::Tensor grad_x = at::empty_like(f.x);
+  // Per sample, sum over the K noise columns of exp(s_k) in float64 (the Z statistic of the
+  // "ema" / "batch" Z modes; the positive is not a draw from Pn), from the same pass.
+  at::Tensor noise_exp_sum = at::empty({f.x.size(0)}, f.x.options().dtype(at::kDouble));
   dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_loss",
                          [&](auto xt, auto bt) {
     using scalar_t = decltype(xt);
@@ -331,9 +336,10 @@ inline std::tuple<at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at
     a.c = static_cast<double>(f.columns - 1) / static_cast<double>(n_noise);
     a.loss = loss.data_ptr<scalar_t>();
     a.grad = grad_x.data_ptr<scalar_t>();
+    a.noise_exp = noise_exp_sum.data_ptr<double>();
     run_scan<Mode::kNce>(a, f.x.options());
   });
-  return {loss, grad_x};
+  return {loss, grad_x, noise_exp_sum};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,

@@ -15,11 +15,12 @@ constexpr double kNceEps = 1e-7;
 // log1p keeps the negatives' terms, often ~P/c << 1, to full relative precision
 // (log(c / (P + c)) in fp32 loses about four digits).
 // dloss/ds: positive -(c + eps) / (P + c + eps), negative P / (P + c + eps).
+// The same from e = exp(s) (the CUDA kernels also sum e over the noise columns for Z).
 template <typename acc_t>
-NPID_HOST_DEVICE void nce_term(acc_t s, bool positive, acc_t inv_z, acc_t c, acc_t& loss,
-                               acc_t& dloss_ds) {
+NPID_HOST_DEVICE void nce_term_of_exp(acc_t e, bool positive, acc_t inv_z, acc_t c, acc_t& loss,
+                                      acc_t& dloss_ds) {
   const acc_t eps = static_cast<acc_t>(kNceEps);
-  const acc_t p = math::exp(s) * inv_z;
+  const acc_t p = e * inv_z;
   const acc_t denom = p + c + eps;
   if (positive) {
     loss = math::log1p((c + eps) / p);
@@ -28,6 +29,12 @@ NPID_HOST_DEVICE void nce_term(acc_t s, bool positive, acc_t inv_z, acc_t c, acc
     loss = math::log1p((p + eps) / c);
     dloss_ds = p / denom;
   }
+}
+
+template <typename acc_t>
+NPID_HOST_DEVICE void nce_term(acc_t s, bool positive, acc_t inv_z, acc_t c, acc_t& loss,
+                               acc_t& dloss_ds) {
+  nce_term_of_exp<acc_t>(math::exp(s), positive, inv_z, c, loss, dloss_ds);
 }
 
 // Online softmax state (flash-attention style): max m, sum l of exp(s - m).

@@ -10,7 +10,8 @@
 //    None the kernels draw uniform negatives in-kernel from Philox4x32-10 keyed
 //    by it, exactly as sample_negatives() would (see include/npid/philox.h).
 //  * Loss ops return (per-sample loss (B,), grad_x (B, d) = d loss_b / d x_b):
-//    one pass over the gathered rows; backward only scales grad_x.
+//    one pass over the gathered rows; backward only scales grad_x. nce_loss adds a third,
+//    non-differentiable output (the noise columns' exp-score sums, for the Z estimate).
 #pragma once
 #include <torch/library.h>
 
@@ -31,7 +32,11 @@ inline void define_schemas(torch::Library& m) {
   //    the real bank (sharded training passes the fetched rows with an explicit idx); -1: bank rows.
   m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, int n_data=-1) -> ()");
   // 2. Fused NCE loss (lemniscate NCECriterion on NCEAverage's output), eps = 1e-7.
-  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1) -> (Tensor, Tensor)");
+  //    Third output noise_exp_sum (B,) float64: sum over the K noise columns k >= 1 of
+  //    exp(s_k) (s_k = bank[row_k] . x_b / T, the positive column 0 excluded), computed in the
+  //    same pass; n * mean(noise_exp_sum) / K estimates Z = sum_j exp(s_j) (the "ema" Z mode).
+  //    Not differentiable.
+  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1) -> (Tensor, Tensor, Tensor)");
   // 3. Fused softmax cross-entropy (InfoNCE) over the same rows, positive at column 0.
   m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature) -> (Tensor, Tensor)");
   // 4. bank[y[b]] <- normalise(momentum * bank[y[b]] + (1 - momentum) * x[b]), in place.
