@@ -54,17 +54,21 @@ def compiler() -> str:
     return os.environ.get("CXX", "g++")
 
 
+def shared_library(name: str) -> str:
+    """The compiler's copy of a shared library (for LD_PRELOAD)."""
+    path = subprocess.run([compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if not os.path.isabs(path) or not os.path.exists(path):
+        raise RuntimeError(f"{compiler()} has no {name} (install the compiler's runtime package for it)")
+    return os.path.realpath(path)
+
+
 def sanitizer_runtime(variant: str) -> str | None:
     """Path of the sanitizer's shared runtime (for LD_PRELOAD), or None for the plain build."""
     name = SANITIZER_RUNTIME.get(variant)
     if name is None:
         return None
-    path = subprocess.run([compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    if not os.path.isabs(path) or not os.path.exists(path):
-        raise RuntimeError(f"{compiler()} has no {name} (install the compiler's sanitizer runtime, "
-                           f"e.g. the libasan/libtsan package)")
-    return path
+    return shared_library(name)
 
 
 def _torch_flags(csrc: str):
@@ -97,10 +101,12 @@ def _stamp(csrc: str, sources, flags) -> str:
 
 
 def build(variant: str = "plain", target: str = "ops", csrc: str = CSRC, out_dir: str | None = None,
-          jobs: int | None = None, quiet: bool = False) -> str:
+          jobs: int | None = None, quiet: bool = False, compile_only=None, objects_from: str | None = None) -> str:
     """Compile (if needed) and return the path of the target's shared library in that variant.
     csrc / out_dir: another source tree (a mutated copy, for the seeded-defect tests) and where
-    its build goes; by default this checkout's csrc/ and build/emu-<variant>/."""
+    its build goes; by default this checkout's csrc/ and build/emu-<variant>/. compile_only: the
+    sources to compile, the others' objects taken from objects_from (a mutant recompiles only the
+    translation unit its change reaches)."""
     if variant not in VARIANT_FLAGS:
         raise ValueError(f"variant must be one of {sorted(VARIANT_FLAGS)}, got {variant!r}")
     if target not in TARGETS:
@@ -113,7 +119,12 @@ def build(variant: str = "plain", target: str = "ops", csrc: str = CSRC, out_dir
     out_dir = out_dir or os.path.join(ROOT, "build", f"emu-{variant}")
     name = "npid_emu" if target == "ops" else "npid_emu_defects"
     lib = os.path.join(out_dir, f"{name}_{variant}.so")
-    stamp = _stamp(csrc, sources, cflags + ldflags + vflags + [torch_version])
+    to_compile = list(sources) if compile_only is None else [s for s in sources if s in compile_only]
+    reused = [os.path.join(objects_from, os.path.basename(s) + ".o") for s in sources if s not in to_compile]
+    missing = [o for o in reused if not os.path.exists(o)]
+    if missing:
+        raise RuntimeError(f"objects to reuse are missing: {missing}")
+    stamp = _stamp(csrc, sources, cflags + ldflags + vflags + [torch_version] + reused)
     stamp_file = os.path.join(out_dir, f"{name}.stamp")
     if os.path.exists(lib) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
         return lib
@@ -130,11 +141,11 @@ def build(variant: str = "plain", target: str = "ops", csrc: str = CSRC, out_dir
             raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{res.stderr[-8000:]}")
         return obj
 
-    jobs = jobs or max(1, min(len(sources), os.cpu_count() or 1))
+    jobs = jobs or max(1, min(len(to_compile), os.cpu_count() or 1))
     # The largest translation units first, so that the pool finishes together.
-    order = sorted(sources, key=lambda s: -os.path.getsize(os.path.join(csrc, s)))
+    order = sorted(to_compile, key=lambda s: -os.path.getsize(os.path.join(csrc, s)))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        objs = list(pool.map(compile_one, order))
+        objs = list(pool.map(compile_one, order)) + reused
     tmp = lib + ".tmp"
     cmd = [compiler(), "-shared", *vflags, *objs, "-o", tmp, *ldflags]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -10,6 +10,7 @@
 * seeded defects in the real kernels (a deleted __syncthreads, a wrong shuffle width) make the
   emulated op tests fail: the tests can fail.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -61,8 +62,12 @@ def test_poisoned_shared_memory_shows_unordered_reads(defects, name):
 # ------------------------------------------------------------------ sanitizers
 
 def sanitized_env(variant):
-    runtime = build_emu.sanitizer_runtime(variant)
-    env = dict(os.environ, LD_PRELOAD=runtime, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    preload = [build_emu.sanitizer_runtime(variant)]
+    if variant == "asan":
+        # libstdc++ must be loaded when ASan starts, or its __cxa_throw interceptor has nothing to
+        # call and the first C++ exception (any TORCH_CHECK) aborts the process.
+        preload.append(build_emu.shared_library("libstdc++.so.6"))
+    env = dict(os.environ, LD_PRELOAD=" ".join(preload), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     # Leaks: CPython's own allocations at exit are not ours to judge.
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
@@ -138,20 +143,40 @@ MUTANTS = {
                             "    const PartialList<acc_t> parts"),
     # Dot products reduced over half of each row's lane group.
     "wrong_shuffle_width": ("cuda/nce_kernels.cuh", "sc = group_sum(dot, G) * inv_t;", "sc = group_sum(dot, G / 2) * inv_t;"),
+    # The control: built the same way, unchanged, it must pass (so a mutant fails by its defect).
+    "unchanged": ("cuda/nce_kernels.cuh", "sc = group_sum(dot, G) * inv_t;", "sc = group_sum(dot, G) * inv_t;"),
 }
 
 
+@pytest.fixture(scope="module")
+def mutant_libraries(tmp_path_factory):
+    """Each mutant's library: its mutated copy of csrc/, only emu_nce.cpp (the translation unit
+    the kernels' header reaches) recompiled, the other objects the plain build's; the mutants
+    compile side by side."""
+    plain_dir = os.path.dirname(build_emu.build("plain"))
+
+    def build_mutant(mutant):
+        path, old, new = MUTANTS[mutant]
+        root = tmp_path_factory.mktemp(mutant)
+        csrc = root / "csrc"
+        shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
+        source = (csrc / path).read_text()
+        assert source.count(old) == 1, f"the mutation site of {mutant} moved: update MUTANTS"
+        (csrc / path).write_text(source.replace(old, new))
+        return build_emu.build("debug", csrc=str(csrc), out_dir=str(root / "build"), quiet=True, jobs=1,
+                               compile_only=["emu/emu_nce.cpp"], objects_from=plain_dir)
+
+    with concurrent.futures.ThreadPoolExecutor(len(MUTANTS)) as pool:
+        return dict(zip(sorted(MUTANTS), pool.map(build_mutant, sorted(MUTANTS))))
+
+
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
-def test_seeded_kernel_defect_fails_the_emulated_tests(tmp_path, mutant):
-    path, old, new = MUTANTS[mutant]
-    csrc = tmp_path / "csrc"
-    shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
-    source = (csrc / path).read_text()
-    assert source.count(old) == 1, f"the mutation site of {mutant} moved: update MUTANTS"
-    (csrc / path).write_text(source.replace(old, new))
-    lib = build_emu.build("debug", csrc=str(csrc), out_dir=str(tmp_path / "build"), quiet=True)
-    env = dict(os.environ, NPID_EMU_LIBRARY=lib, NPID_TEST_DEVICES="emu")
+def test_seeded_kernel_defect_fails_the_emulated_tests(mutant_libraries, mutant):
+    env = dict(os.environ, NPID_EMU_LIBRARY=mutant_libraries[mutant], NPID_TEST_DEVICES="emu")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "tests/test_emulated_cuda.py::test_launch_plans_match_reference"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 1 and " failed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    if mutant == "unchanged":
+        assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    else:
+        assert run.returncode == 1 and " failed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -50,8 +50,13 @@ thread_local dim3 gridDim{1, 1, 1};
 namespace npid_emu {
 namespace {
 
-#if defined(NPID_EMU_ASAN) || defined(NPID_EMU_TSAN)
-constexpr size_t kStackBytes = 512 * 1024;  // sanitizer frames are larger
+// Kernel frames are small (a few KiB even instrumented); a guard page below each stack turns an
+// overflow into a fault. ASan's swapcontext interceptor clears the shadow of the whole target
+// stack at every switch, so its stacks are kept small: that clearing is most of an ASan run.
+#if defined(NPID_EMU_ASAN)
+constexpr size_t kStackBytes = 64 * 1024;
+#elif defined(NPID_EMU_TSAN)
+constexpr size_t kStackBytes = 256 * 1024;
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
