@@ -72,6 +72,10 @@ def sanitized_env(variant):
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     env["TSAN_OPTIONS"] = "halt_on_error=1:report_signal_unsafe=0"
+    if variant == "tsan":
+        # torch's intra-op threads come from libgomp, which TSan cannot see synchronise: one
+        # thread, so that only our code (the emulator's workers and fibers) runs concurrently.
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 

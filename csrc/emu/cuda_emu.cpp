@@ -223,22 +223,17 @@ struct Block {
     current = -1;
   }
 
-  // From a fiber: back to the scheduler (it resumes this fiber once it can proceed).
-  void switch_to_scheduler(bool exiting) {
+  // From a waiting fiber: back to the scheduler (it resumes this fiber once it can proceed).
+  void switch_to_scheduler() {
     const int tid = current;
 #ifdef NPID_EMU_TSAN
     __tsan_switch_to_fiber(scheduler_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef NPID_EMU_ASAN
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, scheduler_stack_bottom,
-                                   scheduler_stack_size);
+    __sanitizer_start_switch_fiber(&fake, scheduler_stack_bottom, scheduler_stack_size);
 #endif
-    if (exiting) {
-      setcontext(&scheduler);
-    } else {
-      swapcontext(&contexts[tid], &scheduler);
-    }
+    swapcontext(&contexts[tid], &scheduler);
 #ifdef NPID_EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, &scheduler_stack_bottom, &scheduler_stack_size);
 #endif
@@ -257,14 +252,24 @@ struct Block {
       TsanIgnore ignore;
       b.record(tid, e.what());
     }
+#ifdef NPID_EMU_TSAN
+    void* scheduler_fiber = nullptr;
+#endif
     {
       TsanIgnore ignore;
       b.exit_thread(tid);
+#ifdef NPID_EMU_TSAN
+      scheduler_fiber = b.scheduler_fiber;  // read before the release: the Block may be reused
+#endif
     }
 #ifdef NPID_EMU_TSAN
-    __tsan_release(&b.exit_token);
+    __tsan_release(&b.exit_token);  // nothing of the block is read below this line
+    __tsan_switch_to_fiber(scheduler_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
-    b.switch_to_scheduler(/*exiting=*/true);
+#ifdef NPID_EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, b.scheduler_stack_bottom, b.scheduler_stack_size);
+#endif
+    setcontext(&b.scheduler);
   }
 
   void exit_thread(int tid) {
@@ -357,13 +362,13 @@ Block& current(const char* what) {
 }  // namespace
 
 uint64_t collective(Site site, Collective kind, unsigned mask, uint64_t value, int arg, int width) {
+  TsanIgnore ignore;  // the runtime's state; the kernel's memory is ordered by the tokens below
   Block& b = current(collective_name(kind));
   const int tid = b.current, lane = tid & 31, warp = tid >> 5, base = warp * 32;
 #ifdef NPID_EMU_TSAN
   __tsan_release(&b.warp_tokens[warp]);
 #endif
   {
-    TsanIgnore ignore;
     if (b.failed) throw Abort{};
     if (width < 1 || width > 32 || (width & (width - 1)) != 0)
       b.fail(tid, std::string(collective_name(kind)) + " at " + where(site) + ": width " +
@@ -434,7 +439,7 @@ uint64_t collective(Site site, Collective kind, unsigned mask, uint64_t value, i
         b.lanes[base + l].state = State::kRunning;
       }
     } else {
-      b.switch_to_scheduler(false);  // resumed once the collective executed (or the launch failed)
+      b.switch_to_scheduler();  // resumed once the collective executed (or the launch failed)
       if (me.state == State::kCollective) throw Abort{};
     }
   }
@@ -445,13 +450,13 @@ uint64_t collective(Site site, Collective kind, unsigned mask, uint64_t value, i
 }
 
 void syncthreads(Site site) {
+  TsanIgnore ignore;  // the runtime's state; the kernel's memory is ordered by the token below
   Block& b = current("__syncthreads");
   const int tid = b.current;
 #ifdef NPID_EMU_TSAN
   __tsan_release(&b.barrier_token);
 #endif
   {
-    TsanIgnore ignore;
     if (b.failed) throw Abort{};
     const int base = tid & ~31;
     for (int t = base; t < std::min(base + 32, b.nthreads); ++t) {
@@ -473,7 +478,7 @@ void syncthreads(Site site) {
     if (++b.arrived == b.live) {
       b.release_barrier();
     } else {
-      b.switch_to_scheduler(false);
+      b.switch_to_scheduler();
       if (me.state == State::kBarrier) throw Abort{};
     }
   }
@@ -483,8 +488,8 @@ void syncthreads(Site site) {
 }
 
 void* static_shared(const void* key, size_t bytes, size_t align, const char* name) {
-  Block& b = current("__shared__ declaration");
   TsanIgnore ignore;
+  Block& b = current("__shared__ declaration");
   if (b.failed) throw Abort{};
   for (const auto& s : b.statics)
     if (s.first == key) return s.second;
@@ -501,7 +506,10 @@ void* static_shared(const void* key, size_t bytes, size_t align, const char* nam
   return p;
 }
 
-void* dynamic_shared() { return current("extern __shared__ declaration").dynamic; }
+void* dynamic_shared() {
+  TsanIgnore ignore;
+  return current("extern __shared__ declaration").dynamic;
+}
 
 void run(const Launch& launch, const std::function<void()>& body) {
   const uint64_t nthreads = uint64_t(launch.block.x) * launch.block.y * launch.block.z;
