@@ -9,11 +9,12 @@ from .nn import (
     NCECriterion,
     NCELoss,
     NPIDLoss,
+    ParametricInstanceLoss,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "reference", "MemoryBank", "NCEAverage", "NCECriterion", "LinearAverage", "NPIDLoss",
-    "NCELoss", "AliasSampler", "knn_predict", "knn_evaluate", "nearest_neighbors",
+    "NCELoss", "ParametricInstanceLoss", "AliasSampler", "knn_predict", "knn_evaluate", "nearest_neighbors",
 ]

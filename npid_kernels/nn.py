@@ -363,6 +363,55 @@ class NPIDLoss(nn.Module):
 NCELoss = NPIDLoss
 
 
+class ParametricInstanceLoss(nn.Module):
+    """The paper's parametric-softmax baseline (its eq. 1, Table 1's "Param. Softmax" row): an
+    n-way linear classifier over instance ids, P(i|v) = exp(w_i . v / T) / sum_j exp(w_j . v / T),
+    trained jointly with the encoder by cross-entropy against each image's own index. W
+    (num_data, dim) is a parameter (give `criterion.parameters()` to the optimizer), initialised
+    as the memory bank is; v are the encoder's L2-normalised features. Eq. 1 has no T: with
+    normalised v and SGD at NPID's learning rate, untempered logits stay near 0 and the loss
+    near log n for many epochs, so the baseline shares the non-parametric softmax's T (and its
+    scale) and differs from it only in W being learned instead of being the bank of features.
+    Every step reads and updates all of W: one (B, d) x (d, n) GEMM forward and two backward.
+
+    W says nothing about unseen images; the baseline is judged on the encoder's features (kNN
+    on features recomputed on the training images, linear probe). For the driver's per-epoch
+    kNN monitor the module also keeps each instance's latest features, momentum-averaged as
+    NPID's bank is (`memory`, updated in training mode after the loss; the loss never reads it).
+
+    forward(features, indices) returns the batch-mean cross-entropy.
+    """
+
+    def __init__(self, num_data: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5,
+                 device=None):
+        super().__init__()
+        _check_sizes(num_data, dim)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.weight = nn.Parameter(lemniscate_bank_init(num_data, dim, device=device))
+        self.bank = MemoryBank(num_data, dim, torch.float32, device)  # .double() converts both
+
+    @property
+    def memory(self) -> torch.Tensor:
+        return self.bank.memory
+
+    def forward(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        _check_batch(features, indices, self.bank.memory)
+        features = features.to(self.weight.dtype)  # e.g. autocast's bf16 output
+        logits = features @ self.weight.t() / self.temperature
+        loss = nn.functional.cross_entropy(logits, indices)
+        if self.training:
+            self.bank.update_(features.detach(), indices, self.momentum)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"num_data={self.weight.shape[0]}, dim={self.weight.shape[1]}, temperature={self.temperature}, "
+                f"momentum={self.momentum}")
+
+
 class AliasSampler(nn.Module):
     """Walker/Vose alias table for drawing from any noise distribution over the bank rows in
     O(1) per draw (lemniscate's AliasMethod). Draws are (B, K+1) index tensors to pass as idx."""

@@ -31,7 +31,7 @@ from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
 from .models import build_encoder, export_state_dict
-from .nn import Z_MODES, NPIDLoss
+from .nn import Z_MODES, NPIDLoss, ParametricInstanceLoss
 from .ops import sample_negatives
 
 # Defaults that depend on the dataset (flags left unset take these; the rest are the paper's).
@@ -71,17 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "(after every epoch), log.csv, curves.png and results.json.")
     _add_data_args(train)
     g = train.add_argument_group("model")
-    g.add_argument("--arch", default=None, help="small-cnn, or any torchvision classifier by name (resnet18, "
-                   "resnet50, ...); its classifier becomes the low-dim linear head, L2-normalised "
+    g.add_argument("--arch", default=None, help="small-cnn (3 conv layers, one pool: 8x8 digits), cnn4 (4 conv layers, "
+                   "two pools: 28x28 images), or any torchvision classifier by name (resnet18, resnet50, ...); its "
+                   "classifier becomes the low-dim linear head, L2-normalised "
                    "(default: resnet18; small-cnn for digits and fashion-mnist)")
+    g.add_argument("--width", type=int, default=None,
+                   help="small-cnn and cnn4: channels of the first conv layers (small-cnn: 64, then 128; cnn4: "
+                        "32, then 64 and 128); the cost of a step grows as its square (default: 64 for small-cnn, "
+                        "32 for cnn4)")
     g.add_argument("--low-dim", type=int, default=128, help="feature dimension d (the paper's ablation: 32/64/128/256)")
     g.add_argument("--cifar-stem", action="store_true",
                    help="3x3 stride-1 first conv and no max-pool, as lemniscate's ResNet for 32x32 CIFAR")
     g = train.add_argument_group("NPID loss")
-    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax"), default=None,
+    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax", "param-softmax"), default=None,
                    help="nce: NCE with K uniform noise rows and Z estimated on the first batch (the paper); "
                         "softmax-ce: cross-entropy over the positive and K sampled rows (InfoNCE, lemniscate's "
-                        "updated model); softmax: the exact non-parametric softmax over all n rows "
+                        "updated model); softmax: the exact non-parametric softmax over all n rows; "
+                        "param-softmax: the paper's parametric baseline, an n-way linear classifier over "
+                        "instance ids trained with the encoder (no memory bank in the loss) "
                         "(default: nce; softmax for digits)")
     g.add_argument("--nce-k", type=int, default=4096, help="K, negatives per sample for nce/softmax-ce (capped at n-1)")
     g.add_argument("--nce-t", type=float, default=0.07, help="temperature T (also the kNN weights' T)")
@@ -234,7 +241,7 @@ def learning_rate(args, epoch: int) -> float:
 
 
 def _check_args(args) -> None:
-    for flag in ("epochs", "batch_size", "low_dim", "nce_k", "knn_k", "eval_every", "workers"):
+    for flag in ("epochs", "batch_size", "low_dim", "width", "nce_k", "knn_k", "eval_every", "workers"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in ("epochs", "workers") else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag in ('epochs', 'workers') else 'positive'}, got {value}")
@@ -246,6 +253,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.z_momentum < 1:
         raise ValueError(f"--z-momentum must be in [0, 1), got {args.z_momentum}")
+    if getattr(args, "loss", None) == "param-softmax" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--loss param-softmax is a single-process baseline (its n-way classifier is not sharded)")
     if getattr(args, "z_stats", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--z-stats is a single-process diagnostic (it scans this process's whole bank)")
 
@@ -284,7 +293,7 @@ def check_dependencies(args, command: str = "train") -> List[str]:
     saved = "" if command == "train" else "the checkpoint's "  # eval/export: settings from the checkpoint
     need("sklearn.datasets", f"{saved}--dataset digits", dataset == "digits")
     need("sklearn.svm", "--linear-probe", getattr(args, "linear_probe", False))
-    need("torchvision", f"{saved}--arch {arch}", arch not in (None, "small-cnn"))
+    need("torchvision", f"{saved}--arch {arch}", arch not in (None, "small-cnn", "cnn4"))
     need("torchvision", f"{saved}--dataset imagefolder", dataset == "imagefolder")
     need("torchvision", "--download", dataset == "cifar10" and getattr(args, "download", False))
     need("torchvision", "--cpu-augment", getattr(args, "cpu_augment", False))
@@ -370,12 +379,14 @@ def train(args) -> Dict:
     batch_size = min(args.batch_size, n // world)
     if batch_size < 1:
         raise ValueError(f"{n} training images cannot fill one batch on each of {world} processes")
-    model = build_encoder(args.arch, args.low_dim, data.in_channels, args.cifar_stem).to(device)
+    model = build_encoder(args.arch, args.low_dim, data.in_channels, args.cifar_stem, args.width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bank_dtype = torch.bfloat16 if args.bank_dtype == "bfloat16" else torch.float32
     loss_precision = args.scan_precision if args.loss == "softmax" else "fp32"  # sampled losses gather rows
-    if world > 1:
+    if args.loss == "param-softmax":  # single process (_check_args)
+        criterion = ParametricInstanceLoss(n, args.low_dim, args.nce_t, args.nce_m, device=device)
+    elif world > 1:
         criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
                                         device=device, equal_batches=True, precision=loss_precision,
@@ -384,8 +395,9 @@ def train(args) -> Dict:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                              bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,
                              z_mode=args.z_mode, z_momentum=args.z_momentum)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    # param-softmax: its n-way classifier learns with the encoder (same lr, momentum, weight decay).
+    optimizer = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
 
     def criterion_state():  # the whole bank, world-size independent (a collective when distributed)
         return criterion.full_state_dict() if world > 1 else criterion.state_dict()
@@ -417,7 +429,7 @@ def train(args) -> Dict:
         log(f"npid-train: {warning}")
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters), loss {args.loss}" + ("" if args.loss == "softmax" else f" K={args.nce_k}")
+        f"parameters), loss {args.loss}" + ("" if args.loss in ("softmax", "param-softmax") else f" K={args.nce_k}")
         + (f" Z {args.z_mode}" + (f" (a={args.z_momentum})" if args.z_mode == "ema" else "") if args.loss == "nce" else "")
         + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
         f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
@@ -537,7 +549,7 @@ def train(args) -> Dict:
         return {}
     results = evaluate(model, bank, data, args)
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "loss": args.loss,
-                    "nce_k": None if args.loss == "softmax" else args.nce_k, "low_dim": args.low_dim,
+                    "nce_k": None if args.loss in ("softmax", "param-softmax") else args.nce_k, "low_dim": args.low_dim,
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
                     "z_final": float(criterion.z.item()) if args.loss == "nce" else None,
@@ -671,7 +683,8 @@ def _load_for_eval(args, device: Optional[torch.device] = None, ckpt: Optional[D
     ckpt = C.load(args.checkpoint) if ckpt is None else ckpt
     saved = argparse.Namespace(**ckpt["args"])
     check_dependencies(argparse.Namespace(arch=saved.arch), "export")
-    model = build_encoder(saved.arch, saved.low_dim, ckpt["in_channels"], saved.cifar_stem)
+    model = build_encoder(saved.arch, saved.low_dim, ckpt["in_channels"], saved.cifar_stem,
+                          getattr(saved, "width", None))  # checkpoints from before --width: the default
     model.load_state_dict(ckpt["model"])
     return ckpt, saved, model.to(device or "cpu")
 
@@ -708,8 +721,9 @@ def run_export(args) -> None:
         head = getattr(model, "head_name", "head") + "."
         state = {k: v for k, v in state.items() if not k.startswith(head)}
     C.save_atomic(state, args.output)
-    if saved.arch == "small-cnn":
-        how = "npid_kernels.models.build_encoder('small-cnn', ...).backbone (body.*) plus the head"
+    if saved.arch in ("small-cnn", "cnn4"):
+        how = (f"npid_kernels.models.build_encoder({saved.arch!r}, width={getattr(saved, 'width', None)}, ...)"
+               ".backbone (body.*) plus the head")
     else:
         how = f"torchvision.models.get_model({saved.arch!r}, num_classes={saved.low_dim})"
         if saved.cifar_stem:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npid_kernels import (AliasSampler, LinearAverage, MemoryBank, NCEAverage, NCECriterion, NCELoss, NPIDLoss, ops)
+from npid_kernels import (AliasSampler, LinearAverage, MemoryBank, NCEAverage, NCECriterion, NCELoss, NPIDLoss,
+                          ParametricInstanceLoss, ops)
 from npid_kernels import reference as R
 
 from conftest import relative_error, unit_rows
@@ -372,3 +373,62 @@ def test_alias_sampler_distribution():
     assert rows.shape == (2, 8) and rows[:, 0].tolist() == [4, 1]
     with pytest.raises(ValueError, match="probs"):
         AliasSampler(torch.tensor([1.0, -1.0]))
+
+
+def test_parametric_instance_loss_is_cross_entropy_over_instance_ids():
+    """Eq. 1 of the paper (with the non-parametric softmax's T): P(i|v) = softmax_i(W v / T),
+    the loss -log P(y|v); written out in float64 against the module, gradients included."""
+    torch.manual_seed(10)
+    n, d, B = 40, 8, 6
+    module = ParametricInstanceLoss(n, d, temperature=T, momentum=MOMENTUM).double()
+    x = unit_rows(B, d, dtype=torch.float64).requires_grad_(True)
+    y = torch.tensor([3, 0, 39, 3, 17, 8])
+    W = module.weight.detach().clone().requires_grad_(True)
+    logits = x @ W.t() / T
+    expected = -(logits.gather(1, y[:, None]).squeeze(1) - logits.logsumexp(1)).mean()
+    expected.backward()
+    bank_before = module.memory.clone()
+    loss = module(x, y)
+    assert relative_error(loss.detach(), expected.detach()) < 1e-14
+    x_grad = x.grad.clone()
+    x.grad = None
+    loss.backward()
+    assert relative_error(x.grad, x_grad) < 1e-13 and relative_error(module.weight.grad, W.grad) < 1e-13
+    assert torch.autograd.gradcheck(lambda f, w: F.cross_entropy(f @ w.t() / T, y), (x.detach().requires_grad_(True), W))
+    # the feature record follows NPID's bank rule (the loss never reads it); untouched rows stay
+    updated = R.momentum_update(bank_before.clone(), x.detach(), y, MOMENTUM)
+    assert torch.allclose(module.memory, updated, rtol=1e-12, atol=1e-12)
+    module.eval()
+    before = module.memory.clone()
+    module(x.detach(), y)
+    assert torch.equal(before, module.memory)
+
+
+def test_parametric_instance_loss_learns_and_refuses_bad_input():
+    """SGD on W alone separates fixed random features: the loss falls well below log n; and bad
+    input is refused in the caller's names before W or the record change."""
+    torch.manual_seed(11)
+    n, d = 64, 16
+    module = ParametricInstanceLoss(n, d)
+    x, y = unit_rows(n, d, dtype=torch.float32), torch.arange(n)
+    opt = torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9)
+    first = None
+    for _ in range(50):
+        loss = module(x, y)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 2.0 and loss.item() < 0.1 * first, (first, loss.item())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    assert set(state) == {"weight", "bank.memory"}
+    with pytest.raises(IndexError, match="indices"):
+        module(x[:2], torch.tensor([0, n]))
+    with pytest.raises(ValueError, match="features"):
+        module(x[:2, :5], y[:2])
+    with pytest.raises(ValueError, match="features holds NaN"):
+        module(torch.full((2, d), float("nan")), y[:2])
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match="temperature"):
+        ParametricInstanceLoss(n, d, temperature=0.0)

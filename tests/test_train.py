@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from npid_kernels import train as T
+from npid_kernels.nn import lemniscate_bank_init
 
 # The learning check's job, flags spelled out (not left to the digits preset).
 DIGITS_JOB = ["train", "--dataset", "digits", "--arch", "small-cnn", "--loss", "softmax", "--augment", "light",
@@ -95,6 +96,27 @@ def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_in
     run(DIGITS_JOB + ["--epochs", "5", "--nce-m", "1.0", "--knn-source", "bank", "--out-dir", str(tmp_path)])
     frozen = results(tmp_path)["knn_top1_bank"]
     assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
+
+
+def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypatch):
+    """--loss param-softmax: the n-way classifier over instance ids learns with the encoder (its
+    weights are in the optimizer and the checkpoint), the loss falls from ~log n, and the run is
+    evaluated like the others; under torchrun it is refused before any work."""
+    run(DIGITS_JOB[:5] + ["--loss", "param-softmax", "--augment", "light", "--epochs", "8", "--eval-every", "100",
+                          "--knn-source", "features", "--out-dir", str(tmp_path)])
+    ckpt = load(tmp_path / "checkpoint.pt")
+    weight = ckpt["criterion"]["weight"]
+    assert weight.shape == (1438, 128) and ckpt["args"]["loss"] == "param-softmax"
+    initial_norm = lemniscate_bank_init(1438, 128).norm(dim=1).mean()  # ~1: uniform rows, as the bank's
+    assert abs(weight.norm(dim=1).mean() - initial_norm) > 0.05, (weight.norm(dim=1).mean(), initial_norm)  # trained
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert first > 0.8 * math.log(1438) and last < first - 1.0, (first, last)
+    res = results(tmp_path)
+    assert res["loss"] == "param-softmax" and res["nce_k"] is None and res["knn_top1_features"] > 30
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert T.main(["train", "--loss", "param-softmax", "--out-dir", str(tmp_path / "ddp")]) == 2
+    assert "--loss param-softmax is a single-process baseline" in capsys.readouterr().err
 
 
 def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
@@ -187,6 +209,27 @@ def test_eval_and_export(tmp_path):
     run(["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "backbone.pth")])
     state = torch.load(tmp_path / "backbone.pth")
     assert state["head.weight"].shape == (128, 128) and "body.0.weight" in state
+
+
+def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
+    """--arch cnn4 --width 8: the checkpoint rebuilds the same encoder for eval (same kNN as the
+    run) and the exported state_dict loads into build_encoder('cnn4', width=8); a checkpoint of
+    another width is refused on --resume."""
+    from npid_kernels.models import build_encoder
+
+    common = ["train", "--arch", "cnn4", "--width", "8", "--epochs", "1", "--knn-source", "bank",
+              "--out-dir", str(tmp_path)]
+    run(common)
+    out = tmp_path / "eval.json"
+    run(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-source", "bank", "--output-json", str(out)])
+    assert json.loads(out.read_text())["knn_top1_bank"] == results(tmp_path)["knn_top1_bank"]
+    run(["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "b.pth")])
+    assert "build_encoder('cnn4', width=8" in capsys.readouterr().out
+    encoder = build_encoder("cnn4", 128, 1, width=8)
+    encoder.load_state_dict(torch.load(tmp_path / "b.pth"))
+    assert encoder.backbone.out_features == 32 and encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+    assert T.main(common[:4] + ["16"] + common[5:] + ["--resume"]) == 2
+    assert "width: 8 in the checkpoint, 16 now" in capsys.readouterr().err
 
 
 def test_export_loads_into_torchvision_resnet(tmp_path):
