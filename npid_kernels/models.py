@@ -53,6 +53,10 @@ class CNN4(nn.Module):
         return self.body(x)
 
 
+# The small nets for tiny images, and their default --width.
+SMALL_NETS = {"small-cnn": (SmallCNN, 64), "cnn4": (CNN4, 32)}
+
+
 class Encoder(nn.Module):
     """backbone (pooled features) -> linear head (low_dim) -> L2 normalisation."""
 
@@ -74,14 +78,15 @@ def build_encoder(arch: str, low_dim: int = 128, in_channels: int = 3, cifar_ste
     """arch: "small-cnn" (`width` channels in its first two layers, 2 x width in the third;
     default 64), "cnn4" (width, width, 2 x width, 4 x width; default 32), or the name of any
     torchvision classifier (resnet18, resnet50, ...)."""
-    if arch in ("small-cnn", "cnn4"):
-        cls = SmallCNN if arch == "small-cnn" else CNN4
-        backbone = cls(in_channels) if width is None else cls(in_channels, width)
+    if arch in SMALL_NETS:
+        cls, default_width = SMALL_NETS[arch]
+        backbone = cls(in_channels, default_width if width is None else width)
         return Encoder(backbone, backbone.out_features, low_dim, arch)
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown --arch {arch!r}: use small-cnn or a torchvision classifier such as resnet18, resnet50")
+        raise ValueError(f"unknown --arch {arch!r}: use small-cnn, cnn4 or a torchvision classifier such as "
+                         "resnet18, resnet50")
     model = torchvision.models.get_model(arch, weights=None)
     if cifar_stem or in_channels != 3:
         conv = getattr(model, "conv1", None)

@@ -30,7 +30,7 @@ from . import checkpoint as C
 from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
-from .models import build_encoder, export_state_dict
+from .models import SMALL_NETS, build_encoder, export_state_dict
 from .nn import Z_MODES, NPIDLoss, ParametricInstanceLoss
 from .ops import sample_negatives
 
@@ -219,6 +219,12 @@ def apply_presets(args) -> List[str]:
             setattr(args, key, value)
             if key in preset:
                 used.append(f"--{key.replace('_', '-')} {value}")
+    # The width is part of the checkpoint's configuration: store the default explicitly, so that a
+    # resume spelling it out (--width 64) matches a run that left it unset.
+    if getattr(args, "width", None) is None and args.arch in SMALL_NETS:
+        args.width = SMALL_NETS[args.arch][1]
+    elif getattr(args, "width", None) is not None and args.arch not in SMALL_NETS:
+        raise ValueError(f"--width applies to {' and '.join(SMALL_NETS)}, not --arch {args.arch}")
     return used
 
 
@@ -548,7 +554,8 @@ def train(args) -> Dict:
     if not main_rank:
         return {}
     results = evaluate(model, bank, data, args)
-    results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "loss": args.loss,
+    results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "width": args.width,
+                    "loss": args.loss,
                     "nce_k": None if args.loss in ("softmax", "param-softmax") else args.nce_k, "low_dim": args.low_dim,
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
@@ -558,8 +565,11 @@ def train(args) -> Dict:
                     "wall_seconds_this_command": time.perf_counter() - started})
     if history and _import_error("matplotlib") is None:  # else warned at the start
         plot_history(history, os.path.join(args.out_dir, "curves.png"))
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+    # Atomic: scripts take an existing results.json as "this run has finished".
+    tmp = os.path.join(args.out_dir, f".results.json.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(args.out_dir, "results.json"))
     _print_summary(results, args.out_dir)
     return results
 

@@ -14,12 +14,16 @@
 # TRAIN_FRACTION (0.33334: 20,000 of the 60,000 training images), IMAGE_SIZE (28), ARCH (cnn4),
 # WIDTH (32), AUGMENT (light: crops of 50-100% of the image; the paper's 20-100% learns slower on
 # 28x28 in this budget, see results/table1-cpu/README.md), Z_MODE (batch; docs/training.md, "NCE and
-# Z"), EXTRA (more npid-train flags for every row). A tiny smoke run:
+# Z"), EXTRA (more npid-train flags for every row, split at spaces: no quoting inside). The script
+# exits 0 when every row either finished or stopped early by request (e.g. EXTRA="--max-minutes-this-run
+# 50" for a job time limit; the report then ends with "not finished: ..."), non-zero when a row fails.
+# A tiny smoke run:
 #   EPOCHS=1 TRAIN_FRACTION=0.01 bash scripts/table1_cpu.sh DATA_DIR /tmp/t1
 set -euo pipefail
+# Paths given on the command line are taken relative to where the script is called from.
+DATA_DIR=$(realpath -m "${1:-$(dirname "$0")/../../shared/data/fashion-mnist}")
+OUT_DIR=$(realpath -m "${2:-$(dirname "$0")/../results/table1-cpu}")
 cd "$(dirname "$0")/.."
-DATA_DIR=${1:-../shared/data/fashion-mnist}
-OUT_DIR=${2:-results/table1-cpu}
 EPOCHS=${EPOCHS:-16}
 TRAIN_FRACTION=${TRAIN_FRACTION:-0.33334}
 IMAGE_SIZE=${IMAGE_SIZE:-28}
@@ -48,18 +52,19 @@ row() {  # row NAME FLAGS...: train and evaluate one row unless it has finished
     fi
     echo "== $name: npid-train train ${common[*]} $* --out-dir $OUT_DIR/$name"
     local started=$SECONDS
-    $PY -m npid_kernels.train train "${common[@]}" "$@" --out-dir "$OUT_DIR/$name" > "$OUT_DIR/$name.log" 2>&1 \
+    echo "== $(date -u '+%Y-%m-%d %H:%M UTC') npid-train train ${common[*]} $* --out-dir $OUT_DIR/$name" >> "$OUT_DIR/$name.log"
+    "$PY" -m npid_kernels.train train "${common[@]}" "$@" --out-dir "$OUT_DIR/$name" >> "$OUT_DIR/$name.log" 2>&1 \
         || { echo "table1_cpu.sh: row $name failed, see $OUT_DIR/$name.log" >&2; tail -5 "$OUT_DIR/$name.log" >&2; exit 1; }
     grep "final weighted kNN" "$OUT_DIR/$name.log" || true
     echo "   ($((SECONDS - started)) s)"
-    $PY scripts/table1_report.py "$OUT_DIR" > /dev/null
+    "$PY" scripts/table1_report.py "$OUT_DIR" > /dev/null
 }
 
 {   # one block per start (a resumed table has several)
     echo "# $(date -u '+%Y-%m-%d %H:%M UTC'): scripts/table1_cpu.sh started; rerun the same command to resume"
     echo "EPOCHS=$EPOCHS TRAIN_FRACTION=$TRAIN_FRACTION IMAGE_SIZE=$IMAGE_SIZE ARCH=$ARCH WIDTH=$WIDTH AUGMENT=$AUGMENT" \
          "Z_MODE=$Z_MODE EXTRA='${EXTRA:-}' bash scripts/table1_cpu.sh $DATA_DIR $OUT_DIR"
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $($PY -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())');" \
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $("$PY" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())');" \
          "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //') x $(nproc) cores"
 } >> "$OUT_DIR/command.txt"
 
@@ -71,4 +76,4 @@ row nce-10 --loss nce --nce-k 10 --z-mode "$Z_MODE"
 row nce-1 --loss nce --nce-k 1 --z-mode "$Z_MODE"
 row softmax-ce-4096 --loss softmax-ce --nce-k 4096
 row param-softmax --loss param-softmax
-$PY scripts/table1_report.py "$OUT_DIR"
+"$PY" scripts/table1_report.py "$OUT_DIR"

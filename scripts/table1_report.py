@@ -93,11 +93,12 @@ def plot(table: List[Dict], out: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    logs = [(r, _read_log(os.path.join(out, r["row"], "log.csv"))) for r in table]
+    logs = [(r, log) for r, log in logs if log]
+    if not logs:  # e.g. only the random-init row so far
+        return None
     fig, (ax_loss, ax_nn) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in table:
-        log = _read_log(os.path.join(out, r["row"], "log.csv"))
-        if not log:
-            continue
+    for r, log in logs:
         epochs = [e["epoch"] for e in log]
         ax_loss.plot(epochs, [e["loss"] for e in log], label=r["label"])
         ax_nn.plot(epochs, [e["knn1_top1"] for e in log], label=r["label"])

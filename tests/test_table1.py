@@ -15,8 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ["param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096", "softmax-ce-4096", "random-init"]
 
 
+SETTINGS = ("EPOCHS", "TRAIN_FRACTION", "IMAGE_SIZE", "ARCH", "WIDTH", "AUGMENT", "Z_MODE", "EXTRA")
+
+
 def table1(data, out, **env):
-    environ = dict(os.environ, PYTHON=sys.executable, TRAIN_FRACTION="1", WIDTH="8", **env)
+    environ = {k: v for k, v in os.environ.items() if k not in SETTINGS}  # the caller's table settings
+    environ.update(PYTHON=sys.executable, TRAIN_FRACTION="1", WIDTH="8", **env)
     return subprocess.run(["bash", os.path.join(ROOT, "scripts", "table1_cpu.sh"), str(data), str(out)],
                           env=environ, capture_output=True, text=True, timeout=900)
 
