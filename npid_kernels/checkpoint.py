@@ -26,15 +26,16 @@ SCHEDULE_KEYS = ("epochs", "lr", "schedule", "batch_size", "momentum", "weight_d
                  "z_mode", "z_momentum")
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename over it: a run killed while
-    saving leaves the previous checkpoint intact, never a torn file."""
+def save_atomic(obj, path: str, write=torch.save) -> None:
+    """write(obj, file) (torch.save; json.dump for text) to a temporary file beside `path`, then
+    rename over it: a run killed while saving leaves the previous file intact, never a torn one
+    (scripts take an existing results.json as "this run has finished")."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "wb" if write is torch.save else "w") as f:
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -45,6 +45,10 @@ PRESETS = {
 }
 
 
+# Losses over all n rows each step (no K).
+FULL_SCAN_LOSSES = ("softmax", "param-softmax")
+
+
 # ---------------------------------------------------------------- command line
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -259,9 +263,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.z_momentum < 1:
         raise ValueError(f"--z-momentum must be in [0, 1), got {args.z_momentum}")
-    if getattr(args, "loss", None) == "param-softmax" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if getattr(args, "loss", None) == "param-softmax" and several_processes:
         raise ValueError("--loss param-softmax is a single-process baseline (its n-way classifier is not sharded)")
-    if getattr(args, "z_stats", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if getattr(args, "z_stats", False) and several_processes:
         raise ValueError("--z-stats is a single-process diagnostic (it scans this process's whole bank)")
 
 
@@ -299,7 +304,7 @@ def check_dependencies(args, command: str = "train") -> List[str]:
     saved = "" if command == "train" else "the checkpoint's "  # eval/export: settings from the checkpoint
     need("sklearn.datasets", f"{saved}--dataset digits", dataset == "digits")
     need("sklearn.svm", "--linear-probe", getattr(args, "linear_probe", False))
-    need("torchvision", f"{saved}--arch {arch}", arch not in (None, "small-cnn", "cnn4"))
+    need("torchvision", f"{saved}--arch {arch}", arch is not None and arch not in SMALL_NETS)
     need("torchvision", f"{saved}--dataset imagefolder", dataset == "imagefolder")
     need("torchvision", "--download", dataset == "cifar10" and getattr(args, "download", False))
     need("torchvision", "--cpu-augment", getattr(args, "cpu_augment", False))
@@ -435,7 +440,7 @@ def train(args) -> Dict:
         log(f"npid-train: {warning}")
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters), loss {args.loss}" + ("" if args.loss in ("softmax", "param-softmax") else f" K={args.nce_k}")
+        f"parameters), loss {args.loss}" + ("" if args.loss in FULL_SCAN_LOSSES else f" K={args.nce_k}")
         + (f" Z {args.z_mode}" + (f" (a={args.z_momentum})" if args.z_mode == "ema" else "") if args.loss == "nce" else "")
         + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
         f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
@@ -556,7 +561,7 @@ def train(args) -> Dict:
     results = evaluate(model, bank, data, args)
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "width": args.width,
                     "loss": args.loss,
-                    "nce_k": None if args.loss in ("softmax", "param-softmax") else args.nce_k, "low_dim": args.low_dim,
+                    "nce_k": None if args.loss in FULL_SCAN_LOSSES else args.nce_k, "low_dim": args.low_dim,
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
                     "z_final": float(criterion.z.item()) if args.loss == "nce" else None,
@@ -565,11 +570,7 @@ def train(args) -> Dict:
                     "wall_seconds_this_command": time.perf_counter() - started})
     if history and _import_error("matplotlib") is None:  # else warned at the start
         plot_history(history, os.path.join(args.out_dir, "curves.png"))
-    # Atomic: scripts take an existing results.json as "this run has finished".
-    tmp = os.path.join(args.out_dir, f".results.json.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(args.out_dir, "results.json"))
+    C.save_atomic(results, os.path.join(args.out_dir, "results.json"), lambda obj, f: json.dump(obj, f, indent=2))
     _print_summary(results, args.out_dir)
     return results
 
@@ -731,7 +732,7 @@ def run_export(args) -> None:
         head = getattr(model, "head_name", "head") + "."
         state = {k: v for k, v in state.items() if not k.startswith(head)}
     C.save_atomic(state, args.output)
-    if saved.arch in ("small-cnn", "cnn4"):
+    if saved.arch in SMALL_NETS:
         how = (f"npid_kernels.models.build_encoder({saved.arch!r}, width={getattr(saved, 'width', None)}, ...)"
                ".backbone (body.*) plus the head")
     else:

@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # (directory, label, the paper's CIFAR-10 weighted-kNN top-1 with ResNet18; None: not in Table 1).
 # Source: Wu et al. 2018, Table 1 (as quoted in the design notes).
@@ -40,8 +40,9 @@ def _read_log(path: str) -> List[Dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def collect(out: str) -> List[Dict]:
-    table = []
+def collect(out: str) -> Tuple[List[Dict], Dict[str, List[Dict[str, float]]]]:
+    """The table's rows, and each finished trained row's per-epoch log (for the curves)."""
+    table, logs = [], {}
     for name, label, paper in ROWS:
         path = os.path.join(out, name, "results.json")
         row: Dict[str, Optional[object]] = {"row": name, "label": label, "paper_cifar10_knn": paper}
@@ -52,6 +53,8 @@ def collect(out: str) -> List[Dict]:
         with open(path) as f:
             res = json.load(f)
         log = _read_log(os.path.join(out, name, "log.csv"))
+        if log:
+            logs[name] = log
         row.update({
             "knn_features": res.get("knn_top1_features"), "knn_bank": res.get("knn_top1_bank"),
             "linear_lowdim": res.get("linear_top1_lowdim"), "linear_pooled": res.get("linear_top1_pooled"),
@@ -63,7 +66,7 @@ def collect(out: str) -> List[Dict]:
             "train_images": res.get("train_images"), "test_images": res.get("test_images"),
         })
         table.append(row)
-    return table
+    return table, logs
 
 
 def _fmt(value, digits=1) -> str:
@@ -85,7 +88,7 @@ def markdown(table: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: List[Dict], out: str) -> Optional[str]:
+def plot(table: List[Dict], logs: Dict[str, List[Dict[str, float]]], out: str) -> Optional[str]:
     try:
         import matplotlib
 
@@ -93,12 +96,13 @@ def plot(table: List[Dict], out: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    logs = [(r, _read_log(os.path.join(out, r["row"], "log.csv"))) for r in table]
-    logs = [(r, log) for r, log in logs if log]
     if not logs:  # e.g. only the random-init row so far
         return None
     fig, (ax_loss, ax_nn) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r, log in logs:
+    for r in table:
+        log = logs.get(r["row"])
+        if log is None:
+            continue
         epochs = [e["epoch"] for e in log]
         ax_loss.plot(epochs, [e["loss"] for e in log], label=r["label"])
         ax_nn.plot(epochs, [e["knn1_top1"] for e in log], label=r["label"])
@@ -117,7 +121,7 @@ def main(argv: List[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     out = argv[0]
-    table = collect(out)
+    table, logs = collect(out)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown(table))
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
@@ -126,7 +130,7 @@ def main(argv: List[str]) -> int:
         writer.writerows(table)
     with open(os.path.join(out, "table.json"), "w") as f:
         json.dump(table, f, indent=2)
-    plot(table, out)
+    plot(table, logs, out)
     print(markdown(table), end="")
     missing = [r["row"] for r in table if r.get("missing")]
     if missing:
