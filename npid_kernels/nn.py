@@ -15,6 +15,7 @@ from . import ops, reference
 
 LOSSES = ("nce", "softmax-ce", "softmax")
 Z_MODES = ("first-batch", "ema", "batch")
+NEGATIVES = ("per-sample", "shared")
 
 
 def lemniscate_bank_init(num_data: int, dim: int, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
@@ -69,8 +70,15 @@ def _check_idx(idx, batch: int, num_negatives: int, num_data: int, features: tor
 
 def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
                      precision: str = "fp32", z_mode: str = "first-batch", z_momentum: float = 0.99,
-                     z: Optional[float] = None):
+                     z: Optional[float] = None, negatives: str = "per-sample", exclude_positive: bool = False):
     """Constructor checks shared by NPIDLoss and DistributedNPIDLoss."""
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if not isinstance(exclude_positive, bool):
+        raise TypeError(f"exclude_positive must be a bool, got {type(exclude_positive).__name__}")
+    if loss == "softmax" and (negatives != "per-sample" or exclude_positive):
+        raise ValueError("negatives='shared' and exclude_positive apply to the sampled losses 'nce' and "
+                         "'softmax-ce'; loss='softmax' scans the whole bank")
     if z_mode not in Z_MODES:
         raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
     if not (isinstance(z_momentum, (int, float)) and 0 <= z_momentum < 1):
@@ -81,10 +89,14 @@ def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, tem
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if precision not in ops.PRECISIONS:
         raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
-    if precision != "fp32" and loss != "softmax":
-        raise ValueError(f"precision={precision!r} applies to loss='softmax' (a GEMM over the whole bank); "
-                         f"the sampled losses gather rows and always compute in fp32")
-    _check_sizes(num_data, dim, None if loss == "softmax" else num_negatives)
+    if precision != "fp32" and loss != "softmax" and negatives != "shared":
+        raise ValueError(f"precision={precision!r} applies to loss='softmax' and negatives='shared' (GEMMs); "
+                         f"per-sample negatives gather rows and always compute in fp32")
+    _check_sizes(num_data, dim, None if loss == "softmax" or negatives == "shared" else num_negatives)
+    if negatives == "shared":  # m >= n is allowed: m draws with replacement, NCE's c = m / n > 1
+        C.count(num_negatives, "num_negatives (m, the shared noise rows)", 1)
+    if exclude_positive and num_data < 2:
+        raise ValueError("exclude_positive needs num_data >= 2")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if not 0 <= momentum <= 1:
@@ -252,7 +264,8 @@ class NPIDLoss(nn.Module):
     Args:
         num_data: n, the number of training instances (bank rows).
         dim: feature dimension d (128 in the paper).
-        num_negatives: K noise rows per sample for "nce" and "softmax-ce" (4096 in the paper).
+        num_negatives: K noise rows per sample for "nce" and "softmax-ce" (4096 in the paper);
+            with negatives="shared", m, the noise rows shared by the batch (may exceed num_data).
         temperature: T (0.07).
         momentum: proximal bank momentum (0.5).
         loss: "nce" (NCE with Z estimated on the first batch, lemniscate's NCECriterion),
@@ -273,24 +286,40 @@ class NPIDLoss(nn.Module):
             banks whose rows change fast (digits, see docs/training.md).
         z_momentum: the EMA's alpha in [0, 1) (0.99; 0 uses the previous step's estimate alone).
         seed: seed of the in-kernel Philox sampler; None draws one from torch's global RNG.
-        precision: products of the "softmax" loss's scan over the bank: "fp32" (exact),
-            "tf32" or "bf16" (tensor cores on CUDA; sums stay fp32).
+        precision: products of the "softmax" loss's scan over the bank and of the shared
+            negatives' GEMMs: "fp32" (exact), "tf32" or "bf16" (tensor cores on CUDA; sums stay fp32).
+        negatives: "per-sample" (lemniscate: K rows drawn for each sample, gathered and scored
+            row by row) or "shared": one set of m = num_negatives rows drawn per step and scored
+            against the whole batch by a GEMM (m * d bank elements read per step instead of
+            B * m * d, so m = 65,536 as in MoCo is affordable). NCE keeps Pn = 1/n and c = m / n;
+            its Z is estimated from the same noise columns in every z_mode (n * mean exp(s) over
+            the step's B * m noise scores). A shared row equal to a sample's own row stays a
+            negative for it (as lemniscate keeps collisions) unless exclude_positive.
+        exclude_positive: no negative equals its sample's positive. Per-sample: the negatives are
+            drawn uniform over the other n - 1 rows in-kernel. Shared: each such column is replaced,
+            for that sample only, by a row uniform over the other n - 1 (deterministic Philox;
+            on CUDA one host sync per step to list the collisions).
 
     forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
     L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
     bank rows `indices` are momentum-updated right after the loss is computed (the loss's
     backward never reads the bank, so this is lemniscate's update-in-backward, earlier).
     An explicit (B, K+1) idx (column 0 = indices) replaces sampling, e.g. for non-uniform
-    noise drawn with AliasSampler.
+    noise drawn with AliasSampler; with negatives="shared" idx is the (m,) noise rows.
     """
 
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32",
-                 z_mode: str = "first-batch", z_momentum: float = 0.99):
+                 z_mode: str = "first-batch", z_momentum: float = 0.99, negatives: str = "per-sample",
+                 exclude_positive: bool = False):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z,
+                         negatives, exclude_positive)
         self.precision = precision
+        self.negatives, self.exclude_positive = negatives, exclude_positive
+        self._z_known = False  # shared NCE: Z checked once on the host (reset by load_state_dict)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_z_known", False))
         self.z_mode, self.z_momentum = z_mode, float(z_momentum)
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
@@ -309,6 +338,10 @@ class NPIDLoss(nn.Module):
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
         _check_batch(features, indices, memory)
+        if self.negatives == "shared":
+            return self._forward_shared(features, indices, idx)
+        if idx is not None and self.exclude_positive:
+            raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
         if idx is not None:
             if self.loss_type == "softmax":
                 raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
@@ -319,7 +352,8 @@ class NPIDLoss(nn.Module):
             features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
         _check_bank_dtype(features, memory)
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
-                        num_negatives=self.num_negatives, temperature=self.temperature)
+                        num_negatives=self.num_negatives, temperature=self.temperature,
+                        exclude_positive=self.exclude_positive)
         if self.loss_type == "nce":
             ops.nce_estimate_z_(self.z, features, memory, indices, **sampling)
             if self.z_mode == "batch":
@@ -343,6 +377,37 @@ class NPIDLoss(nn.Module):
                     self.rng_state[1] += 1  # a fresh Philox stream for the next step
         return per_sample.mean()
 
+    def _forward_shared(self, features, indices, rows) -> torch.Tensor:
+        """negatives="shared": one set of m noise rows for the batch, scored by GEMM tiles."""
+        memory = self.bank.memory
+        m, n = self.num_negatives, memory.shape[0]
+        if rows is not None:
+            C.rows(rows, "idx", n, (m,), features, "features")
+        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+            features = features.float()
+        _check_bank_dtype(features, memory)
+        shared = dict(rows=rows, rng_state=self.rng_state, num_negatives=m, temperature=self.temperature,
+                      exclude_positive=self.exclude_positive, precision=self.precision)
+        if self.loss_type == "nce":
+            if self.z_mode == "batch" or not self._z_known:
+                unset = self.z_mode != "batch" and float(self.z) <= 0  # host read: once per module
+                if self.z_mode == "batch" or unset:
+                    with torch.no_grad():
+                        _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), memory, indices,
+                                                                 torch.ones_like(self.z), **shared)
+                        ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, 0.0)
+                self._z_known = self.z_mode != "batch"
+            per_sample, stat = ops.shared_nce_loss_and_z_stat(features, memory, indices, self.z, **shared)
+            if self.z_mode == "ema" and self.training:
+                ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, self.z_momentum)
+        else:
+            per_sample = ops.shared_softmax_ce_loss(features, memory, indices, **shared)
+        if self.training:
+            self.bank.update_(features, indices, self.momentum)
+            with torch.no_grad():
+                self.rng_state[1] += 1  # a fresh Philox stream for the next step
+        return per_sample.mean()
+
     @torch.no_grad()
     def _batch_z_(self, features, memory, indices, sampling) -> None:
         """z_mode "batch": Z = n * mean exp(s_k) over this step's own K noise columns, from an
@@ -354,6 +419,8 @@ class NPIDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
+        extra += f", negatives={self.negatives!r}" if self.negatives != "per-sample" else ""
+        extra += ", exclude_positive=True" if self.exclude_positive else ""
         if self.loss_type == "nce":
             extra += f", z_mode={self.z_mode!r}" + (f", z_momentum={self.z_momentum}" if self.z_mode == "ema" else "")
         return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "

@@ -23,7 +23,7 @@ npid = torch.ops.npid
 __all__ = [
     "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss", "nce_loss_and_z_stat",
     "z_ema_update_",
-    "softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available", "PRECISIONS",
+    "softmax_ce_loss", "shared_negative_rows", "shared_nce_loss", "shared_nce_loss_and_z_stat", "shared_softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available", "PRECISIONS",
 ]
 
 
@@ -46,7 +46,7 @@ def _register_python_side(ns: str) -> None:
     """Fakes (torch.compile, opcheck) and autograd formulas for the ops of library `ns`."""
 
     @torch.library.register_fake(f"{ns}::sample_negatives")
-    def _(y, rng_state, n_data, num_negatives):
+    def _(y, rng_state, n_data, num_negatives, exclude_positive=False):
         _same_device(y, "y", rng_state=rng_state)
         return y.new_empty((y.shape[0], num_negatives + 1))
 
@@ -67,7 +67,7 @@ def _register_python_side(ns: str) -> None:
         return None
 
     @torch.library.register_fake(f"{ns}::nce_estimate_z_")
-    def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1):
+    def _(z, x, bank, y, idx, rng_state, num_negatives, temperature, n_data=-1, exclude_positive=False):
         _same_device(x, z=z, bank=bank, y=y, idx=idx, rng_state=rng_state)
         return None
 
@@ -75,13 +75,25 @@ def _register_python_side(ns: str) -> None:
         return x.new_empty((x.shape[0],)), torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{ns}::nce_loss")
-    def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1):
+    def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1, exclude_positive=False):
         _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state, z=z)
         return _loss_and_grad_fake(x) + (x.new_empty((x.shape[0],), dtype=torch.float64),)
 
     @torch.library.register_fake(f"{ns}::softmax_ce_loss")
-    def _(x, bank, y, idx, rng_state, num_negatives, temperature):
+    def _(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive=False):
         _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state)
+        return _loss_and_grad_fake(x)
+
+    @torch.library.register_fake(f"{ns}::shared_nce_loss")
+    def _(x, bank, y, rows, rng_state, z, num_negatives, temperature, exclude_positive=False, n_data=-1,
+          precision="fp32", chunk_rows=-1):
+        _same_device(x, bank=bank, y=y, rows=rows, rng_state=rng_state, z=z)
+        return _loss_and_grad_fake(x) + (x.new_empty((x.shape[0],), dtype=torch.float64),)
+
+    @torch.library.register_fake(f"{ns}::shared_softmax_ce_loss")
+    def _(x, bank, y, rows, rng_state, num_negatives, temperature, exclude_positive=False, precision="fp32",
+          chunk_rows=-1):
+        _same_device(x, bank=bank, y=y, rows=rows, rng_state=rng_state)
         return _loss_and_grad_fake(x)
 
     @torch.library.register_fake(f"{ns}::full_softmax_loss")
@@ -127,7 +139,7 @@ def _register_python_side(ns: str) -> None:
         (grad_x,) = ctx.saved_tensors
         return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
 
-    for op in ("nce_loss", "softmax_ce_loss", "full_softmax_loss"):
+    for op in ("nce_loss", "softmax_ce_loss", "full_softmax_loss", "shared_nce_loss", "shared_softmax_ce_loss"):
         torch.library.register_autograd(f"{ns}::{op}", _fused_backward, setup_context=_fused_setup)
 
 
@@ -155,10 +167,19 @@ def _finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf")
 
 
-def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
+def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int,
+                     exclude_positive: bool = False) -> torch.Tensor:
     """(B, K+1) int64 rows, column 0 = y, the rest uniform in [0, n_data): the same rows the
-    fused losses draw in-kernel from the same rng_state = [seed, offset]."""
-    return npid.sample_negatives(y, rng_state, n_data, num_negatives)
+    fused losses draw in-kernel from the same rng_state = [seed, offset]. exclude_positive: the
+    rest uniform over the n_data - 1 rows other than y[b] (a negative never equals its positive)."""
+    return npid.sample_negatives(y, rng_state, n_data, num_negatives, exclude_positive)
+
+
+def shared_negative_rows(rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
+    """The (m,) noise rows the shared-negative losses draw in-kernel from rng_state: sample 0 of
+    a one-sample sample_negatives draw."""
+    first = torch.zeros(1, dtype=torch.int64, device=rng_state.device)
+    return npid.sample_negatives(first, rng_state, n_data, num_negatives, False)[0, 1:]
 
 
 def nce_scores(x: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -174,32 +195,35 @@ def nce_init_z_(z: torch.Tensor, scores: torch.Tensor, n_data: int) -> None:
 
 
 def nce_estimate_z_(z, x, bank, y, *, idx=None, rng_state=None, num_negatives: int = -1, temperature: float = 0.07,
-                    n_data: Optional[int] = None) -> None:
+                    n_data: Optional[int] = None, exclude_positive: bool = False) -> None:
     """nce_init_z_ computed from the rows themselves (the fused path's first step). n_data: see nce_loss."""
     npid.nce_estimate_z_(z, x.detach(), bank, y, idx, rng_state, num_negatives, temperature,
-                         -1 if n_data is None else n_data)
+                         -1 if n_data is None else n_data, exclude_positive)
 
 
 def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
-             num_negatives: int = -1, temperature: float = 0.07, n_data: Optional[int] = None) -> torch.Tensor:
+             num_negatives: int = -1, temperature: float = 0.07, n_data: Optional[int] = None,
+             exclude_positive: bool = False) -> torch.Tensor:
     """Per-sample NCE loss (lemniscate's NCECriterion times the batch size), one fused pass.
-    Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel.
+    Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel
+    (exclude_positive: none equal to the sample's own row, see sample_negatives).
     n_data: the bank size n of the noise distribution when `bank` holds only the rows idx
     points into (a shard's fetched rows); default bank.shape[0]."""
     _finite(x, "x")
     return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
-                         -1 if n_data is None else n_data)[0]
+                         -1 if n_data is None else n_data, exclude_positive)[0]
 
 
 def nce_loss_and_z_stat(x, bank, y, z, *, idx: Optional[torch.Tensor] = None,
                         rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
-                        temperature: float = 0.07, n_data: Optional[int] = None):
+                        temperature: float = 0.07, n_data: Optional[int] = None, exclude_positive: bool = False):
     """(per-sample NCE loss, noise_exp_sum) from the same fused pass as nce_loss.
     noise_exp_sum (B,) float64, not differentiable: per sample, the sum of exp(s_k) over the
     K noise columns (k >= 1, the positive left out). n * noise_exp_sum.sum() / (B * K) is the
     step's Monte Carlo estimate of Z = sum_j exp(v_j . x / T) under uniform noise."""
+    _finite(x, "x")
     loss, _, noise_exp_sum = npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
-                                           -1 if n_data is None else n_data)
+                                           -1 if n_data is None else n_data, exclude_positive)
     return loss, noise_exp_sum
 
 
@@ -217,10 +241,46 @@ def z_ema_update_(z: torch.Tensor, noise_exp_sum: torch.Tensor, num_noise, n_dat
 
 
 def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
-                    num_negatives: int = -1, temperature: float = 0.07) -> torch.Tensor:
+                    num_negatives: int = -1, temperature: float = 0.07, exclude_positive: bool = False) -> torch.Tensor:
     """Per-sample -log softmax over the positive and K negatives (InfoNCE), one fused pass."""
     _finite(x, "x")
-    return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature)[0]
+    return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive)[0]
+
+
+def shared_nce_loss_and_z_stat(x, bank, y, z, *, rows: Optional[torch.Tensor] = None,
+                               rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
+                               temperature: float = 0.07, exclude_positive: bool = False,
+                               n_data: Optional[int] = None, precision: str = "fp32",
+                               chunk_rows: int = -1):
+    """NCE with shared negatives: one set of m = num_negatives noise rows (explicit (m,) `rows`, or
+    drawn in-kernel from rng_state, see shared_negative_rows) scored against every sample by a
+    GEMM, chunk_rows rows at a time; the positive is each sample's own row y[b]. Pn = 1/n and
+    c = m / n as with per-sample noise. Returns (per-sample loss, noise_exp_sum): the latter (B,)
+    float64 sums exp(s) over the m noise columns, so n * noise_exp_sum.sum() / (B * m) estimates Z.
+    A noise row equal to a sample's positive stays a negative for it (lemniscate keeps such
+    collisions) unless exclude_positive, which replaces that column for that sample by a row
+    uniform over the other n - 1 (Philox, deterministic). precision: as full_softmax_loss."""
+    _finite(x, "x")
+    loss, _, noise_exp_sum = npid.shared_nce_loss(x, bank, y, rows, rng_state, z, num_negatives, temperature,
+                                                  exclude_positive, -1 if n_data is None else n_data, precision,
+                                                  chunk_rows)
+    return loss, noise_exp_sum
+
+
+def shared_nce_loss(x, bank, y, z, **kwargs) -> torch.Tensor:
+    """Per-sample NCE loss with shared negatives; arguments as shared_nce_loss_and_z_stat."""
+    return shared_nce_loss_and_z_stat(x, bank, y, z, **kwargs)[0]
+
+
+def shared_softmax_ce_loss(x, bank, y, *, rows: Optional[torch.Tensor] = None,
+                           rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
+                           temperature: float = 0.07, exclude_positive: bool = False, precision: str = "fp32",
+                           chunk_rows: int = -1) -> torch.Tensor:
+    """Per-sample -log softmax over [own row, the m shared noise rows] (InfoNCE with shared
+    negatives, MoCo's form with NPID's bank); arguments as shared_nce_loss_and_z_stat."""
+    _finite(x, "x")
+    return npid.shared_softmax_ce_loss(x, bank, y, rows, rng_state, num_negatives, temperature, exclude_positive,
+                                       precision, chunk_rows)[0]
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")

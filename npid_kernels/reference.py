@@ -39,8 +39,11 @@ def philox4x32_10(counter: torch.Tensor, offset: int, seed: int):
     return c0, c1, c2, c3
 
 
-def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
-    """(B, K+1) rows: column 0 = y, columns 1..K uniform in [0, n_data) from Philox (philox.h)."""
+def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int,
+                     exclude_positive: bool = False) -> torch.Tensor:
+    """(B, K+1) rows: column 0 = y, columns 1..K uniform in [0, n_data) from Philox (philox.h);
+    exclude_positive: uniform over the n_data - 1 rows other than y[b] (a draw in [0, n - 1)
+    moved one up from the positive on)."""
     seed, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in rng_state.tolist())
     B, K = y.shape[0], num_negatives
     e = torch.arange(B * K, dtype=torch.int64, device=y.device)
@@ -48,9 +51,33 @@ def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_
     w = (e & 1) * 2
     lo = words.gather(0, w.unsqueeze(0)).squeeze(0)
     hi = words.gather(0, (w + 1).unsqueeze(0)).squeeze(0)
+    n = n_data - 1 if exclude_positive else n_data
     # floor((hi * 2^32 + lo) * n / 2^64) in int64: hi * n and lo * n stay below 2^63 for n < 2^31.
-    rows = (hi * n_data + ((lo * n_data) >> 32)) >> 32
-    return torch.cat([y.view(B, 1), rows.view(B, K)], dim=1)
+    rows = ((hi * n + ((lo * n) >> 32)) >> 32).view(B, K)
+    if exclude_positive:
+        rows = rows + (rows >= y.view(B, 1)).long()
+    return torch.cat([y.view(B, 1), rows], dim=1)
+
+
+def shared_noise_rows(rng_state: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
+    """The (m,) shared noise rows drawn from rng_state: sample 0 of a one-sample draw."""
+    return sample_negatives(torch.zeros(1, dtype=torch.int64), rng_state, n_data, num_negatives)[0, 1:]
+
+
+def shared_negatives_idx(y: torch.Tensor, rows: torch.Tensor, rng_state=None, n_data: int = 0,
+                         exclude_positive: bool = False) -> torch.Tensor:
+    """The shared-negative losses as per-sample ones: (B, m+1) idx whose row b is [y_b, rows...].
+    exclude_positive: a column equal to y_b holds instead the row per-sample exclude sampling draws
+    at (b, 1 + j) from the stream [seed, offset | 2^63]."""
+    B, m = y.shape[0], rows.shape[0]
+    noise = rows.view(1, m).expand(B, m)
+    if exclude_positive:
+        seed, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in rng_state.tolist())
+        flipped = offset | (1 << 63)
+        state = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed, flipped - (1 << 64)])
+        redrawn = sample_negatives(y, state, n_data, m, exclude_positive=True)[:, 1:]
+        noise = torch.where(noise == y.view(B, 1), redrawn, noise)
+    return torch.cat([y.view(B, 1), noise], dim=1)
 
 
 def gathered_scores(x: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,10 +122,30 @@ def nce_criterion(probs: torch.Tensor, n_data: int) -> torch.Tensor:
     return positive + negatives
 
 
-def nce_loss(x, bank, y, idx, z, temperature):
-    """Per-sample fused NCE loss (autograd gives grad_x); z is the normalisation constant."""
+def nce_loss(x, bank, y, idx, z, temperature, n_data=None):
+    """Per-sample fused NCE loss (autograd gives grad_x); z is the normalisation constant, n_data
+    the n of Pn = 1/n (default: the bank's rows)."""
     probs = nce_scores(x, bank, idx, temperature) / z
-    return nce_criterion(probs, bank.shape[0])
+    return nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+
+
+def shared_scores(x, bank, y, rows, temperature):
+    """(B, 1 + m) scores [own row, the m shared noise rows] with one GEMM, as a PyTorch user writes
+    shared negatives (MoCo): the pure-PyTorch provider of the shared-negative benchmarks.
+    (Collisions are kept; shared_negatives_idx + the per-sample functions cover exclude_positive.)"""
+    positive = (bank.index_select(0, y).to(x.dtype) * x).sum(1, keepdim=True)
+    noise = x @ bank.index_select(0, rows).to(x.dtype).t()
+    return torch.cat([positive, noise], dim=1) / temperature
+
+
+def shared_nce_loss(x, bank, y, rows, z, temperature, n_data=None):
+    probs = shared_scores(x, bank, y, rows, temperature).exp() / z
+    return nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+
+
+def shared_softmax_ce_loss(x, bank, y, rows, temperature):
+    s = shared_scores(x, bank, y, rows, temperature)
+    return torch.logsumexp(s, dim=1) - s[:, 0]
 
 
 def softmax_ce_loss(x, bank, y, idx, temperature):

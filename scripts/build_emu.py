@@ -35,6 +35,7 @@ TARGETS = {
         "emu/emu_nce.cpp",
         "emu/emu_bank.cpp",
         "bank_scan.cpp",  # full_softmax_loss / knn_topk's streaming, CPU GEMMs in place of cuBLAS
+        "shared_negatives.cpp",  # the shared-negative losses' GEMM tiles, likewise
     ],
     "defects": ["emu/cuda_emu.cpp", "../tests/emu_defects.cpp"],
 }

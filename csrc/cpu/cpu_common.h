@@ -19,13 +19,14 @@ struct RowSource {
   int64_t columns = 0;           // K + 1
   int64_t n_data = 0;
   uint64_t seed = 0, offset = 0;
+  bool exclude_positive = false;  // sampling: negatives uniform over the rows other than y[b]
 
   // All K+1 rows of sample b.
   void fill(int64_t b, int64_t* rows) const {
     if (idx != nullptr) {
       std::copy(idx + b * columns, idx + (b + 1) * columns, rows);
     } else {
-      fill_sampled_rows(b, columns - 1, y[b], seed, offset, n_data, rows);
+      fill_sampled_rows(b, columns - 1, y[b], seed, offset, n_data, rows, exclude_positive);
     }
   }
 };

@@ -14,6 +14,7 @@
 #include "npid/checks.h"
 #include "npid/dispatch.h"
 #include "npid/loss_terms.h"
+#include "npid/shared_negatives.h"
 
 namespace npid {
 namespace cpu {
@@ -25,13 +26,14 @@ void report_bad_index(const BadIndexFlag& bad, const char* name, int64_t n_data)
 }
 
 at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
-                            int64_t num_negatives) {
+                            int64_t num_negatives, bool exclude_positive) {
   TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
               y.scalar_type(), " of shape ", y.sizes());
   check_rng_state(rng_state, y);
   TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
               n_data);
   TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  TORCH_CHECK(!exclude_positive || n_data >= 2, "exclude_positive needs n_data >= 2, got ", n_data);
   const at::Tensor yc = y.contiguous();
   const int64_t B = y.size(0), columns = num_negatives + 1;
   at::Tensor out = at::empty({B, columns}, y.options());
@@ -44,7 +46,8 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (yp[b] < 0 || yp[b] >= n_data) bad.record(yp[b]);
-      fill_sampled_rows(b, num_negatives, yp[b], seed, offset, n_data, op + b * columns);
+      fill_sampled_rows(b, num_negatives, yp[b], seed, offset, n_data, op + b * columns,
+                        exclude_positive);
     }
   });
   report_bad_index(bad, "y", n_data);
@@ -119,16 +122,17 @@ struct FusedArgs {
 FusedArgs prepare_fused(const at::Tensor& x_in, const at::Tensor& bank_in,
                         const at::Tensor& y, const c10::optional<at::Tensor>& idx,
                         const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                        double temperature) {
+                        double temperature, bool exclude_positive) {
   check_features(x_in, "x");
   check_bank(bank_in, x_in);
   check_index_vector(y, x_in, "y");
   check_temperature(temperature);
   FusedArgs a;
-  a.columns = check_rows_source(x_in, bank_in, idx, rng_state, num_negatives);
+  a.columns = check_rows_source(x_in, bank_in, idx, rng_state, num_negatives, exclude_positive);
   a.x = x_in.contiguous();
   a.bank = bank_in.contiguous();
   a.rows = make_row_source(a.bank, y, idx, rng_state, a.columns, a.idx_storage, a.y_storage);
+  a.rows.exclude_positive = exclude_positive;
   return a;
 }
 
@@ -240,10 +244,10 @@ at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const a
 void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
                      const at::Tensor& y, const c10::optional<at::Tensor>& idx,
                      const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature, int64_t n_data) {
+                     double temperature, int64_t n_data, bool exclude_positive) {
   check_z(z, x);
   FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives,
-                              temperature);
+                              temperature, exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
   TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
   if (z.item<double>() > 0) return;
@@ -273,9 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
                                             const at::Tensor& z, int64_t num_negatives,
-                                            double temperature, int64_t n_data) {
+                                            double temperature, int64_t n_data,
+                                            bool exclude_positive) {
   check_z(z, x);
-  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature,
+                              exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
   const double zv = z.item<double>();
   TORCH_CHECK(zv > 0 && std::isfinite(zv),
@@ -342,9 +348,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
                                                    const at::Tensor& y,
                                                    const c10::optional<at::Tensor>& idx,
                                                    const c10::optional<at::Tensor>& rng_state,
-                                                   int64_t num_negatives, double temperature) {
+                                                   int64_t num_negatives, double temperature,
+                                                   bool exclude_positive) {
   FusedArgs a =
-      prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+      prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
   at::Tensor loss = at::empty({B}, a.x.options());
   at::Tensor grad_x = at::empty_like(a.x);
@@ -391,6 +398,48 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
   return {loss, grad_x};
 }
 
+// Shared negatives: B x 8192 fp32 scores per GEMM (2 MiB at B = 64, cache-resident between
+// the two GEMMs and the elementwise pass).
+int64_t shared_chunk_rows(int64_t B) {
+  return std::max<int64_t>(1024, std::min<int64_t>(8192, (int64_t(1) << 19) / std::max<int64_t>(B, 1)));
+}
+
+SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
+                                int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
+  SharedNegativesArgs args;
+  args.loss = loss;
+  args.temperature = temperature;
+  args.exclude_positive = exclude_positive;
+  args.n_data = n_data;
+  args.precision = precision;
+  args.chunk_rows = chunk_rows;
+  args.rows_checked = true;  // the CPU reads rows, y and z on the host
+  return args;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
+    const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
+    int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
+  return shared_negatives_loss(
+      x, bank, y, rows, rng_state, z, num_negatives,
+      shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data, precision, chunk_rows),
+      &sample_negatives, shared_chunk_rows(x.size(0)));
+}
+
+std::tuple<at::Tensor, at::Tensor> shared_softmax_ce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
+    int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
+    int64_t chunk_rows) {
+  auto out = shared_negatives_loss(
+      x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
+      shared_args(SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1, precision, chunk_rows),
+      &sample_negatives, shared_chunk_rows(x.size(0)));
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(npid, CPU, m) {
@@ -401,6 +450,8 @@ TORCH_LIBRARY_IMPL(npid, CPU, m) {
   m.impl("nce_estimate_z_", &nce_estimate_z_);
   m.impl("nce_loss", &nce_loss);
   m.impl("softmax_ce_loss", &softmax_ce_loss);
+  m.impl("shared_nce_loss", &shared_nce_loss);
+  m.impl("shared_softmax_ce_loss", &shared_softmax_ce_loss);
 }
 
 }  // namespace cpu

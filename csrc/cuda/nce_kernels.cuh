@@ -68,6 +68,7 @@ struct ScanArgs {
   const int64_t* y = nullptr;      // (B,) positives when sampling
   const int64_t* rng = nullptr;    // [seed, offset] when sampling
   int64_t B = 0, d = 0, n = 0, cols = 0;
+  bool exclude_positive = false;  // sampling: negatives uniform over the rows other than y[b]
   int64_t n_noise = 0;       // NCE / Z estimation: n of Pn = 1/n (the bank's rows unless n_data)
   int64_t cols_per_split = 0;
   int S = 1;  // column splits per sample (blocks per sample)
@@ -133,7 +134,8 @@ __device__ __forceinline__ long long stage_row(const ScanArgs<scalar_t, bank_t>&
   if (kc >= k1) return -1;
   const int64_t r = a.idx != nullptr
                         ? a.idx[b * a.cols + kc]
-                        : sampled_row(b, kc, a.cols - 1, k.yb, k.seed, k.offset, a.n);
+                        : sampled_row(b, kc, a.cols - 1, k.yb, k.seed, k.offset, a.n,
+                                      a.exclude_positive);
   if (r < 0 || r >= a.n) {
     bad = true;
     if constexpr (M == Mode::kSoftmax) {
@@ -651,13 +653,13 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 __global__ void sample_negatives_kernel(const int64_t* y, const int64_t* rng, int64_t B,
-                                        int64_t K, int64_t n, int64_t* out) {
+                                        int64_t K, int64_t n, bool exclude_positive, int64_t* out) {
   const uint64_t seed = static_cast<uint64_t>(rng[0]), offset = static_cast<uint64_t>(rng[1]);
   const int64_t cols = K + 1, total = B * cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = e / cols, k = e - b * cols;
-    out[e] = sampled_row(b, k, K, k == 0 ? y[b] : 0, seed, offset, n);
+    out[e] = sampled_row(b, k, K, y[b], seed, offset, n, exclude_positive);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "nce_kernels.cuh"
 #include "npid/checks.h"
 #include "npid/dispatch.h"
+#include "npid/shared_negatives.h"
 
 namespace npid {
 namespace cuda {
@@ -124,18 +125,20 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
 struct Fused {
   at::Tensor x, bank, y, idx, rng;
   int64_t columns = 0;
+  bool exclude_positive = false;
 };
 
 inline Fused prepare_fused(const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
                     const c10::optional<at::Tensor>& idx,
                     const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                    double temperature) {
+                    double temperature, bool exclude_positive) {
   check_features(x, "x", /*allow_bf16=*/true);
   check_bank(bank, x);
   check_index_vector(y, x, "y");
   check_temperature(temperature);
   Fused f;
-  f.columns = check_rows_source(x, bank, idx, rng_state, num_negatives);
+  f.columns = check_rows_source(x, bank, idx, rng_state, num_negatives, exclude_positive);
+  f.exclude_positive = exclude_positive;
   f.x = x.contiguous();
   f.bank = bank.contiguous();
   f.y = y.contiguous();
@@ -160,6 +163,7 @@ ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
   a.n = f.bank.size(0);
   a.n_noise = a.n;
   a.cols = f.columns;
+  a.exclude_positive = f.exclude_positive;
   a.inv_t = 1.0 / temperature;
   return a;
 }
@@ -173,13 +177,14 @@ inline void sync_check_fused_rows(const Fused& f) {
 }
 
 inline at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
-                            int64_t num_negatives) {
+                            int64_t num_negatives, bool exclude_positive) {
   TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
               y.scalar_type(), " of shape ", y.sizes());
   check_rng_state(rng_state, y);
   TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
               n_data);
   TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  TORCH_CHECK(!exclude_positive || n_data >= 2, "exclude_positive needs n_data >= 2, got ", n_data);
   const gpu::DeviceGuard guard(y.device());
   if (sync_checks_enabled()) sync_check_rows(y, n_data, "y");
   const at::Tensor yc = y.contiguous(), rc = rng_state.contiguous();
@@ -191,7 +196,7 @@ inline at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_st
   gpu::launch(sample_negatives_kernel,
               {"sample_negatives_kernel", kSampleThreads, static_cast<unsigned>(blocks), kSampleThreads},
               yc.const_data_ptr<int64_t>(), rc.const_data_ptr<int64_t>(), B, num_negatives, n_data,
-              out.data_ptr<int64_t>());
+              exclude_positive, out.data_ptr<int64_t>());
   return out;
 }
 
@@ -274,9 +279,9 @@ inline void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data)
 inline void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
                      const at::Tensor& y, const c10::optional<at::Tensor>& idx,
                      const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature, int64_t n_data) {
+                     double temperature, int64_t n_data, bool exclude_positive) {
   check_z(z, x);
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
   TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
   const gpu::DeviceGuard guard(x.device());
@@ -308,9 +313,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor&
                                             const c10::optional<at::Tensor>& idx,
                                             const c10::optional<at::Tensor>& rng_state,
                                             const at::Tensor& z, int64_t num_negatives,
-                                            double temperature, int64_t n_data) {
+                                            double temperature, int64_t n_data,
+                                            bool exclude_positive) {
   check_z(z, x);
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
   const gpu::DeviceGuard guard(x.device());
   if (sync_checks_enabled()) {
@@ -346,8 +352,9 @@ inline std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, c
                                                    const at::Tensor& y,
                                                    const c10::optional<at::Tensor>& idx,
                                                    const c10::optional<at::Tensor>& rng_state,
-                                                   int64_t num_negatives, double temperature) {
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature);
+                                                   int64_t num_negatives, double temperature,
+                                                   bool exclude_positive) {
+  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const gpu::DeviceGuard guard(x.device());
   if (sync_checks_enabled()) sync_check_fused_rows(f);
   at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
@@ -364,6 +371,51 @@ inline std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, c
   return {loss, grad_x};
 }
 
+// Shared negatives: about 2^24 fp32 scores (64 MiB) per GEMM tile, at least 8192 rows.
+inline int64_t shared_chunk_rows(int64_t B) {
+  return std::max<int64_t>(8192, (int64_t(1) << 24) / std::max<int64_t>(B, 1));
+}
+
+inline SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
+                                       int64_t n_data, c10::string_view precision,
+                                       int64_t chunk_rows) {
+  SharedNegativesArgs args;
+  args.loss = loss;
+  args.temperature = temperature;
+  args.exclude_positive = exclude_positive;
+  args.n_data = n_data;
+  args.precision = precision;
+  args.chunk_rows = chunk_rows;
+  // No host sync unless NPID_CUDA_SYNC_CHECKS asks for the CPU's checks and messages.
+  args.rows_checked = sync_checks_enabled();
+  return args;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
+    const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
+    int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
+  const gpu::DeviceGuard guard(x.device());
+  return shared_negatives_loss(
+      x, bank, y, rows, rng_state, z, num_negatives,
+      shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data, precision, chunk_rows),
+      &sample_negatives, shared_chunk_rows(x.size(0)));
+}
+
+inline std::tuple<at::Tensor, at::Tensor> shared_softmax_ce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
+    int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
+    int64_t chunk_rows) {
+  const gpu::DeviceGuard guard(x.device());
+  auto out = shared_negatives_loss(
+      x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
+      shared_args(SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1, precision, chunk_rows),
+      &sample_negatives, shared_chunk_rows(x.size(0)));
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 inline void register_nce_ops(torch::Library& m) {
   m.impl("sample_negatives", &sample_negatives);
   m.impl("nce_scores", &nce_scores);
@@ -372,6 +424,8 @@ inline void register_nce_ops(torch::Library& m) {
   m.impl("nce_estimate_z_", &nce_estimate_z_);
   m.impl("nce_loss", &nce_loss);
   m.impl("softmax_ce_loss", &softmax_ce_loss);
+  m.impl("shared_nce_loss", &shared_nce_loss);
+  m.impl("shared_softmax_ce_loss", &shared_softmax_ce_loss);
 }
 
 }  // namespace cuda

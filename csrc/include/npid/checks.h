@@ -66,11 +66,13 @@ inline void check_temperature(double t) {
 }
 
 // Either an explicit (B, K+1) idx, or in-kernel sampling from rng_state with K
-// negatives; returns K + 1.
+// negatives (exclude_positive: none equal to the sample's positive); returns K + 1.
 inline int64_t check_rows_source(const at::Tensor& x, const at::Tensor& bank,
                                  const c10::optional<at::Tensor>& idx,
                                  const c10::optional<at::Tensor>& rng_state,
-                                 int64_t num_negatives) {
+                                 int64_t num_negatives, bool exclude_positive = false) {
+  TORCH_CHECK(!(exclude_positive && idx.has_value()),
+              "exclude_positive applies to in-kernel sampling; an explicit idx is used as given");
   if (idx.has_value()) {
     check_idx_matrix(*idx, x);
     TORCH_CHECK(num_negatives < 0 || idx->size(1) == num_negatives + 1, "idx has ", idx->size(1),
@@ -81,6 +83,8 @@ inline int64_t check_rows_source(const at::Tensor& x, const at::Tensor& bank,
   check_rng_state(*rng_state, x);
   TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
   TORCH_CHECK(bank.size(0) < (int64_t(1) << 31), "in-kernel sampling needs n_data < 2^31");
+  TORCH_CHECK(!exclude_positive || bank.size(0) >= 2,
+              "exclude_positive needs a bank of at least 2 rows, got ", bank.size(0));
   return num_negatives + 1;
 }
 

@@ -19,7 +19,9 @@ namespace npid {
 
 inline void define_schemas(torch::Library& m) {
   // 7. Uniform negatives: (B, K+1) int64, column 0 = y, columns 1..K uniform in [0, n_data).
-  m.def("sample_negatives(Tensor y, Tensor rng_state, int n_data, int num_negatives) -> Tensor");
+  //    exclude_positive: columns 1..K uniform over the n_data - 1 rows other than y[b] (philox.h).
+  //    The fused losses take the same flag (in-kernel sampling only).
+  m.def("sample_negatives(Tensor y, Tensor rng_state, int n_data, int num_negatives, bool exclude_positive=False) -> Tensor");
   // 1. lemniscate's NCEAverage, unnormalised: exp(bank[idx[b,k]] . x[b] / T), (B, K+1).
   m.def("nce_scores(Tensor x, Tensor bank, Tensor idx, float temperature) -> Tensor");
   //    d/dx of sum(grad_out * out): sum_k grad_out[b,k] * out[b,k] * bank[idx[b,k]] / T.
@@ -30,15 +32,27 @@ inline void define_schemas(torch::Library& m) {
   //    Same from the rows themselves (fused path): one extra pass on the first step only.
   //    n_data (here and in nce_loss): the n of Pn = 1/n when `bank` holds only some rows of
   //    the real bank (sharded training passes the fetched rows with an explicit idx); -1: bank rows.
-  m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, int n_data=-1) -> ()");
+  m.def("nce_estimate_z_(Tensor(a!) z, Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, int n_data=-1, bool exclude_positive=False) -> ()");
   // 2. Fused NCE loss (lemniscate NCECriterion on NCEAverage's output), eps = 1e-7.
   //    Third output noise_exp_sum (B,) float64: sum over the K noise columns k >= 1 of
   //    exp(s_k) (s_k = bank[row_k] . x_b / T, the positive column 0 excluded), computed in the
   //    same pass; n * mean(noise_exp_sum) / K estimates Z = sum_j exp(s_j) (the "ema" Z mode).
   //    Not differentiable.
-  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1) -> (Tensor, Tensor, Tensor)");
+  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1, bool exclude_positive=False) -> (Tensor, Tensor, Tensor)");
   // 3. Fused softmax cross-entropy (InfoNCE) over the same rows, positive at column 0.
-  m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature) -> (Tensor, Tensor)");
+  m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False) -> (Tensor, Tensor)");
+  // 8. Shared negatives: one set of m = num_negatives noise rows for the whole batch, scored
+  //    against every sample by a GEMM, chunk_rows rows at a time (never a B x m tensor beyond
+  //    one chunk); each sample's positive is its own row y[b]. rows: an explicit (m,) int64
+  //    set, or None to draw it in-kernel from rng_state: element j of the stream of
+  //    sample_negatives(B=1) (rows[j] = sample_negatives(y0, rng_state, n, m)[0, 1 + j]).
+  //    A sample whose own row is among the noise: kept as a negative by default (lemniscate keeps
+  //    such collisions); exclude_positive=True replaces each such column, for that sample only,
+  //    by a row uniform over the other n - 1 (Philox, the stream [seed, offset | 2^63], element b).
+  //    precision of the products as in full_softmax_loss. Outputs as nce_loss / softmax_ce_loss
+  //    with K = m: NCE's c = m / n and noise_exp_sum over the m noise columns.
+  m.def("shared_nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, Tensor z, int num_negatives, float temperature, bool exclude_positive=False, int n_data=-1, str precision=\"fp32\", int chunk_rows=-1) -> (Tensor, Tensor, Tensor)");
+  m.def("shared_softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False, str precision=\"fp32\", int chunk_rows=-1) -> (Tensor, Tensor)");
   // 4. bank[y[b]] <- normalise(momentum * bank[y[b]] + (1 - momentum) * x[b]), in place.
   //    Duplicates in y: the LAST occurrence wins, computed from the row as it was before
   //    the call (what lemniscate's sequential index_copy_ does on the CPU).
