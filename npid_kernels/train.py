@@ -31,7 +31,7 @@ from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
 from .models import SMALL_NETS, build_encoder, export_state_dict
-from .nn import Z_MODES, NPIDLoss, ParametricInstanceLoss
+from .nn import NEGATIVES, Z_MODES, NPIDLoss, ParametricInstanceLoss
 from .ops import sample_negatives
 
 # Defaults that depend on the dataset (flags left unset take these; the rest are the paper's).
@@ -94,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "param-softmax: the paper's parametric baseline, an n-way linear classifier over "
                         "instance ids trained with the encoder (no memory bank in the loss) "
                         "(default: nce; softmax for digits)")
-    g.add_argument("--nce-k", type=int, default=4096, help="K, negatives per sample for nce/softmax-ce (capped at n-1)")
+    g.add_argument("--nce-k", type=int, default=4096,
+                   help="K, negatives per sample for nce/softmax-ce (capped at n-1); with --negatives shared, m, "
+                        "the noise rows shared by the batch (not capped)")
+    g.add_argument("--negatives", choices=NEGATIVES, default="per-sample",
+                   help="per-sample: K rows drawn for each sample (lemniscate); shared: one set of m rows per step "
+                        "scored against the whole batch by a GEMM (m = 65536 costs about what per-sample K = 4096 "
+                        "costs on a GPU)")
+    g.add_argument("--exclude-positive", action="store_true",
+                   help="no negative equals its sample's own row (per-sample: drawn from the other n-1 rows; "
+                        "shared: such a column is replaced for that sample)")
     g.add_argument("--nce-t", type=float, default=0.07, help="temperature T (also the kNN weights' T)")
     g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum (proximal update)")
     g.add_argument("--z-mode", choices=Z_MODES, default=None,
@@ -266,6 +275,14 @@ def _check_args(args) -> None:
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if getattr(args, "loss", None) == "param-softmax" and several_processes:
         raise ValueError("--loss param-softmax is a single-process baseline (its n-way classifier is not sharded)")
+    if getattr(args, "loss", None) in FULL_SCAN_LOSSES and (getattr(args, "negatives", "per-sample") != "per-sample"
+                                                            or getattr(args, "exclude_positive", False)):
+        raise ValueError(f"--negatives shared and --exclude-positive apply to --loss nce/softmax-ce, not {args.loss}")
+    if getattr(args, "negatives", "per-sample") == "shared" and several_processes:
+        raise ValueError("--negatives shared runs in a single process for now (DistributedNPIDLoss draws "
+                         "per-sample negatives)")
+    if getattr(args, "z_stats", False) and getattr(args, "negatives", "per-sample") == "shared":
+        raise ValueError("--z-stats samples per-sample rows; it does not describe --negatives shared")
     if getattr(args, "z_stats", False) and several_processes:
         raise ValueError("--z-stats is a single-process diagnostic (it scans this process's whole bank)")
 
@@ -386,7 +403,8 @@ def train(args) -> Dict:
     n = data.num_train
     if args.loss != "softmax" and n < 2:
         raise ValueError(f"--loss {args.loss} needs at least 2 training images, the dataset has {n}")
-    args.nce_k = min(args.nce_k, n - 1) if n > 1 else args.nce_k
+    if args.negatives == "per-sample":
+        args.nce_k = min(args.nce_k, n - 1) if n > 1 else args.nce_k
     batch_size = min(args.batch_size, n // world)
     if batch_size < 1:
         raise ValueError(f"{n} training images cannot fill one batch on each of {world} processes")
@@ -394,7 +412,8 @@ def train(args) -> Dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bank_dtype = torch.bfloat16 if args.bank_dtype == "bfloat16" else torch.float32
-    loss_precision = args.scan_precision if args.loss == "softmax" else "fp32"  # sampled losses gather rows
+    # Per-sample losses gather rows in fp32; the whole-bank scan and the shared negatives' GEMMs take --scan-precision.
+    loss_precision = args.scan_precision if args.loss == "softmax" or args.negatives == "shared" else "fp32"
     if args.loss == "param-softmax":  # single process (_check_args)
         criterion = ParametricInstanceLoss(n, args.low_dim, args.nce_t, args.nce_m, device=device)
     elif world > 1:
@@ -405,7 +424,8 @@ def train(args) -> Dict:
     else:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                              bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,
-                             z_mode=args.z_mode, z_momentum=args.z_momentum)
+                             z_mode=args.z_mode, z_momentum=args.z_momentum, negatives=args.negatives,
+                             exclude_positive=args.exclude_positive)
     # param-softmax: its n-way classifier learns with the encoder (same lr, momentum, weight decay).
     optimizer = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
@@ -440,7 +460,9 @@ def train(args) -> Dict:
         log(f"npid-train: {warning}")
     log(f"npid-train: {data.describe()}")
     log(f"npid-train: {args.arch} -> {args.low_dim}-d ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters), loss {args.loss}" + ("" if args.loss in FULL_SCAN_LOSSES else f" K={args.nce_k}")
+        f"parameters), loss {args.loss}" + ("" if args.loss in FULL_SCAN_LOSSES else
+                                            f" K={args.nce_k}" + (" shared" if args.negatives == "shared" else "")
+                                            + (" excluding positives" if args.exclude_positive else ""))
         + (f" Z {args.z_mode}" + (f" (a={args.z_momentum})" if args.z_mode == "ema" else "") if args.loss == "nce" else "")
         + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
         f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
@@ -562,6 +584,8 @@ def train(args) -> Dict:
     results.update({"epochs": args.epochs, "dataset": args.dataset, "arch": args.arch, "width": args.width,
                     "loss": args.loss,
                     "nce_k": None if args.loss in FULL_SCAN_LOSSES else args.nce_k, "low_dim": args.low_dim,
+                    "negatives": None if args.loss in FULL_SCAN_LOSSES else args.negatives,
+                    "exclude_positive": args.exclude_positive,
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
                     "z_final": float(criterion.z.item()) if args.loss == "nce" else None,

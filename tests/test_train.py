@@ -123,6 +123,29 @@ def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypa
     assert "--loss param-softmax is a single-process baseline" in capsys.readouterr().err
 
 
+def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, monkeypatch):
+    """--negatives shared --exclude-positive: m is not capped at n - 1 (m draws with replacement),
+    Z is estimated per step from the shared noise columns, the settings are recorded and a resume
+    with per-sample negatives is refused; the flags are refused where they do not apply."""
+    job = ["train", "--dataset", "digits", "--arch", "small-cnn", "--loss", "nce", "--nce-k", "4096",
+           "--negatives", "shared", "--exclude-positive", "--z-mode", "batch", "--augment", "light",
+           "--epochs", "2", "--eval-every", "100", "--knn-source", "bank", "--out-dir", str(tmp_path)]
+    run(job)
+    res = results(tmp_path)
+    assert res["negatives"] == "shared" and res["exclude_positive"] is True and res["nce_k"] == 4096
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert len(rows) == 2 and all(float(r["z"]) > 0 and math.isfinite(float(r["loss"])) for r in rows)
+    assert "K=4096 shared excluding positives" in capsys.readouterr().out
+    other = [("per-sample" if a == "shared" else a) for a in job] + ["--epochs", "3", "--resume"]
+    assert T.main(other) == 2
+    assert "negatives: 'shared' in the checkpoint, 'per-sample' now" in capsys.readouterr().err
+    assert T.main(["train", "--loss", "softmax", "--negatives", "shared", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--negatives shared and --exclude-positive apply to --loss nce/softmax-ce" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert T.main(["train", "--negatives", "shared", "--out-dir", str(tmp_path / "ddp")]) == 2
+    assert "--negatives shared runs in a single process" in capsys.readouterr().err
+
+
 def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
     """--max-minutes-this-run: a budget shorter than one epoch still runs one epoch (and saves it),
     then stops with the resume hint; --resume completes the run."""
