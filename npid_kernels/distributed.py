@@ -8,7 +8,8 @@ Semantics (what "the same as one process" means here):
   its own samples' losses, and the gradient is w.r.t. its own features, exactly the
   contract of :class:`npid_kernels.NPIDLoss`. With equal local batches and DDP's gradient
   averaging, the backbone sees the gradient of the mean loss over the global batch.
-* Negatives are drawn per rank. Rank r of G draws its negatives from the Philox stream
+* Negatives are drawn per rank. Rank r of G draws its negatives (per-sample, or its batch's
+  shared set with negatives="shared") from the Philox stream
   ``rng_state = [seed, offset + r]`` (the same stream ``NPIDLoss`` would use at that offset),
   and after every training step the shared offset advances by G. A rank's rows are therefore
   ``ops.sample_negatives(indices_r, [seed, offset + r], n, K)``; concatenating the ranks'
@@ -293,6 +294,11 @@ class DistributedNPIDLoss(nn.Module):
             broadcasts it (every rank must agree on it).
         equal_batches: promise that every rank's batch has the same size every step (e.g.
             DistributedSampler with drop_last=True); skips one tiny size exchange per step.
+        negatives, exclude_positive: as NPIDLoss. Shared negatives: each rank scores its own set of m
+            rows (drawn from its stream, see the module docstring) against its batch; the sharded
+            mode fetches those rows and the batch's positives from their owners.
+            exclude_positive with shared negatives needs the replicated mode (the replacement
+            rows are drawn from the whole bank inside the op).
         z_mode, z_momentum: as NPIDLoss; with "ema" the ranks all_reduce the step's
             [sum of noise exp-scores, their count] (one small device collective, no host sync)
             and apply the same update, so every rank keeps the same Z: the EMA of the global
@@ -314,10 +320,16 @@ class DistributedNPIDLoss(nn.Module):
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, mode: str = "replicated",
                  process_group=None, device=None, equal_batches: bool = False, precision: str = "fp32",
-                 z_mode: str = "first-batch", z_momentum: float = 0.99):
+                 z_mode: str = "first-batch", z_momentum: float = 0.99, negatives: str = "per-sample",
+                 exclude_positive: bool = False):
         super().__init__()
-        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z)
+        _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z,
+                         negatives, exclude_positive)
+        if mode == "sharded" and negatives == "shared" and exclude_positive:
+            raise ValueError("exclude_positive with negatives='shared' needs mode='replicated': the replacement "
+                             "rows are drawn from the whole bank inside the op")
         self.precision = precision
+        self.negatives, self.exclude_positive = negatives, exclude_positive
         self.z_mode, self.z_momentum = z_mode, float(z_momentum)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -428,12 +440,28 @@ class DistributedNPIDLoss(nn.Module):
         self._agreed_z_update_(noise_exp_sum, features.shape[0], kwargs.get("idx"), self.z_momentum)
         return per_sample
 
-    def _agreed_z_update_(self, noise_exp_sum, batch: int, idx, alpha: float) -> None:
+    def _shared_nce(self, features, bank, y, **kwargs):
+        """NCE with shared negatives. Z from the shared noise columns, agreed across ranks: on the
+        first step (unset Z) and, in the "batch" mode, before every step's loss; "ema" after it."""
+        batch, m = features.shape[0], self.num_negatives
+        if self.z_mode == "batch" or self._z_unset():
+            with torch.no_grad():
+                _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), bank, y, torch.ones_like(self.z), **kwargs)
+            self._agreed_z_update_(stat, batch, None, 0.0, noise_per_sample=m)
+            self._z_ready = self.z_mode != "batch"
+        per_sample, stat = ops.shared_nce_loss_and_z_stat(features, bank, y, self.z, **kwargs)
+        if self.z_mode == "ema" and self.training:
+            self._agreed_z_update_(stat, batch, None, self.z_momentum, noise_per_sample=m)
+        return per_sample
+
+    def _agreed_z_update_(self, noise_exp_sum, batch: int, idx, alpha: float,
+                          noise_per_sample: Optional[int] = None) -> None:
         """Z <- alpha Z + (1 - alpha) n * (global sum of noise exp-scores) / (their global count):
         the ranks all_reduce the same two numbers, so every rank applies the same update."""
-        columns = idx.shape[1] if idx is not None else self.num_negatives + 1
+        if noise_per_sample is None:
+            noise_per_sample = (idx.shape[1] if idx is not None else self.num_negatives + 1) - 1
         stats = torch.stack([noise_exp_sum.sum().double(),
-                             torch.tensor(float(batch * (columns - 1)), dtype=torch.float64,
+                             torch.tensor(float(batch * noise_per_sample), dtype=torch.float64,
                                           device=noise_exp_sum.device)])
         if self.world_size > 1:
             comm = stats.to(_comm_device(self.process_group, stats.device))
@@ -453,7 +481,11 @@ class DistributedNPIDLoss(nn.Module):
         agree = self.world_size > 1 and C._values_readable(memory)
         with _refused_together(agree, self.process_group, memory.device):
             _check_batch(features, indices, memory, num_data=self.num_data)
-            if idx is not None:
+            if idx is not None and self.negatives == "shared":
+                C.rows(idx, "idx", self.num_data, (self.num_negatives,), features, "features")
+            elif idx is not None and self.exclude_positive:
+                raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
+            elif idx is not None:
                 if self.loss_type == "softmax":
                     raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
                                      "scans the whole bank")
@@ -463,7 +495,8 @@ class DistributedNPIDLoss(nn.Module):
             if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
                 features = features.float()
             _check_bank_dtype(features, memory)
-        sample_here = idx is None and self.loss_type != "softmax"
+        # Shared negatives advance the stream with explicit rows too (exclude_positive reads it).
+        sample_here = (idx is None and self.loss_type != "softmax") or self.negatives == "shared"
         if self.mode == "replicated":
             per_sample = self._replicated_loss(features, indices, idx, memory)
         else:
@@ -476,8 +509,16 @@ class DistributedNPIDLoss(nn.Module):
         return per_sample.mean()
 
     def _replicated_loss(self, features, indices, idx, memory):
+        if self.negatives == "shared":
+            shared = dict(rows=idx, rng_state=self.rank_rng_state(), num_negatives=self.num_negatives,
+                          temperature=self.temperature, exclude_positive=self.exclude_positive,
+                          precision=self.precision)
+            if self.loss_type == "nce":
+                return self._shared_nce(features, memory, indices, **shared)
+            return ops.shared_softmax_ce_loss(features, memory, indices, **shared)
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rank_rng_state(),
-                        num_negatives=self.num_negatives, temperature=self.temperature)
+                        num_negatives=self.num_negatives, temperature=self.temperature,
+                        exclude_positive=self.exclude_positive)
         if self.loss_type == "nce":
             if self._z_unset():
                 columns = idx.shape[1] if idx is not None else self.num_negatives + 1
@@ -490,8 +531,11 @@ class DistributedNPIDLoss(nn.Module):
     def _sharded_loss(self, features, indices, idx):
         if self.loss_type == "softmax":
             return _ShardedFullSoftmax.apply(features, indices, self)
+        if self.negatives == "shared":
+            return self._sharded_shared_loss(features, indices, idx)
         if idx is None:
-            idx = ops.sample_negatives(indices, self.rank_rng_state(), self.num_data, self.num_negatives)
+            idx = ops.sample_negatives(indices, self.rank_rng_state(), self.num_data, self.num_negatives,
+                                       self.exclude_positive)
         rows, local_idx = self._fetch_rows(idx.reshape(-1))
         local_idx = local_idx.view(idx.shape)
         if self.loss_type == "softmax-ce":
@@ -505,6 +549,19 @@ class DistributedNPIDLoss(nn.Module):
             self._estimate_and_agree_on_z(features, rows, y_local, local_idx.numel(), idx=local_idx,
                                           temperature=self.temperature, n_data=self.num_data)
         return self._nce(features, rows, y_local, idx=local_idx, temperature=self.temperature, n_data=self.num_data)
+
+    def _sharded_shared_loss(self, features, indices, rows):
+        """Shared negatives on a sharded bank: this rank's m rows and its positives are fetched
+        from their owners, then the replicated mode's op runs on them, told the real n."""
+        if rows is None:
+            rows = ops.shared_negative_rows(self.rank_rng_state(), self.num_data, self.num_negatives)
+        fetched, inverse = self._fetch_rows(torch.cat([indices, rows]))
+        batch = features.shape[0]
+        y_local, rows_local = inverse[:batch].contiguous(), inverse[batch:].contiguous()
+        common = dict(rows=rows_local, temperature=self.temperature, precision=self.precision)
+        if self.loss_type == "nce":
+            return self._shared_nce(features, fetched, y_local, n_data=self.num_data, **common)
+        return ops.shared_softmax_ce_loss(features, fetched, y_local, **common)
 
     # ------------------------------------------------------------ sharded-bank traffic
 
@@ -690,7 +747,9 @@ class DistributedNPIDLoss(nn.Module):
         z = f", z_mode={self.z_mode!r}" if self.loss_type == "nce" else ""
         return (f"num_data={self.num_data}, dim={self.dim}, mode={self.mode!r}, rows=[{self.row_start}, {self.row_end}), "
                 f"world_size={self.world_size}, loss={self.loss_type!r}, num_negatives={self.num_negatives}, "
-                f"temperature={self.temperature}, momentum={self.momentum}{z}")
+                f"temperature={self.temperature}, momentum={self.momentum}{z}"
+                + (f", negatives={self.negatives!r}" if self.negatives != "per-sample" else "")
+                + (", exclude_positive=True" if self.exclude_positive else ""))
 
 
 # ---------------------------------------------------------------- distributed kNN

@@ -278,9 +278,10 @@ def _check_args(args) -> None:
     if getattr(args, "loss", None) in FULL_SCAN_LOSSES and (getattr(args, "negatives", "per-sample") != "per-sample"
                                                             or getattr(args, "exclude_positive", False)):
         raise ValueError(f"--negatives shared and --exclude-positive apply to --loss nce/softmax-ce, not {args.loss}")
-    if getattr(args, "negatives", "per-sample") == "shared" and several_processes:
-        raise ValueError("--negatives shared runs in a single process for now (DistributedNPIDLoss draws "
-                         "per-sample negatives)")
+    if (getattr(args, "negatives", "per-sample") == "shared" and getattr(args, "exclude_positive", False)
+            and several_processes and getattr(args, "bank_mode", "replicated") == "sharded"):
+        raise ValueError("--negatives shared --exclude-positive needs --bank-mode replicated under torchrun "
+                         "(the replacement rows are drawn from the whole bank)")
     if getattr(args, "z_stats", False) and getattr(args, "negatives", "per-sample") == "shared":
         raise ValueError("--z-stats samples per-sample rows; it does not describe --negatives shared")
     if getattr(args, "z_stats", False) and several_processes:
@@ -420,7 +421,8 @@ def train(args) -> Dict:
         criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
                                         device=device, equal_batches=True, precision=loss_precision,
-                                        z_mode=args.z_mode, z_momentum=args.z_momentum)
+                                        z_mode=args.z_mode, z_momentum=args.z_momentum, negatives=args.negatives,
+                                        exclude_positive=args.exclude_positive)
     else:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                              bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,

@@ -298,7 +298,26 @@ def worker_z_modes(outdir, rank):
     torch.save(results, outdir / f"z_modes_rank{rank}.pt")
 
 
-WORKERS = {"z_modes": worker_z_modes, "train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
+SHARED_M = 50  # shared negatives: m > N (draws with replacement)
+
+
+def worker_shared(outdir, rank):
+    """negatives="shared" in both bank modes (exclude_positive: replicated only), NCE with the "ema"
+    Z mode (first step estimated, then averaged) and softmax-CE."""
+    cfg = torch.load(outdir / "config.pt")
+    results = {}
+    for loss in ("nce", "softmax-ce"):
+        for mode, exclude in (("replicated", False), ("replicated", True), ("sharded", False)):
+            crit = DistributedNPIDLoss(N, D, SHARED_M, T, MOMENTUM, loss=loss, bank_dtype=torch.float64, seed=999,
+                                       mode=mode, z_mode="ema", z_momentum=0.7, negatives="shared",
+                                       exclude_positive=exclude)
+            crit.load_full_state_dict(cfg["init"][(loss, "float64")] if (rank == 0 or mode == "replicated") else None)
+            results[(loss, mode, exclude)] = _run_steps(crit, cfg["batches"], range(len(STEP_SIZES)), rank,
+                                                        torch.float64)
+    torch.save(results, outdir / f"shared_rank{rank}.pt")
+
+
+WORKERS = {"shared": worker_shared, "z_modes": worker_z_modes, "train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
            "knn": worker_knn, "nan_z": worker_nan_z}
 
 
@@ -528,6 +547,59 @@ def test_z_modes_agree_across_ranks_and_equal_single_process(train_runs):
                     got = ranks[r][(z_mode, mode)][t]
                     assert close(got["loss"], exp["losses"][r], **tol), (z_mode, mode, t, r)
                     assert close(got["grad"], exp["grads"][r], **tol), (z_mode, mode, t, r)
+
+
+def shared_single_process(loss, init_sd, batches, exclude):
+    """What each rank must compute with shared negatives: its batch against its own set of rows
+    drawn from [seed, offset + r] (ops.shared_negative_rows), the bank and Z before the step, Z
+    agreed from the global batch's noise columns (first step: estimated; then the EMA)."""
+    bank = init_sd["bank.memory"].clone()
+    seed, offset = (int(v) for v in init_sd["rng_state"])
+    z = None
+    out = []
+    for x_all, y_all, sizes in batches:
+        states = [torch.tensor([seed, offset + r]) for r in range(WORLD)]
+        parts = [local_part(x_all, y_all, sizes, r) for r in range(WORLD)]
+        kwargs = [dict(rows=ops.shared_negative_rows(states[r], N, SHARED_M), rng_state=states[r], temperature=T,
+                       exclude_positive=exclude) for r in range(WORLD)]
+        one = torch.ones(1, dtype=torch.float64)
+        noise = sum(ops.shared_nce_loss_and_z_stat(x, bank, y, one, **kw)[1].sum() for (x, y), kw in zip(parts, kwargs))
+        estimate = noise * N / (sum(sizes) * SHARED_M)
+        z_used = estimate.reshape(1).float() if z is None else z  # the module's Z buffer is float32
+        losses, grads = [], []
+        for (x, y), kw in zip(parts, kwargs):
+            xs = x.clone().requires_grad_(True)
+            if loss == "nce":
+                per_sample = ops.shared_nce_loss(xs, bank, y, z_used, **kw)
+            else:
+                per_sample = ops.shared_softmax_ce_loss(xs, bank, y, **kw)
+            losses.append(per_sample.mean().detach())
+            grads.append(torch.autograd.grad(per_sample.mean(), xs)[0])
+        z = (0.7 * z_used.double() + 0.3 * estimate).float()
+        bank = bank.clone()
+        ops.momentum_update_(bank, x_all, y_all, MOMENTUM)
+        out.append({"losses": losses, "grads": grads, "bank": bank, "z": z, "offset": offset})
+        offset += WORLD
+    return out
+
+
+def test_shared_negatives_equal_single_process(train_runs):
+    outdir, cfg, _ = train_runs
+    launch("shared", outdir)
+    ranks = [torch.load(outdir / f"shared_rank{r}.pt") for r in range(WORLD)]
+    for loss in ("nce", "softmax-ce"):
+        for mode, exclude in (("replicated", False), ("replicated", True), ("sharded", False)):
+            expected = shared_single_process(loss, cfg["init"][(loss, "float64")], cfg["batches"], exclude)
+            for t, exp in enumerate(expected):
+                for r in range(WORLD):
+                    got = ranks[r][(loss, mode, exclude)][t]
+                    where = (loss, mode, exclude, t, r)
+                    assert int(got["rng_used"][1]) == exp["offset"] + r, where
+                    assert close(got["loss"], exp["losses"][r], **TOL["float64"]), where
+                    assert close(got["grad"], exp["grads"][r], **TOL["float64"]), where
+                    assert close(got["full"]["bank.memory"], exp["bank"], **TOL["float64"]), where
+                    if loss == "nce":
+                        assert close(got["full"]["z"], exp["z"], **TOL["float64"]), where
 
 
 def test_failed_z_estimate_raises_on_every_rank(tmp_path):

@@ -142,8 +142,9 @@ def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, m
     assert T.main(["train", "--loss", "softmax", "--negatives", "shared", "--out-dir", str(tmp_path / "x")]) == 2
     assert "--negatives shared and --exclude-positive apply to --loss nce/softmax-ce" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert T.main(["train", "--negatives", "shared", "--out-dir", str(tmp_path / "ddp")]) == 2
-    assert "--negatives shared runs in a single process" in capsys.readouterr().err
+    assert T.main(["train", "--negatives", "shared", "--exclude-positive", "--bank-mode", "sharded",
+                   "--out-dir", str(tmp_path / "ddp")]) == 2
+    assert "needs --bank-mode replicated under torchrun" in capsys.readouterr().err
 
 
 def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
