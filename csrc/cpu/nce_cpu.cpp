@@ -406,15 +406,9 @@ int64_t shared_chunk_rows(int64_t B) {
 
 SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
                                 int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
-  SharedNegativesArgs args;
-  args.loss = loss;
-  args.temperature = temperature;
-  args.exclude_positive = exclude_positive;
-  args.n_data = n_data;
-  args.precision = precision;
-  args.chunk_rows = chunk_rows;
-  args.rows_checked = true;  // the CPU reads rows, y and z on the host
-  return args;
+  // The CPU reads rows, y and z on the host.
+  return shared_negatives_args(loss, temperature, exclude_positive, n_data, precision, chunk_rows,
+                               /*rows_checked=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
