@@ -151,10 +151,59 @@ def render(header, rows) -> str:
     return "\n".join(out)
 
 
+def _is_shared_run(paths) -> bool:
+    with open(paths[0]) as f:
+        benches = json.load(f).get("benchmarks", [])
+    return bool(benches) and "m" in (benches[0].get("params") or {})
+
+
+SHARED_PROVIDERS = ("torch_shared", "torch_shared_compile", "torch_per_sample", "npid_per_sample", "npid_shared")
+
+
+def render_shared(paths) -> str:
+    """test_bench_shared.py's table: per (loss, shape, m), every provider's step time and peak memory,
+    and the ratios of each to npid_shared (> 1: npid_shared faster)."""
+    cases = OrderedDict()
+    header = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        header = header or data
+        for bench in data.get("benchmarks", []):
+            info, params = bench.get("extra_info", {}), bench.get("params") or {}
+            key = (params["loss"], params["B"], params["N"], params["D"], params["bank_dtype"], params["m"])
+            cases.setdefault(key, {})[info["provider"]] = (bench["stats"]["median"] * 1e3, info.get("peak_extra_bytes"),
+                                                           _contended(info))
+    info0 = (header.get("benchmarks") or [{}])[0].get("extra_info", {})
+    out = [f"Device: {info0.get('device', '?')} — {info0.get('device_name', '?')}; torch {info0.get('torch_version', '?')}, "
+           f"{info0.get('num_threads', '?')} threads; commit {str(info0.get('commit'))[:12]}"
+           f"{' (dirty)' if info0.get('commit_dirty') else ''}; {header.get('datetime', '')}", "",
+           "Training step (loss + backward + bank update), median ms; ratios = provider / npid_shared (> 1: npid_shared "
+           "faster); peak MiB in brackets; † = timed while other processes were busy.", "",
+           "| loss | shape | m | " + " | ".join(SHARED_PROVIDERS) + " | torch_shared/ours | compile/ours "
+           "| npid_per_sample/ours |", "|---|---|--:|" + "--:|" * (len(SHARED_PROVIDERS) + 3)]
+    for (loss, B, N, D, dtype, m), prov in cases.items():
+        cells = []
+        for name in SHARED_PROVIDERS:
+            if name not in prov:
+                cells.append("–")
+                continue
+            ms, peak, busy = prov[name]
+            cells.append(f"{_ms(ms)}{'†' if busy else ''} ({_mib(peak)})")
+        ours = prov.get("npid_shared", (None,))[0]
+        ratios = [_fmt_ratio(_ratio(prov[name][0], ours) if name in prov else None)
+                  for name in ("torch_shared", "torch_shared_compile", "npid_per_sample")]
+        out.append(f"| {loss} | B={B} N={N:,} D={D} {dtype} | {m:,} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json output)")
     args = parser.parse_args(argv)
+    if _is_shared_run(args.json):
+        print(render_shared(args.json))
+        return 0
     header, rows = load(args.json)
     if not rows:
         print("no timed benchmarks in the file (was it written with --benchmark-disable?)", file=sys.stderr)
