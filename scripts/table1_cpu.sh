@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's Table 1 (CIFAR-10: parametric softmax, the exact non-parametric softmax, NCE with
 # m = 1, 10, 512, 4096) in miniature on a CPU, on Fashion-MNIST read from its idx files, plus
-# softmax-CE with m = 4096 and the random-init encoder. Every row: the same encoder, epochs,
+# softmax-CE with m = 4096, shared negatives (NCE and softmax-CE, m = 4096 and 65,536) and the
+# random-init encoder. Every row: the same encoder, epochs,
 # augmentation, batch, schedule and seed; weighted kNN (k = 200) and a linear probe at the end.
 #
 #   bash scripts/table1_cpu.sh [DATA_DIR [OUT_DIR]]      (defaults: ../shared/data/fashion-mnist,
@@ -76,4 +77,9 @@ row nce-10 --loss nce --nce-k 10 --z-mode "$Z_MODE"
 row nce-1 --loss nce --nce-k 1 --z-mode "$Z_MODE"
 row softmax-ce-4096 --loss softmax-ce --nce-k 4096
 row param-softmax --loss param-softmax
+# Beyond the paper (issue 17): one set of m noise rows per step shared by the batch, scored by GEMM.
+row nce-shared-4096 --loss nce --nce-k 4096 --negatives shared --z-mode "$Z_MODE"
+row nce-shared-65536 --loss nce --nce-k 65536 --negatives shared --z-mode "$Z_MODE"
+row softmax-ce-shared-4096 --loss softmax-ce --nce-k 4096 --negatives shared
+row softmax-ce-shared-65536 --loss softmax-ce --nce-k 65536 --negatives shared
 "$PY" scripts/table1_report.py "$OUT_DIR"

@@ -26,11 +26,15 @@ ROWS = [
     ("nce-512", "NCE m=512", 78.4),
     ("nce-4096", "NCE m=4096", 80.4),
     ("softmax-ce-4096", "Softmax-CE m=4096 (InfoNCE over the same rows)", None),
+    ("nce-shared-4096", "NCE, shared negatives m=4096", None),
+    ("nce-shared-65536", "NCE, shared negatives m=65536", None),
+    ("softmax-ce-shared-4096", "Softmax-CE, shared negatives m=4096", None),
+    ("softmax-ce-shared-65536", "Softmax-CE, shared negatives m=65536", None),
     ("random-init", "Random-init encoder (no training)", None),
 ]
 
 COLUMNS = ["row", "label", "paper_cifar10_knn", "knn_features", "knn_bank", "linear_lowdim", "linear_pooled",
-           "svm_lowdim", "svm_pooled", "final_loss", "epochs", "train_minutes", "images_per_s", "z_mode", "nce_k"]
+           "svm_lowdim", "svm_pooled", "final_loss", "epochs", "train_minutes", "images_per_s", "z_mode", "nce_k", "negatives"]
 
 
 def _read_log(path: str) -> List[Dict[str, float]]:
@@ -62,7 +66,7 @@ def collect(out: str) -> Tuple[List[Dict], Dict[str, List[Dict[str, float]]]]:
             "final_loss": log[-1]["loss"] if log else None, "epochs": res.get("epochs"),
             "train_minutes": sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log) / 60,
             "images_per_s": (sum(r["images_per_s"] for r in log) / len(log)) if log else None,
-            "z_mode": res.get("z_mode"), "nce_k": res.get("nce_k"),
+            "z_mode": res.get("z_mode"), "nce_k": res.get("nce_k"), "negatives": res.get("negatives"),
             "train_images": res.get("train_images"), "test_images": res.get("test_images"),
         })
         table.append(row)

@@ -12,7 +12,8 @@ import torch
 from test_datasets import make_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ["param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096", "softmax-ce-4096", "random-init"]
+ROWS = ["param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096", "softmax-ce-4096", "nce-shared-4096",
+        "nce-shared-65536", "softmax-ce-shared-4096", "softmax-ce-shared-65536", "random-init"]
 
 
 SETTINGS = ("EPOCHS", "TRAIN_FRACTION", "IMAGE_SIZE", "ARCH", "WIDTH", "AUGMENT", "Z_MODE", "EXTRA")
@@ -53,6 +54,8 @@ def test_table1_script_runs_every_row_and_resumes(tmp_path):
             assert [int(e["epoch"]) for e in log] == [1, 2], name  # resumed, not restarted
     assert json.loads((out / "nce-512" / "results.json").read_text())["nce_k"] == 299  # K capped at n - 1
     assert json.loads((out / "nce-10" / "results.json").read_text())["z_mode"] == "batch"
+    shared = json.loads((out / "nce-shared-65536" / "results.json").read_text())
+    assert shared["negatives"] == "shared" and shared["nce_k"] == 65536  # m is not capped at n - 1
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(ROWS) and "| NCE m=4096 | 80.4 |" in table
     assert (out / "curves.png").stat().st_size > 0
