@@ -338,11 +338,11 @@ class NPIDLoss(nn.Module):
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         memory = self.bank.memory
         _check_batch(features, indices, memory)
-        if self.negatives == "shared":
-            return self._forward_shared(features, indices, idx)
-        if idx is not None and self.exclude_positive:
+        if idx is not None and self.negatives == "shared":
+            C.rows(idx, "idx", memory.shape[0], (self.num_negatives,), features, "features")
+        elif idx is not None and self.exclude_positive:
             raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
-        if idx is not None:
+        elif idx is not None:
             if self.loss_type == "softmax":
                 raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
                                  "the whole bank")
@@ -351,6 +351,8 @@ class NPIDLoss(nn.Module):
         if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
             features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
         _check_bank_dtype(features, memory)
+        if self.negatives == "shared":
+            return self._forward_shared(features, indices, idx)
         sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
                         num_negatives=self.num_negatives, temperature=self.temperature,
                         exclude_positive=self.exclude_positive)
@@ -378,25 +380,18 @@ class NPIDLoss(nn.Module):
         return per_sample.mean()
 
     def _forward_shared(self, features, indices, rows) -> torch.Tensor:
-        """negatives="shared": one set of m noise rows for the batch, scored by GEMM tiles."""
+        """negatives="shared" (arguments checked by forward): one set of m noise rows for the batch,
+        scored by GEMM tiles."""
         memory = self.bank.memory
         m, n = self.num_negatives, memory.shape[0]
-        if rows is not None:
-            C.rows(rows, "idx", n, (m,), features, "features")
-        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
-            features = features.float()
-        _check_bank_dtype(features, memory)
         shared = dict(rows=rows, rng_state=self.rng_state, num_negatives=m, temperature=self.temperature,
                       exclude_positive=self.exclude_positive, precision=self.precision)
         if self.loss_type == "nce":
-            if self.z_mode == "batch" or not self._z_known:
-                unset = self.z_mode != "batch" and float(self.z) <= 0  # host read: once per module
-                if self.z_mode == "batch" or unset:
-                    with torch.no_grad():
-                        _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), memory, indices,
-                                                                 torch.ones_like(self.z), **shared)
-                        ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, 0.0)
-                self._z_known = self.z_mode != "batch"
+            if self.z_mode == "batch" or self._z_unset():
+                with torch.no_grad():
+                    _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), memory, indices,
+                                                             torch.ones_like(self.z), **shared)
+                    ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, 0.0)
             per_sample, stat = ops.shared_nce_loss_and_z_stat(features, memory, indices, self.z, **shared)
             if self.z_mode == "ema" and self.training:
                 ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, self.z_momentum)
@@ -407,6 +402,13 @@ class NPIDLoss(nn.Module):
             with torch.no_grad():
                 self.rng_state[1] += 1  # a fresh Philox stream for the next step
         return per_sample.mean()
+
+    def _z_unset(self) -> bool:
+        """Shared NCE: whether Z still needs its first estimate. One host read until Z is set (the
+        per-sample ops decide that on the device instead)."""
+        if not self._z_known:
+            self._z_known = float(self.z) > 0
+        return not self._z_known
 
     @torch.no_grad()
     def _batch_z_(self, features, memory, indices, sampling) -> None:
