@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "npid/philox.h"
 
@@ -90,12 +92,50 @@ NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+// row . x. For a row in the accumulation dtype: four independent vector accumulators (GCC
+// vector extensions, lowered to the enclosing function's ISA), added pairwise at the end. A
+// single accumulator (what `omp simd reduction` gives) makes the d/8 multiply-adds one
+// dependency chain of 4-cycle FMAs and then adds the lanes one by one through the stack:
+// ~100 cycles per row, which bounds the fused losses once their rows come from cache.
+template <typename T>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 32 / sizeof(T);
+};
+
+template <typename V, typename T>
+NPID_ALWAYS_INLINE V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
 template <typename acc_t, typename bank_t>
 NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
-  acc_t s = 0;
+  if constexpr (std::is_same_v<acc_t, bank_t>) {
+    using V = typename VectorOf<acc_t>::type;
+    constexpr int64_t L = VectorOf<acc_t>::kLanes;
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t j = 0;
+    for (; j + 4 * L <= d; j += 4 * L) {
+      s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+      s1 += load_vector<V>(row + j + L) * load_vector<V>(x + j + L);
+      s2 += load_vector<V>(row + j + 2 * L) * load_vector<V>(x + j + 2 * L);
+      s3 += load_vector<V>(row + j + 3 * L) * load_vector<V>(x + j + 3 * L);
+    }
+    for (; j + L <= d; j += L) s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+    V v = (s0 + s1) + (s2 + s3);
+    for (int64_t width = L / 2; width >= 1; width /= 2)
+      for (int64_t l = 0; l < width; ++l) v[l] += v[l + width];
+    acc_t s = v[0];
+    for (; j < d; ++j) s += row[j] * x[j];
+    return s;
+  } else {
+    acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < d; ++j) s += static_cast<acc_t>(row[j]) * x[j];
-  return s;
+    for (int64_t j = 0; j < d; ++j) s += static_cast<acc_t>(row[j]) * x[j];
+    return s;
+  }
 }
 
 template <typename acc_t, typename bank_t>

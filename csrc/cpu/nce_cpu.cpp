@@ -15,6 +15,7 @@
 #include "npid/dispatch.h"
 #include "npid/loss_terms.h"
 #include "npid/shared_negatives.h"
+#include "row_order.h"
 
 namespace npid {
 namespace cpu {
@@ -272,6 +273,49 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
   z.fill_(total / static_cast<double>(B * a.columns) * static_cast<double>(n_noise));
 }
 
+// How the fused losses visit their gathered pairs: in sample order (scan_rows), or sorted by
+// bank row (row_order.h) when use_row_order() picks it. Accumulators are indexed by slot =
+// chunk * B + b; sample order has one chunk.
+struct PairPlan {
+  bool by_row = false;
+  RowOrder order;
+  int64_t chunks = 1;
+};
+
+PairPlan plan_pairs(const FusedArgs& a, BadIndexFlag& bad) {
+  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
+  PairPlan plan;
+  plan.by_row = use_row_order(B, a.columns, n);
+  if (plan.by_row) {
+    plan.order = sort_pairs_by_row(a.rows, B, n, bad);
+    plan.chunks = row_order_chunks(static_cast<int64_t>(plan.order.keys.size()), B, d);
+  }
+  return plan;
+}
+
+// visit(slot, positive, row_ptr, s) for every in-range pair of the plan. Both orders give the
+// same sums up to rounding.
+template <typename scalar_t, typename bank_t, typename Visit>
+void visit_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, BadIndexFlag& bad,
+                 Visit visit) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t B = a.x.size(0), d = a.x.size(1);
+  if (!plan.by_row) {
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, [](int64_t) {},
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s)
+            NPID_ALWAYS_INLINE_LAMBDA { visit(b, k == 0, row, s); },
+        [](int64_t) {});
+    return;
+  }
+  const at::Tensor xa = a.x.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  score_sorted_pairs_in_chunks<acc_t, bank_t>(
+      plan.order, plan.chunks, xa.const_data_ptr<acc_t>(), a.bank.const_data_ptr<bank_t>(), d,
+      temperature,
+      [&](int64_t c, int64_t b, bool positive, const bank_t* row, acc_t s)
+          NPID_ALWAYS_INLINE_LAMBDA { visit(c * B + b, positive, row, s); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
                                             const at::Tensor& y,
                                             const c10::optional<at::Tensor>& idx,
@@ -294,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
   // a draw from Pn and would bias the estimate up by up to exp(1/T) / K).
   at::Tensor noise_exp_sum = at::empty({B}, a.x.options().dtype(at::kDouble));
   BadIndexFlag bad;
+  const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_loss",
                          [&](auto xt, auto bt) {
     using scalar_t = decltype(xt);
@@ -305,40 +350,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     scalar_t* lp = loss.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
     const double inv_c = double(n_noise) / double(a.columns - 1), eps = kNceEps;
-    // One accumulator set per sample, indexed by b (threads own disjoint b ranges).
+    // One accumulator set per slot (threads own disjoint slots).
     // The negatives' terms log1p((P + eps) / c) are summed as the log of a running
-    // double-precision product of (1 + (P + eps) / c): one log per sample instead of one
+    // double-precision product of (1 + (P + eps) / c): one log per slot instead of one
     // log1p per row (the transcendental was a third of the loop), accurate to ~K * 1e-16.
-    std::vector<acc_t> grad(B * d, acc_t(0));
-    std::vector<double> sample_loss(B, 0.0), negatives_product(B, 1.0), exp_sum(B, 0.0);
-    double* ep = noise_exp_sum.data_ptr<double>();
-    scan_rows<scalar_t, bank_t>(
-        a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+    const int64_t chunks = plan.chunks, slots = chunks * B;
+    std::vector<acc_t> grad(slots * d, acc_t(0));
+    std::vector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
+    visit_pairs<scalar_t, bank_t>(
+        a, plan, temperature, bad,
+        [&](int64_t slot, bool positive, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
           acc_t dl_ds;
-          if (k == 0) {
+          if (positive) {
             acc_t l;
             nce_term<acc_t>(s, true, inv_z, c, l, dl_ds);
-            sample_loss[b] += l;
+            slot_loss[slot] += l;
           } else {
             const acc_t e = std::exp(s);
-            exp_sum[b] += static_cast<double>(e);
+            exp_sum[slot] += static_cast<double>(e);
             const acc_t p = e * inv_z;
             dl_ds = p / (p + c + static_cast<acc_t>(eps));
-            double& prod = negatives_product[b];
+            double& prod = negatives_product[slot];
             prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
             if (prod > 1e280) {  // fold into the sum long before double overflows
-              sample_loss[b] += std::log(prod);
+              slot_loss[slot] += std::log(prod);
               prod = 1.0;
             }
           }
-          axpy_row(dl_ds * inv_t, row, grad.data() + b * d, d);
-        },
-        [&](int64_t b) {
-          lp[b] = static_cast<scalar_t>(sample_loss[b] + std::log(negatives_product[b]));
-          ep[b] = exp_sum[b];
-          for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
+          axpy_row(dl_ds * inv_t, row, grad.data() + slot * d, d);
         });
+    // Each sample's slots added chunk by chunk, in a fixed order.
+    double* ep = noise_exp_sum.data_ptr<double>();
+    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        double l = 0, e = 0;
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          const int64_t slot = ch * B + b;
+          l += slot_loss[slot] + std::log(negatives_product[slot]);
+          e += exp_sum[slot];
+          if (ch > 0)
+            for (int64_t j = 0; j < d; ++j) grad[b * d + j] += grad[slot * d + j];
+        }
+        lp[b] = static_cast<scalar_t>(l);
+        ep[b] = e;
+        for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
+      }
+    });
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
   return {loss, grad_x, noise_exp_sum};
@@ -356,6 +413,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
   at::Tensor loss = at::empty({B}, a.x.options());
   at::Tensor grad_x = at::empty_like(a.x);
   BadIndexFlag bad;
+  const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "softmax_ce_loss",
                          [&](auto xt, auto bt) {
     using scalar_t = decltype(xt);
@@ -364,35 +422,54 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     scalar_t* lp = loss.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
-    // Per sample: running max m, sum l = sum exp(s - m), acc = sum exp(s - m) * row,
-    // the positive's score s0 and row w0 (grad = (acc / l - w0) / T).
-    std::vector<acc_t> acc(B * d, acc_t(0)), w0(B * d, acc_t(0));
-    std::vector<acc_t> m(B, -std::numeric_limits<acc_t>::infinity()), l(B, 0), s0(B, 0);
-    scan_rows<scalar_t, bank_t>(
-        a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
-          acc_t* ab = acc.data() + b * d;
-          if (k == 0) {
+    // Per slot: running max m, sum l = sum exp(s - m), acc = sum exp(s - m) * row; per sample
+    // the positive's score s0 and row w0 (grad = (acc / l - w0) / T). The slots of one sample
+    // are merged as flash-decoding merges its splits.
+    const int64_t chunks = plan.chunks, slots = chunks * B;
+    std::vector<acc_t> acc(slots * d, acc_t(0)), w0(B * d, acc_t(0));
+    std::vector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0), s0(B, 0);
+    visit_pairs<scalar_t, bank_t>(
+        a, plan, temperature, bad,
+        [&](int64_t slot, bool positive, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+          acc_t* ab = acc.data() + slot * d;
+          if (positive) {  // one positive pair per sample: its slot's b is slot % B
+            const int64_t b = slot % B;
             s0[b] = s;
             for (int64_t j = 0; j < d; ++j) w0[b * d + j] = static_cast<acc_t>(row[j]);
           }
-          if (s > m[b]) {  // new running max: rescale what was summed so far
-            const acc_t scale = std::exp(m[b] - s);
-            l[b] *= scale;
+          if (s > m[slot]) {  // new running max: rescale what was summed so far
+            const acc_t scale = std::exp(m[slot] - s);
+            l[slot] *= scale;
             for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
-            m[b] = s;
+            m[slot] = s;
           }
-          const acc_t e = std::exp(s - m[b]);
-          l[b] += e;
+          const acc_t e = std::exp(s - m[slot]);
+          l[slot] += e;
           axpy_row(e, row, ab, d);
-        },
-        [&](int64_t b) {
-          lp[b] = static_cast<scalar_t>(m[b] + std::log(l[b]) - s0[b]);
-          const acc_t inv_l = acc_t(1) / l[b];
-          for (int64_t j = 0; j < d; ++j)
-            gp[b * d + j] =
-                static_cast<scalar_t>((acc[b * d + j] * inv_l - w0[b * d + j]) * inv_t);
         });
+    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        acc_t mb = m[b];
+        for (int64_t ch = 1; ch < chunks; ++ch) mb = std::max(mb, m[ch * B + b]);
+        acc_t lb = 0;
+        acc_t* ab = acc.data() + b * d;
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          const int64_t slot = ch * B + b;
+          if (l[slot] == acc_t(0)) continue;  // no pairs of b in this chunk
+          const acc_t scale = std::exp(m[slot] - mb);
+          lb += l[slot] * scale;
+          if (ch == 0) {
+            for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
+          } else {
+            for (int64_t j = 0; j < d; ++j) ab[j] += acc[slot * d + j] * scale;
+          }
+        }
+        lp[b] = static_cast<scalar_t>(mb + std::log(lb) - s0[b]);
+        const acc_t inv_l = acc_t(1) / lb;
+        for (int64_t j = 0; j < d; ++j)
+          gp[b * d + j] = static_cast<scalar_t>((ab[j] * inv_l - w0[b * d + j]) * inv_t);
+      }
+    });
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
   return {loss, grad_x};

@@ -1,0 +1,183 @@
+"""The CPU fused losses visit their (sample, row) pairs in sample order or sorted by bank row
+(csrc/cpu/row_order.h), chosen by problem size or forced with NPID_CPU_PAIR_ORDER. Both orders
+must give the float64 reference's loss and gradient; row order must not depend on the thread
+count, and must merge per-chunk partial sums right, also for samples with no pairs in a chunk."""
+import pytest
+import torch
+
+from npid_kernels import ops
+from npid_kernels import reference as R
+
+from conftest import relative_error, unit_rows
+
+T = 0.07
+ORDERS = ["sample", "row"]
+
+
+@pytest.fixture
+def order(request, monkeypatch):
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", request.param)
+    return request.param
+
+
+def problem(B, K, n, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = unit_rows(B, d, generator=g).to(dtype)
+    bank = unit_rows(n, d, generator=g).to(dtype)
+    y = torch.randint(0, n, (B,), generator=g)
+    idx = torch.randint(0, n, (B, K + 1), generator=g)
+    idx[:, 0] = y
+    if K >= 2:
+        idx[:, 2] = idx[:, 1]  # a row twice for one sample
+    rng_state = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=g)), seed + 1])
+    return x, bank, y, idx, rng_state
+
+
+def run_loss(loss_name, x, bank, y, z, **kw):
+    """(loss, grad_x, noise_exp_sum or None) of one op call with backward."""
+    xs = x.detach().clone().requires_grad_(True)
+    if loss_name == "nce":
+        loss, _, sums = ops.npid.nce_loss(xs, bank, y, kw.get("idx"), kw.get("rng_state"), z,
+                                          kw.get("num_negatives", -1), T, -1, kw.get("exclude_positive", False))
+    else:
+        loss = ops.softmax_ce_loss(xs, bank, y, temperature=T, **kw)
+        sums = None
+    loss.sum().backward()
+    return loss.detach(), xs.grad, sums
+
+
+def close(actual, expected, tol):
+    """Relative error below tol, measured against max(||expected||, 1): at n = 1 the softmax's
+    true gradient is exactly zero and only rounding is left."""
+    diff = (actual.double() - expected.double()).norm().item()
+    return diff <= tol * max(expected.double().norm().item(), 1.0)
+
+
+def reference(loss_name, x, bank, y, idx, z):
+    xr = x.detach().double().clone().requires_grad_(True)
+    if loss_name == "nce":
+        loss = R.nce_loss(xr, bank.double(), y, idx, z.double(), T)
+    else:
+        loss = R.softmax_ce_loss(xr, bank.double(), y, idx, T)
+    loss.sum().backward()
+    return loss.detach(), xr.grad
+
+
+# (B, K, n, d): pairs < n, pairs ~ 5 n (the issue's ratio), several chunks of sorted pairs
+# (B * (K+1) >= 2 * 16384), d not a multiple of the vector width, and n = 1.
+SHAPES = [(3, 20, 500, 16), (16, 300, 1000, 128), (40, 1000, 3000, 37), (7, 9, 1, 5)]
+
+
+@pytest.mark.parametrize("order", ORDERS, indirect=True)
+@pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
+@pytest.mark.parametrize("B,K,n,d", SHAPES)
+@pytest.mark.parametrize("dtype,bank_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                              (torch.float32, torch.bfloat16)])
+def test_both_orders_match_the_reference(order, loss_name, B, K, n, d, dtype, bank_dtype):
+    x, bank, y, idx, _ = problem(B, K, n, d)
+    bank = bank.to(bank_dtype)
+    z = R.estimate_z(R.nce_scores(x, bank.double(), idx, T), n).reshape(1)
+    loss, grad, sums = run_loss(loss_name, x.to(dtype), bank, y, z.to(dtype), idx=idx)
+    want_loss, want_grad = reference(loss_name, x, bank, y, idx, z)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert close(loss, want_loss, tol) and close(grad, want_grad, tol)
+    if sums is not None:
+        assert relative_error(sums, R.noise_exp_sum(x, bank.double(), idx, T)) < tol
+
+
+@pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
+def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, loss_name):
+    """In-kernel rows (with and without exclude_positive) are the rows sample_negatives draws,
+    in either order; the two orders agree to rounding."""
+    B, K, n, d = 24, 700, 2000, 64
+    x, bank, y, _, rng_state = problem(B, K, n, d, dtype=torch.float32)
+    z = torch.tensor([n * 1.5])
+    for exclude in (False, True):
+        idx = ops.sample_negatives(y, rng_state, n, K, exclude_positive=exclude)
+        results = {}
+        for order in ORDERS:
+            monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
+            drawn = run_loss(loss_name, x, bank, y, z, rng_state=rng_state, num_negatives=K, exclude_positive=exclude)
+            given = run_loss(loss_name, x, bank, y, z, idx=idx)
+            assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
+            results[order] = drawn
+        assert relative_error(results["row"][0], results["sample"][0]) < 1e-5
+        assert relative_error(results["row"][1], results["sample"][1]) < 1e-5
+
+
+@pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
+def test_row_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name):
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "row")
+    x, bank, y, idx, _ = problem(48, 900, 4000, 40, dtype=torch.float32)  # 43k pairs: several chunks
+    z = torch.tensor([6000.0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_loss(loss_name, x, bank, y, z, idx=idx)
+        torch.set_num_threads(max(2, threads))
+        many = run_loss(loss_name, x, bank, y, z, idx=idx)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert a is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
+def test_row_order_merges_samples_missing_from_some_chunks(monkeypatch, loss_name):
+    """Sample 0's rows all sit at the bank's start and sample 1's at its end, so each misses
+    most chunks of the sorted pairs; the merge must skip those chunks, not add NaN or zeros."""
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "row")
+    B, K, n, d = 40, 1000, 3000, 32
+    x, bank, y, idx, _ = problem(B, K, n, d)
+    idx[0] = torch.randint(0, 50, (K + 1,))
+    idx[1] = torch.randint(n - 50, n, (K + 1,))
+    y[0], y[1] = idx[0, 0], idx[1, 0]
+    z = torch.tensor([n * 1.1], dtype=torch.float64)
+    for loss_name_ in (loss_name,):
+        loss, grad, _ = run_loss(loss_name_, x, bank, y, z, idx=idx)
+        want_loss, want_grad = reference(loss_name_, x, bank, y, idx, z)
+        assert relative_error(loss, want_loss) < 1e-12 and relative_error(grad, want_grad) < 1e-12
+
+
+@pytest.mark.parametrize("order", ORDERS, indirect=True)
+@pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
+def test_both_orders_gradcheck(order, loss_name):
+    x, bank, y, idx, _ = problem(3, 6, 11, 5)
+    z = torch.tensor([15.0], dtype=torch.float64)
+    xs = x.clone().requires_grad_(True)
+    if loss_name == "nce":
+        fn = lambda x: ops.nce_loss(x, bank, y, z, idx=idx, temperature=T)
+    else:
+        fn = lambda x: ops.softmax_ce_loss(x, bank, y, idx=idx, temperature=T)
+    assert torch.autograd.gradcheck(fn, (xs,))
+
+
+@pytest.mark.parametrize("order", ORDERS, indirect=True)
+@pytest.mark.parametrize("bad_row", [-1, 3000])
+def test_both_orders_refuse_rows_outside_the_bank(order, bad_row):
+    x, bank, y, idx, _ = problem(40, 1000, 3000, 16, dtype=torch.float32)
+    idx[17, 400] = bad_row
+    before = bank.clone()
+    with pytest.raises(RuntimeError, match=rf"idx holds row {bad_row}, outside the bank \[0, 3000\)"):
+        ops.nce_loss(x, bank, y, torch.tensor([3000.0]), idx=idx, temperature=T)
+    with pytest.raises(RuntimeError, match=rf"idx holds row {bad_row}, outside the bank"):
+        ops.softmax_ce_loss(x, bank, y, idx=idx, temperature=T)
+    assert torch.equal(bank, before)
+
+
+def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
+    """Unforced, many pairs per bank row (the issue's shape, scaled down) take row order and
+    few (pairs < n / 8) sample order: each default is bit-identical to the forced order."""
+    monkeypatch.delenv("NPID_CPU_PAIR_ORDER", raising=False)
+    for (B, K, n), expected in [((16, 1023, 3000), "row"), ((4, 1023, 40000), "sample")]:
+        x, bank, y, idx, _ = problem(B, K, n, 32, dtype=torch.float32)
+        z = torch.tensor([n * 1.2])
+        default = run_loss("nce", x, bank, y, z, idx=idx)
+        forced = {}
+        for order in ORDERS:
+            monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
+            forced[order] = run_loss("nce", x, bank, y, z, idx=idx)
+        monkeypatch.delenv("NPID_CPU_PAIR_ORDER")
+        other = "sample" if expected == "row" else "row"
+        assert not torch.equal(forced["row"][1], forced["sample"][1])  # the orders are distinguishable
+        assert torch.equal(default[1], forced[expected][1]), (B, K, n, expected, other)
