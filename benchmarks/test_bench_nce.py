@@ -7,6 +7,10 @@ provider:
   npid           our fused ops with an explicit idx (ops.nce_loss / ops.softmax_ce_loss;
                  step adds ops.momentum_update_)
   npid_insample  the same ops drawing the negatives in-kernel (idx=None, rng_state)
+  npid_sample_order
+                 CPU only: npid with the (sample, row) pairs visited in sample order
+                 (NPID_CPU_PAIR_ORDER=sample), the order before row order existed; npid itself
+                 uses whichever order csrc/cpu/row_order.h's use_row_order() picks
 pass:
   forward           loss (batch mean) with x requiring grad, as in training
   forward_backward  loss + torch.autograd.grad(loss, x)
@@ -22,10 +26,13 @@ provider fails instead of reporting a fast time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from typing import Dict
 
+import pytest
 import torch
 
 from npid_kernels import ops
@@ -39,7 +46,7 @@ from .bench_common import (
 )
 
 LOSSES = ("nce", "softmax-ce")
-PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample")
+PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample", "npid_sample_order")
 
 LOSS_TOL = 2e-5  # relative error of the batch-mean loss vs the float64 reference (fp32 paths reach ~1e-7)
 GRAD_TOL = 2e-4  # relative error (norm) of grad_x (fp32 paths reach ~2e-6)
@@ -108,6 +115,22 @@ def expected(case: Case, loss: str) -> Dict[str, torch.Tensor]:
     return case.expected[loss]
 
 
+def pair_order(order: str):
+    """A context that forces the CPU losses' pair order (read by the op at each call)."""
+    @contextlib.contextmanager
+    def forced():
+        before = os.environ.get("NPID_CPU_PAIR_ORDER")
+        os.environ["NPID_CPU_PAIR_ORDER"] = order
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["NPID_CPU_PAIR_ORDER"]
+            else:
+                os.environ["NPID_CPU_PAIR_ORDER"] = before
+    return forced
+
+
 def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
     """(loss_fn(x, bank) -> per-sample loss, step_fn(x, bank) -> mean loss) for a provider."""
     T, y, idx, z = TEMPERATURE, case.y, case.idx, case.z
@@ -125,16 +148,19 @@ def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
         f = wrap(ref.softmax_ce_loss)
         return (lambda x, bank: f(x, bank, y, idx, T)), None
 
-    if provider == "npid":
-        sampling = dict(idx=idx, temperature=T)
-    else:  # npid_insample: negatives drawn in-kernel from rng_state, the same rows as idx
+    if provider == "npid_insample":  # negatives drawn in-kernel from rng_state, the same rows as idx
         sampling = dict(rng_state=case.rng_state, num_negatives=K, temperature=T)
+    else:
+        sampling = dict(idx=idx, temperature=T)
+    order = pair_order("sample") if provider == "npid_sample_order" else contextlib.nullcontext
     if loss == "nce":
         def loss_fn(x, bank):
-            return ops.nce_loss(x, bank, y, z, **sampling)
+            with order():
+                return ops.nce_loss(x, bank, y, z, **sampling)
     else:
         def loss_fn(x, bank):
-            return ops.softmax_ce_loss(x, bank, y, **sampling)
+            with order():
+                return ops.softmax_ce_loss(x, bank, y, **sampling)
 
     def step_fn(x, bank):
         mean = loss_fn(x, bank).mean()
@@ -149,6 +175,8 @@ def test_nce(benchmark, settings, loss, pass_, B, K, N, D, bank_dtype, provider)
     device = settings.device
     if provider == "torch_compile":
         require_compile(settings)
+    if provider == "npid_sample_order" and device != "cpu":
+        pytest.skip("the pair order is a choice of the CPU kernels")
     case = get_case(B, K, N, D, bank_dtype, device)
     exp = expected(case, loss)
     info: Dict[str, object] = {"op": loss, "pass": pass_, "provider": provider}

@@ -167,7 +167,7 @@ def test_both_orders_refuse_rows_outside_the_bank(order, bad_row):
 
 def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
     """Unforced, many pairs per bank row (the issue's shape, scaled down) take row order and
-    few (pairs < n / 8) sample order: each default is bit-identical to the forced order."""
+    fewer pairs than rows sample order: each default is bit-identical to the forced order."""
     monkeypatch.delenv("NPID_CPU_PAIR_ORDER", raising=False)
     for (B, K, n), expected in [((16, 1023, 3000), "row"), ((4, 1023, 40000), "sample")]:
         x, bank, y, idx, _ = problem(B, K, n, 32, dtype=torch.float32)

@@ -294,7 +294,8 @@ PairPlan plan_pairs(const FusedArgs& a, BadIndexFlag& bad) {
 }
 
 // visit(slot, positive, row_ptr, s) for every in-range pair of the plan. Both orders give the
-// same sums up to rounding.
+// same sums up to rounding. row_ptr points at the bank row, or (row order, 16-bit bank) at the
+// row converted to the accumulation dtype: visitors take `const auto*`.
 template <typename scalar_t, typename bank_t, typename Visit>
 void visit_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, BadIndexFlag& bad,
                  Visit visit) {
@@ -312,7 +313,7 @@ void visit_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, B
   score_sorted_pairs_in_chunks<acc_t, bank_t>(
       plan.order, plan.chunks, xa.const_data_ptr<acc_t>(), a.bank.const_data_ptr<bank_t>(), d,
       temperature,
-      [&](int64_t c, int64_t b, bool positive, const bank_t* row, acc_t s)
+      [&](int64_t c, int64_t b, bool positive, const auto* row, acc_t s)
           NPID_ALWAYS_INLINE_LAMBDA { visit(c * B + b, positive, row, s); });
 }
 
@@ -359,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     std::vector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
     visit_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](int64_t slot, bool positive, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+        [&](int64_t slot, bool positive, const auto* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
           acc_t dl_ds;
           if (positive) {
             acc_t l;
@@ -430,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     std::vector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0), s0(B, 0);
     visit_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](int64_t slot, bool positive, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+        [&](int64_t slot, bool positive, const auto* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
           acc_t* ab = acc.data() + slot * d;
           if (positive) {  // one positive pair per sample: its slot's b is slot % B
             const int64_t b = slot % B;

@@ -9,7 +9,7 @@
 // chunk of the sorted pairs and added up chunk by chunk in a fixed order, so the result does not
 // depend on the thread count.
 //
-// Worth it when rows repeat or lie close: B * (K+1) comparable to n (see use_row_order()).
+// Worth it when rows repeat: B * (K+1) at least n (see use_row_order()).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -37,17 +38,19 @@ struct RowPair {
   static bool positive(uint64_t key) { return (key & 1u) != 0; }
 };
 
-// Row order when the pairs are at least an eighth of the bank's rows: measured on the 2-core
-// dev VM (B = 64, K = 4096, d = 128, fp32) at n = 50k (5.2 pairs per row) it is the faster order
-// by a wide margin; with far fewer pairs than rows the counting sort's pass over n counters is
-// not paid back. NPID_CPU_PAIR_ORDER=sample|row forces one order (the tests run both).
+// Row order when there are at least as many pairs as bank rows. Measured side by side on the
+// 2-core dev VM (NCE training step, B = 64, K = 4096, d = 128, fp32, medians, ms, sample vs row
+// order): n = 50k (5.2 pairs per row) 21.2 vs 13.1; 130k (2.0) 23.9 vs 18.4; 260k (1.0) 23.9
+// vs 21.0; 400k (0.65) 22.7 vs 25.5; 1.28M (0.2) 45 vs 50. Below one pair per row the sort's
+// passes over n counters and the sparser rows are no longer paid back.
+// NPID_CPU_PAIR_ORDER=sample|row forces one order (the tests run both).
 inline bool use_row_order(int64_t B, int64_t columns, int64_t n) {
   const char* forced = std::getenv("NPID_CPU_PAIR_ORDER");
   if (forced != nullptr && std::strcmp(forced, "sample") == 0) return false;
   const bool fits = B < (int64_t(1) << 31) && n < (int64_t(1) << 31);
   if (forced != nullptr && std::strcmp(forced, "row") == 0) return fits;
   const int64_t pairs = B * columns;
-  return fits && pairs >= 4096 && 8 * pairs >= n;
+  return fits && pairs >= 4096 && pairs >= n;
 }
 
 // All B * columns pairs sorted by (row, sample). Rows outside [0, n) are recorded in `bad` and
@@ -131,15 +134,20 @@ inline int64_t row_order_chunks(int64_t pairs, int64_t B, int64_t d) {
 constexpr int64_t kPairPrefetchDistance = 48;
 
 // Scores the sorted pairs [lo, hi): visit(b, positive, row_ptr, s) with s = row . x_b / T.
-// `xa` is x in the accumulation dtype, B x d. The row of the pair `kPrefetchDistance` ahead is
-// fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
+// `xa` is x in the accumulation dtype, B x d. The row of the pair `kPairPrefetchDistance` ahead
+// is fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
 // pairs are sparse the rows are far enough apart for the hardware prefetcher to miss them.
+// A bank in another dtype than the accumulation (bf16, fp16) has each row converted once, when
+// the pairs reach it, and its ~5 pairs (at the shape) use the converted copy: the
+// vectorised dot and axpy of the accumulation dtype instead of a conversion per element and pair.
 template <typename acc_t, typename bank_t, typename Visit>
 NPID_ALWAYS_INLINE void score_sorted_pairs(const uint64_t* keys, int64_t lo, int64_t hi,
-                                    const acc_t* xa, const bank_t* bank, int64_t d,
-                                    acc_t inv_t, Visit& visit) {
+                                           const acc_t* xa, const bank_t* bank, int64_t d,
+                                           acc_t inv_t, Visit& visit) {
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
-  int64_t prefetched = -1;
+  constexpr bool kConvert = !std::is_same_v<acc_t, bank_t>;
+  std::vector<acc_t> converted(kConvert ? d : 0);
+  int64_t prefetched = -1, converted_row = -1;
   for (int64_t i = lo; i < hi; ++i) {
     if (i + kPairPrefetchDistance < hi) {
       const int64_t ahead = RowPair::row(keys[i + kPairPrefetchDistance]);
@@ -149,9 +157,21 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const uint64_t* keys, int64_t lo, int
       }
     }
     const uint64_t key = keys[i];
-    const int64_t b = RowPair::sample(key);
-    const bank_t* row = bank + RowPair::row(key) * d;
-    visit(b, RowPair::positive(key), row, dot_row(row, xa + b * d, d) * inv_t);
+    const int64_t b = RowPair::sample(key), r = RowPair::row(key);
+    if constexpr (kConvert) {
+      if (r != converted_row) {
+        const bank_t* src = bank + r * d;
+        acc_t* dst = converted.data();
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(src[j]);
+        converted_row = r;
+      }
+      visit(b, RowPair::positive(key), static_cast<const acc_t*>(converted.data()),
+            dot_row(static_cast<const acc_t*>(converted.data()), xa + b * d, d) * inv_t);
+    } else {
+      const bank_t* row = bank + r * d;
+      visit(b, RowPair::positive(key), row, dot_row(row, xa + b * d, d) * inv_t);
+    }
   }
 }
 
@@ -176,7 +196,7 @@ void score_sorted_pairs_in_chunks(const RowOrder& order, int64_t chunks, const a
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      auto in_chunk = [&](int64_t b, bool positive, const bank_t* row, acc_t s)
+      auto in_chunk = [&](int64_t b, bool positive, const auto* row, acc_t s)
           NPID_ALWAYS_INLINE_LAMBDA { visit(c, b, positive, row, s); };
       const int64_t lo = total * c / chunks, hi = total * (c + 1) / chunks;
       switch (isa) {
