@@ -325,3 +325,28 @@ def test_exclude_positive_effect_script_measures_collisions():
     assert shared["collisions_per_sample"] > 2 and shared["loss_exclude"] < shared["loss_keep"]
     large = script.measure(bank, 5000, 100, "shared", "nce", B=64)
     assert large["collisions_per_sample"] < 0.2
+
+
+def test_exclude_positive_training_script_pairs_runs_by_seed():
+    """scripts/exclude_positive_training.py's table: per row, excluded - kept paired by seed."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "exclude_positive_training.py")
+    spec = importlib.util.spec_from_file_location("exclude_positive_training", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = []
+    for i, row in enumerate(script.ROWS):
+        for seed, base in ((0, 90.0), (1, 80.0)):
+            runs.append(dict(row=row, exclude_positive=False, seed=seed, knn_bank=base + i, knn_features=base))
+            runs.append(dict(row=row, exclude_positive=True, seed=seed, knn_bank=base + i + 1 + seed,
+                             knn_features=base - 2))
+    table, summary = script.summarise(runs, [0, 1])
+    assert len(table.splitlines()) == 2 + len(script.ROWS)
+    for row in script.ROWS:
+        assert summary[row]["knn_bank"]["paired_diff"] == [1.0, 2.0]
+        assert summary[row]["knn_bank"]["mean_diff"] == 1.5
+        assert summary[row]["knn_features"]["mean_diff"] == -2.0 and summary[row]["knn_features"]["sd_diff"] == 0
+    assert "+1.50 ± 0.71" in table and "-2.00 ± 0.00" in table
