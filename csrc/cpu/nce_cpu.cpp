@@ -1,7 +1,8 @@
 // CPU kernels for the sampled-row ops: negative sampling, lemniscate's NCE scores
 // and their backward, Z estimation, and the fused one-pass NCE / softmax-CE losses.
-// Each sample b is independent: at::parallel_for over the batch, the sample's
-// features held in a small acc_t buffer, every bank row read once.
+// Sample order: each sample b is independent, at::parallel_for over the batch, the sample's
+// features held in a small acc_t buffer, each of its K+1 rows read once. The fused losses switch
+// to row order (row_order.h) when there are at least as many (sample, row) pairs as bank rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
