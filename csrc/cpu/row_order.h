@@ -54,10 +54,9 @@ inline bool use_row_order(int64_t B, int64_t columns, int64_t n) {
 }
 
 // All B * columns pairs sorted by (row, sample). Rows outside [0, n) are recorded in `bad` and
-// left out. `positive_rows[b]` is sample b's column-0 row (-1 if it was out of range).
+// left out.
 struct RowOrder {
   std::vector<uint64_t> keys;
-  std::vector<int64_t> positive_rows;
 };
 
 inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, BadIndexFlag& bad) {
@@ -73,7 +72,6 @@ inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, Ba
     rows = drawn.data();
   }
   RowOrder order;
-  order.positive_rows.resize(B);
   // Stable counting sort, the pairs split into `parts` consecutive slices of whole samples, each
   // with its own counters: slice p's pairs of row r go after slices 0..p-1's pairs of row r, so
   // the order is the sequential one whatever the number of slices.
@@ -111,7 +109,6 @@ inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, Ba
       const auto [b0, b1] = slice(p);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t* sample_rows = rows + b * columns;
-        order.positive_rows[b] = (sample_rows[0] >= 0 && sample_rows[0] < n) ? sample_rows[0] : -1;
         for (int64_t k = 0; k < columns; ++k) {
           const int64_t r = sample_rows[k];
           if (r < 0 || r >= n) continue;
