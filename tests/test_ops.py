@@ -632,6 +632,13 @@ for dt in (torch.float64, torch.float32):
     got = ops.softmax_ce_loss(x.to(dt), bank.to(dt), y, idx=idx, num_negatives=50, temperature=0.07)
     want = R.softmax_ce_loss(x, bank, y, idx, 0.07)
     assert ((got.double() - want).norm() / want.norm()).item() < tol
+# The in-kernel draw (AVX2 lanes or scalar Philox) against the pure-PyTorch Philox; K odd so
+# that samples start on either half of a Philox call.
+for K, ex in ((4095, False), (33, True), (1, False)):
+    rng = torch.tensor([12345, 678])
+    yy = torch.randint(0, 300, (9,), generator=g)
+    assert torch.equal(ops.sample_negatives(yy, rng, 300, K, exclude_positive=ex),
+                       R.sample_negatives(yy, rng, 300, K, exclude_positive=ex))
 print("ok")
 """
     env = dict(os.environ, NPID_CPU_ISA=isa)

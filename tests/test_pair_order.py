@@ -180,3 +180,25 @@ def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
         other = "sample" if expected == "row" else "row"
         assert not torch.equal(forced["row"][1], forced["sample"][1])  # the orders are distinguishable
         assert torch.equal(default[1], forced[expected][1]), (B, K, n, expected, other)
+
+
+@pytest.mark.parametrize("order", ["sample", "row"])
+def test_softmax_ce_scores_far_below_the_max_match_float64(order, monkeypatch):
+    """T = 0.004 puts the scores in [-250, 250]: exp(s - max) of most rows is below float32's
+    smallest normal (-87) or underflows to zero (-104), the ranges where the vectorised exp of
+    the fused losses handles its exponent in two steps. The loss and grad still match float64."""
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
+    g = torch.Generator().manual_seed(11)
+    B, K, n, d, temperature = 6, 700, 500, 16, 0.004
+    x = torch.nn.functional.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, n, (B,), generator=g)
+    idx = ops.sample_negatives(y, torch.tensor([5, 6]), n, K)
+    x32 = x.float().requires_grad_(True)
+    got = ops.softmax_ce_loss(x32, bank.float(), y, idx=idx, temperature=temperature)
+    got.sum().backward()
+    x64 = x.clone().requires_grad_(True)
+    want = R.softmax_ce_loss(x64, bank, y, idx, temperature)
+    want.sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-3)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=2e-4, atol=2e-2)

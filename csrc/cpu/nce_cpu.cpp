@@ -48,8 +48,8 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (yp[b] < 0 || yp[b] >= n_data) bad.record(yp[b]);
-      fill_sampled_rows(b, num_negatives, yp[b], seed, offset, n_data, op + b * columns,
-                        exclude_positive);
+      fill_sampled_rows_cpu(b, num_negatives, yp[b], seed, offset, n_data, op + b * columns,
+                            exclude_positive);
     }
   });
   report_bad_index(bad, "y", n_data);
@@ -289,33 +289,42 @@ PairPlan plan_pairs(const FusedArgs& a, BadIndexFlag& bad) {
   plan.by_row = use_row_order(B, a.columns, n);
   if (plan.by_row) {
     plan.order = sort_pairs_by_row(a.rows, B, n, bad);
-    plan.chunks = row_order_chunks(static_cast<int64_t>(plan.order.keys.size()), B, d);
+    plan.chunks = row_order_chunks(plan.order.size(), B, d);
   }
   return plan;
 }
 
-// visit(slot, positive, row_ptr, s) for every in-range pair of the plan. Both orders give the
-// same sums up to rounding. row_ptr points at the bank row, or (row order, 16-bit bank) at the
-// row converted to the accumulation dtype: visitors take `const auto*`.
-template <typename scalar_t, typename bank_t, typename Visit>
-void visit_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, BadIndexFlag& bad,
-                 Visit visit) {
+// Scores every in-range pair of the plan and hands them to the loss in PairBlocks:
+// epilogue(block) turns block.s[i] (the score of pair i, in slot block.slot[i]) into the
+// coefficient with which its row block.row[i] is added to accumulator[slot * d .. + d). Row
+// order hands blocks of up to kPairBlock pairs, rows in the accumulation dtype; sample order one
+// pair at a time, rows in the bank's dtype (epilogues take `auto& block`). Both orders give the
+// same sums up to rounding.
+template <typename scalar_t, typename bank_t, typename Epilogue>
+void score_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, BadIndexFlag& bad,
+                 Epilogue epilogue, acc_type_t<scalar_t>* accumulator) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = a.x.size(0), d = a.x.size(1);
   if (!plan.by_row) {
     scan_rows<scalar_t, bank_t>(
         a, temperature, bad, [](int64_t) {},
-        [&](int64_t b, int64_t k, const bank_t* row, acc_t s)
-            NPID_ALWAYS_INLINE_LAMBDA { visit(b, k == 0, row, s); },
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+          PairBlock<acc_t, bank_t> pair;
+          pair.count = 1;
+          pair.slot[0] = b;
+          pair.positive[0] = k == 0;
+          pair.s[0] = s;
+          pair.row[0] = row;
+          finish_block(pair, epilogue, accumulator, d);
+        },
         [](int64_t) {});
     return;
   }
   const at::Tensor xa = a.x.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  score_sorted_pairs_in_chunks<acc_t, bank_t>(
-      plan.order, plan.chunks, xa.const_data_ptr<acc_t>(), a.bank.const_data_ptr<bank_t>(), d,
-      temperature,
-      [&](int64_t c, int64_t b, bool positive, const auto* row, acc_t s)
-          NPID_ALWAYS_INLINE_LAMBDA { visit(c * B + b, positive, row, s); });
+  score_sorted_pairs_in_chunks<acc_t, bank_t>(plan.order, plan.chunks, B,
+                                              xa.const_data_ptr<acc_t>(),
+                                              a.bank.const_data_ptr<bank_t>(), d, temperature,
+                                              epilogue, accumulator);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
@@ -359,28 +368,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     const int64_t chunks = plan.chunks, slots = chunks * B;
     std::vector<acc_t> grad(slots * d, acc_t(0));
     std::vector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
-    visit_pairs<scalar_t, bank_t>(
+    score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](int64_t slot, bool positive, const auto* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
-          acc_t dl_ds;
-          if (positive) {
-            acc_t l;
-            nce_term<acc_t>(s, true, inv_z, c, l, dl_ds);
-            slot_loss[slot] += l;
-          } else {
-            const acc_t e = std::exp(s);
-            exp_sum[slot] += static_cast<double>(e);
-            const acc_t p = e * inv_z;
-            dl_ds = p / (p + c + static_cast<acc_t>(eps));
-            double& prod = negatives_product[slot];
-            prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
-            if (prod > 1e280) {  // fold into the sum long before double overflows
-              slot_loss[slot] += std::log(prod);
-              prod = 1.0;
+        [&](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
+          acc_t e[kPairBlock];
+          std::copy(block.s, block.s + block.count, e);
+          exp_in_place(e, block.count);
+          for (int64_t i = 0; i < block.count; ++i) {
+            const int64_t slot = block.slot[i];
+            acc_t dl_ds;
+            if (block.positive[i]) {
+              acc_t l;
+              nce_term_of_exp<acc_t>(e[i], true, inv_z, c, l, dl_ds);
+              slot_loss[slot] += l;
+            } else {
+              exp_sum[slot] += static_cast<double>(e[i]);
+              const acc_t p = e[i] * inv_z;
+              dl_ds = p / (p + c + static_cast<acc_t>(eps));
+              double& prod = negatives_product[slot];
+              prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
+              if (prod > 1e280) {  // fold into the sum long before double overflows
+                slot_loss[slot] += std::log(prod);
+                prod = 1.0;
+              }
             }
+            block.s[i] = dl_ds * inv_t;
           }
-          axpy_row(dl_ds * inv_t, row, grad.data() + slot * d, d);
-        });
+        },
+        grad.data());
     // Each sample's slots added chunk by chunk, in a fixed order.
     double* ep = noise_exp_sum.data_ptr<double>();
     at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
@@ -430,25 +445,32 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     const int64_t chunks = plan.chunks, slots = chunks * B;
     std::vector<acc_t> acc(slots * d, acc_t(0)), w0(B * d, acc_t(0));
     std::vector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0), s0(B, 0);
-    visit_pairs<scalar_t, bank_t>(
+    score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](int64_t slot, bool positive, const auto* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
-          acc_t* ab = acc.data() + slot * d;
-          if (positive) {  // one positive pair per sample: its slot's b is slot % B
-            const int64_t b = slot % B;
-            s0[b] = s;
-            for (int64_t j = 0; j < d; ++j) w0[b * d + j] = static_cast<acc_t>(row[j]);
+        [&](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
+          // The block's maxima first (rescaling what earlier blocks summed), then every
+          // pair's exp(s - m) against its slot's new max in one vector pass.
+          for (int64_t i = 0; i < block.count; ++i) {
+            const int64_t slot = block.slot[i];
+            const acc_t s = block.s[i];
+            if (block.positive[i]) {  // one positive pair per sample: its slot's b is slot % B
+              const int64_t b = slot % B;
+              s0[b] = s;
+              for (int64_t j = 0; j < d; ++j) w0[b * d + j] = static_cast<acc_t>(block.row[i][j]);
+            }
+            if (s > m[slot]) {  // new running max: rescale what was summed so far
+              const acc_t scale = std::exp(m[slot] - s);
+              l[slot] *= scale;
+              acc_t* ab = acc.data() + slot * d;
+              for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
+              m[slot] = s;
+            }
           }
-          if (s > m[slot]) {  // new running max: rescale what was summed so far
-            const acc_t scale = std::exp(m[slot] - s);
-            l[slot] *= scale;
-            for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
-            m[slot] = s;
-          }
-          const acc_t e = std::exp(s - m[slot]);
-          l[slot] += e;
-          axpy_row(e, row, ab, d);
-        });
+          for (int64_t i = 0; i < block.count; ++i) block.s[i] -= m[block.slot[i]];
+          exp_in_place(block.s, block.count);
+          for (int64_t i = 0; i < block.count; ++i) l[block.slot[i]] += block.s[i];
+        },
+        acc.data());
     at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         acc_t mb = m[b];

@@ -26,16 +26,14 @@
 namespace npid {
 namespace cpu {
 
-// One (sample, row) pair: row in the high 32 bits, then the sample b, then whether the pair is
-// the sample's positive (column 0). Sorting by the whole key orders by row, then by sample.
-struct RowPair {
-  static uint64_t key(int64_t row, int64_t b, bool positive) {
-    return (static_cast<uint64_t>(row) << 32) | (static_cast<uint64_t>(b) << 1) |
-           static_cast<uint64_t>(positive);
+// One (sample, row) pair in the sorted order: the row is implied by the position (RowOrder's
+// CSR offsets), the code holds the sample b and whether the pair is its positive (column 0).
+struct PairCode {
+  static uint32_t make(int64_t b, bool positive) {
+    return (static_cast<uint32_t>(b) << 1) | static_cast<uint32_t>(positive);
   }
-  static int64_t row(uint64_t key) { return static_cast<int64_t>(key >> 32); }
-  static int64_t sample(uint64_t key) { return static_cast<int64_t>((key & 0xFFFFFFFFu) >> 1); }
-  static bool positive(uint64_t key) { return (key & 1u) != 0; }
+  static int64_t sample(uint32_t code) { return static_cast<int64_t>(code >> 1); }
+  static bool positive(uint32_t code) { return (code & 1u) != 0; }
 };
 
 // Row order when there are at least as many pairs as bank rows. Measured side by side on the
@@ -43,169 +41,254 @@ struct RowPair {
 // order): n = 50k (5.2 pairs per row) 21.2 vs 13.1; 130k (2.0) 23.9 vs 18.4; 260k (1.0) 23.9
 // vs 21.0; 400k (0.65) 22.7 vs 25.5; 1.28M (0.2) 45 vs 50. Below one pair per row the sort's
 // passes over n counters and the sparser rows are no longer paid back.
-// NPID_CPU_PAIR_ORDER=sample|row forces one order (the tests run both).
+// NPID_CPU_PAIR_ORDER=sample|row forces one order (the tests run both). Positions and samples
+// are 32-bit, so row order needs fewer than 2^31 pairs.
 inline bool use_row_order(int64_t B, int64_t columns, int64_t n) {
   const char* forced = std::getenv("NPID_CPU_PAIR_ORDER");
   if (forced != nullptr && std::strcmp(forced, "sample") == 0) return false;
-  const bool fits = B < (int64_t(1) << 31) && n < (int64_t(1) << 31);
-  if (forced != nullptr && std::strcmp(forced, "row") == 0) return fits;
   const int64_t pairs = B * columns;
+  const bool fits = pairs < (int64_t(1) << 31) && n < (int64_t(1) << 31);
+  if (forced != nullptr && std::strcmp(forced, "row") == 0) return fits;
   return fits && pairs >= 4096 && pairs >= n;
 }
 
-// All B * columns pairs sorted by (row, sample). Rows outside [0, n) are recorded in `bad` and
-// left out.
+// All in-range pairs sorted by (row, sample), in CSR form: row r's pairs are
+// codes[row_begin(r) .. row_end[r]). Rows outside [0, n) are recorded in `bad` and left out.
 struct RowOrder {
-  std::vector<uint64_t> keys;
+  std::vector<uint32_t> codes;
+  std::vector<int32_t> row_end;
+  int64_t size() const { return static_cast<int64_t>(codes.size()); }
+  int64_t row_begin(int64_t r) const { return r == 0 ? 0 : row_end[r - 1]; }
+  // The row holding sorted position `pos` (< size()).
+  int64_t row_of(int64_t pos) const {
+    return std::upper_bound(row_end.begin(), row_end.end(), static_cast<int32_t>(pos)) -
+           row_end.begin();
+  }
 };
 
+// Stable counting sort of the pairs, split into `parts` consecutive slices of whole samples, each
+// with its own counters: slice p's pairs of row r go after slices 0..p-1's pairs of row r, so the
+// order is the sequential one whatever the number of slices. In-kernel rows are drawn (Philox)
+// in the counting pass, one sample at a time while its rows are in L1, and kept as int32 for
+// the placing pass: no pass of their own and half the bytes of int64.
 inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, BadIndexFlag& bad) {
   const int64_t columns = src.columns, pairs = B * columns;
-  // The rows themselves: the idx tensor, or drawn here (Philox), one sample per task.
-  std::vector<int64_t> drawn;
-  const int64_t* rows = src.idx;
-  if (rows == nullptr) {
-    drawn.resize(pairs);
-    at::parallel_for(0, B, kSampleGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) src.fill(b, drawn.data() + b * columns);
-    });
-    rows = drawn.data();
-  }
-  RowOrder order;
-  // Stable counting sort, the pairs split into `parts` consecutive slices of whole samples, each
-  // with its own counters: slice p's pairs of row r go after slices 0..p-1's pairs of row r, so
-  // the order is the sequential one whatever the number of slices.
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), B, std::max<int64_t>(1, 4 * pairs / n)}));
-  std::vector<int64_t> counts(parts * n, 0);
   auto slice = [&](int64_t p) { return std::make_pair(B * p / parts, B * (p + 1) / parts); };
+  std::vector<int32_t> counts(parts * n, 0);
+  std::vector<int32_t> drawn(src.idx == nullptr ? pairs : 0);  // -1: out of range
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int64_t> sample_rows(src.idx == nullptr ? columns : 0);
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t* count = counts.data() + p * n;
-      const auto [b0, b1] = slice(p);
-      for (int64_t e = b0 * columns; e < b1 * columns; ++e) {
-        const int64_t r = rows[e];
-        if (r < 0 || r >= n) {
-          bad.record(r);
-          continue;
-        }
-        ++count[r];
-      }
-    }
-  });
-  // Turn the counts into each slice's first position per row.
-  int64_t next = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t p = 0; p < parts; ++p) {
-      const int64_t c = counts[p * n + r];
-      counts[p * n + r] = next;
-      next += c;
-    }
-  }
-  order.keys.resize(next);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t* cursor = counts.data() + p * n;
+      int32_t* count = counts.data() + p * n;
       const auto [b0, b1] = slice(p);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t* sample_rows = rows + b * columns;
+        const int64_t* rows = src.idx + b * columns;
+        if (src.idx == nullptr) {
+          src.fill(b, sample_rows.data());
+          rows = sample_rows.data();
+        }
+        int32_t* kept = src.idx == nullptr ? drawn.data() + b * columns : nullptr;
         for (int64_t k = 0; k < columns; ++k) {
-          const int64_t r = sample_rows[k];
-          if (r < 0 || r >= n) continue;
-          order.keys[cursor[r]++] = RowPair::key(r, b, k == 0);
+          const int64_t r = rows[k];
+          const bool in_range = r >= 0 && r < n;
+          if (!in_range) bad.record(r);
+          else ++count[r];
+          if (kept != nullptr) kept[k] = in_range ? static_cast<int32_t>(r) : -1;
         }
       }
     }
   });
+  // Counts to each slice's first position per row: a parallel scan over ranges of rows.
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
+  std::vector<int64_t> range_start(ranges + 1, 0);
+  auto row_range = [&](int64_t t) { return std::make_pair(n * t / ranges, n * (t + 1) / ranges); };
+  at::parallel_for(0, ranges, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t total = 0;
+      const auto [r0, r1] = row_range(t);
+      for (int64_t p = 0; p < parts; ++p)
+        for (int64_t r = r0; r < r1; ++r) total += counts[p * n + r];
+      range_start[t + 1] = total;
+    }
+  });
+  for (int64_t t = 0; t < ranges; ++t) range_start[t + 1] += range_start[t];
+  at::parallel_for(0, ranges, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t next = range_start[t];
+      const auto [r0, r1] = row_range(t);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t p = 0; p < parts; ++p) {
+          const int32_t c = counts[p * n + r];
+          counts[p * n + r] = static_cast<int32_t>(next);
+          next += c;
+        }
+      }
+    }
+  });
+  RowOrder order;
+  order.codes.resize(range_start[ranges]);
+  auto place = [&](auto* rows) {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        int32_t* cursor = counts.data() + p * n;
+        const auto [b0, b1] = slice(p);
+        for (int64_t b = b0; b < b1; ++b) {
+          const auto* sample_rows = rows + b * columns;
+          for (int64_t k = 0; k < columns; ++k) {
+            const int64_t r = sample_rows[k];
+            if (r < 0 || r >= n) continue;
+            order.codes[cursor[r]++] = PairCode::make(b, k == 0);
+          }
+        }
+      }
+    });
+  };
+  if (src.idx != nullptr) place(src.idx);
+  else place(drawn.data());
+  // The last slice's cursors now stand at the end of each row's pairs.
+  counts.erase(counts.begin(), counts.begin() + (parts - 1) * n);
+  order.row_end = std::move(counts);
   return order;
 }
 
-// How many chunks the sorted pairs are cut into: enough for the threads to share, few enough
-// that the per-chunk B x d accumulators stay small. Depends only on the problem's size.
+// How many chunks the sorted pairs are cut into: enough for the threads to share (they take
+// chunks as they finish, see score_sorted_pairs_in_chunks), few enough that the per-chunk B x d
+// accumulators stay small. Depends only on the problem's size.
 inline int64_t row_order_chunks(int64_t pairs, int64_t B, int64_t d) {
   const int64_t by_work = pairs / 16384;
   const int64_t by_memory = (int64_t(64) << 20) / std::max<int64_t>(1, B * d * 8);
   return std::max<int64_t>(1, std::min<int64_t>({16, by_work, by_memory}));
 }
 
-constexpr int64_t kPairPrefetchDistance = 48;
+// Up to kPairBlock scored pairs, handed to the loss together: its epilogue turns the scores
+// s (= row . x_b / T) into the coefficients of the rows in the slot's d-vector accumulator
+// (exp over the whole block in vector lanes), then each row is added in with its coefficient.
+constexpr int64_t kPairBlock = 32;
 
-// Scores the sorted pairs [lo, hi): visit(b, positive, row_ptr, s) with s = row . x_b / T.
-// `xa` is x in the accumulation dtype, B x d. The row of the pair `kPairPrefetchDistance` ahead
-// is fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
-// pairs are sparse the rows are far enough apart for the hardware prefetcher to miss them.
-// A bank in another dtype than the accumulation (bf16, fp16) has each row converted once, when
-// the pairs reach it, and its ~5 pairs (at the shape) use the converted copy: the
-// vectorised dot and axpy of the accumulation dtype instead of a conversion per element and pair.
-template <typename acc_t, typename bank_t, typename Visit>
-NPID_ALWAYS_INLINE void score_sorted_pairs(const uint64_t* keys, int64_t lo, int64_t hi,
-                                           const acc_t* xa, const bank_t* bank, int64_t d,
-                                           acc_t inv_t, Visit& visit) {
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
-  constexpr bool kConvert = !std::is_same_v<acc_t, bank_t>;
-  std::vector<acc_t> converted(kConvert ? d : 0);
-  int64_t prefetched = -1, converted_row = -1;
-  for (int64_t i = lo; i < hi; ++i) {
-    if (i + kPairPrefetchDistance < hi) {
-      const int64_t ahead = RowPair::row(keys[i + kPairPrefetchDistance]);
-      if (ahead != prefetched) {
-        prefetch_row(bank + ahead * d, row_bytes);
-        prefetched = ahead;
-      }
-    }
-    const uint64_t key = keys[i];
-    const int64_t b = RowPair::sample(key), r = RowPair::row(key);
-    if constexpr (kConvert) {
-      if (r != converted_row) {
-        const bank_t* src = bank + r * d;
-        acc_t* dst = converted.data();
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(src[j]);
-        converted_row = r;
-      }
-      visit(b, RowPair::positive(key), static_cast<const acc_t*>(converted.data()),
-            dot_row(static_cast<const acc_t*>(converted.data()), xa + b * d, d) * inv_t);
-    } else {
-      const bank_t* row = bank + r * d;
-      visit(b, RowPair::positive(key), row, dot_row(row, xa + b * d, d) * inv_t);
-    }
-  }
+template <typename acc_t, typename row_t = acc_t>
+struct PairBlock {
+  int64_t count = 0;
+  int64_t slot[kPairBlock];
+  bool positive[kPairBlock];
+  acc_t s[kPairBlock];  // the scores; the epilogue overwrites them with the rows' coefficients
+  const row_t* row[kPairBlock];
+};
+
+// epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block.
+template <typename acc_t, typename row_t, typename Epilogue>
+NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& epilogue,
+                                     acc_t* accumulator, int64_t d) {
+  epilogue(block);
+  for (int64_t i = 0; i < block.count; ++i)
+    axpy_row(block.s[i], block.row[i], accumulator + block.slot[i] * d, d);
+  block.count = 0;
 }
 
-#define NPID_DEFINE_PAIRS_VARIANT(NAME, TARGET)                                             \
-  template <typename acc_t, typename bank_t, typename Visit>                               \
-  TARGET void NAME(const uint64_t* keys, int64_t lo, int64_t hi, const acc_t* xa,          \
-                   const bank_t* bank, int64_t d, acc_t inv_t, Visit& visit) {              \
-    score_sorted_pairs<acc_t, bank_t>(keys, lo, hi, xa, bank, d, inv_t, visit);                   \
+constexpr int64_t kPairPrefetchDistance = 48;
+
+// Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = chunk * B + b). `xa` is
+// x in the accumulation dtype, B x d. The row of the pair `kPairPrefetchDistance` ahead is
+// fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
+// pairs are sparse the rows are far enough apart for the hardware prefetcher to miss them.
+// A bank in another dtype than the accumulation (bf16, fp16) has each row converted once into
+// the block (its ~5 pairs at the shape use the copy): the vectorised dot and axpy of
+// the accumulation dtype instead of a conversion per element and pair.
+template <typename acc_t, typename bank_t, typename Epilogue>
+NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, int64_t hi,
+                                           int64_t slot_base, const acc_t* xa,
+                                           const bank_t* bank, int64_t d, acc_t inv_t,
+                                           Epilogue& epilogue, acc_t* accumulator) {
+  if (lo >= hi) return;
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
+  constexpr bool kConvert = !std::is_same_v<acc_t, bank_t>;
+  std::vector<acc_t> converted(kConvert ? kPairBlock * d : 0);
+  PairBlock<acc_t> block;
+  const int32_t* row_end = order.row_end.data();
+  const uint32_t* codes = order.codes.data();
+  const int64_t rows = static_cast<int64_t>(order.row_end.size());
+  int64_t ahead_row = order.row_of(lo), prefetched = -1;
+  for (int64_t r = order.row_of(lo), pos = lo; pos < hi; ++r) {
+    const int64_t end = std::min<int64_t>(row_end[r], hi);
+    if (pos >= end) continue;  // no pair draws this row
+    const bank_t* bank_row = bank + r * d;
+    const acc_t* row = nullptr;
+    int64_t converted_in_block = -1;
+    for (; pos < end; ++pos) {
+      if (pos + kPairPrefetchDistance < hi) {
+        while (row_end[ahead_row] <= pos + kPairPrefetchDistance && ahead_row + 1 < rows) ++ahead_row;
+        if (ahead_row != prefetched) {
+          prefetch_row(bank + ahead_row * d, row_bytes);
+          prefetched = ahead_row;
+        }
+      }
+      if constexpr (kConvert) {
+        if (converted_in_block < 0) {  // first pair of this row in this block
+          acc_t* dst = converted.data() + block.count * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(bank_row[j]);
+          row = dst;
+          converted_in_block = 1;
+        }
+      } else {
+        row = bank_row;
+      }
+      const uint32_t code = codes[pos];
+      const int64_t b = PairCode::sample(code), i = block.count++;
+      block.slot[i] = slot_base + b;
+      block.positive[i] = PairCode::positive(code);
+      block.row[i] = row;
+      block.s[i] = dot_row(row, xa + b * d, d) * inv_t;
+      if (block.count == kPairBlock) {
+        finish_block(block, epilogue, accumulator, d);
+        converted_in_block = -1;  // the next block converts the row again
+      }
+    }
+  }
+  if (block.count > 0) finish_block(block, epilogue, accumulator, d);
+}
+
+#define NPID_DEFINE_PAIRS_VARIANT(NAME, TARGET)                                              \
+  template <typename acc_t, typename bank_t, typename Epilogue>                             \
+  TARGET void NAME(const RowOrder& order, int64_t lo, int64_t hi, int64_t slot_base,        \
+                   const acc_t* xa, const bank_t* bank, int64_t d, acc_t inv_t,             \
+                   Epilogue& epilogue, acc_t* accumulator) {                                \
+    score_sorted_pairs<acc_t, bank_t>(order, lo, hi, slot_base, xa, bank, d, inv_t, epilogue, \
+                                      accumulator);                                          \
   }
 NPID_DEFINE_PAIRS_VARIANT(score_sorted_pairs_avx512, NPID_TARGET_AVX512)
 NPID_DEFINE_PAIRS_VARIANT(score_sorted_pairs_avx2, NPID_TARGET_AVX2)
 NPID_DEFINE_PAIRS_VARIANT(score_sorted_pairs_baseline, )
 #undef NPID_DEFINE_PAIRS_VARIANT
 
-// Runs the chunks of the sorted pairs in parallel: begin_chunk(c) before chunk c's pairs,
-// visit(c, b, positive, row_ptr, s) per pair. The chunks are fixed by the problem's size.
-template <typename acc_t, typename bank_t, typename Visit>
-void score_sorted_pairs_in_chunks(const RowOrder& order, int64_t chunks, const acc_t* xa,
-                           const bank_t* bank, int64_t d, double temperature, Visit visit) {
+// Runs the chunks of the sorted pairs in parallel, chunk c's pairs into the slots c * B + b of
+// `accumulator` (chunks * B x d). The chunks are fixed by the problem's size; the threads take
+// the next unclaimed one as they finish (rows from memory take uneven time), which changes who
+// computes a chunk but not its sums.
+template <typename acc_t, typename bank_t, typename Epilogue>
+void score_sorted_pairs_in_chunks(const RowOrder& order, int64_t chunks, int64_t B,
+                                  const acc_t* xa, const bank_t* bank, int64_t d,
+                                  double temperature, Epilogue epilogue, acc_t* accumulator) {
   const CpuIsa isa = cpu_isa();
-  const int64_t total = static_cast<int64_t>(order.keys.size());
+  const int64_t total = order.size();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      auto in_chunk = [&](int64_t b, bool positive, const auto* row, acc_t s)
-          NPID_ALWAYS_INLINE_LAMBDA { visit(c, b, positive, row, s); };
-      const int64_t lo = total * c / chunks, hi = total * (c + 1) / chunks;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next_chunk++; c < chunks; c = next_chunk++) {
+      const int64_t lo = total * c / chunks, hi = total * (c + 1) / chunks, base = c * B;
       switch (isa) {
         case CpuIsa::kAvx512:
-          score_sorted_pairs_avx512<acc_t, bank_t>(order.keys.data(), lo, hi, xa, bank, d, inv_t, in_chunk);
+          score_sorted_pairs_avx512<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
+                                                   epilogue, accumulator);
           break;
         case CpuIsa::kAvx2:
-          score_sorted_pairs_avx2<acc_t, bank_t>(order.keys.data(), lo, hi, xa, bank, d, inv_t, in_chunk);
+          score_sorted_pairs_avx2<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
+                                                 epilogue, accumulator);
           break;
         default:
-          score_sorted_pairs_baseline<acc_t, bank_t>(order.keys.data(), lo, hi, xa, bank, d, inv_t,
-                                              in_chunk);
+          score_sorted_pairs_baseline<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
+                                                     epilogue, accumulator);
       }
     }
   });
