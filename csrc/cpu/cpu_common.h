@@ -117,26 +117,112 @@ NPID_ALWAYS_INLINE V load_vector(const T* p) {
   return v;
 }
 
+// row . x in vector lanes: the dot product is the sum of the returned vector's lanes (a d not a
+// multiple of the lane count has its tail added into lane 0).
+template <typename acc_t>
+NPID_ALWAYS_INLINE typename VectorOf<acc_t>::type dot_row_lanes(const acc_t* __restrict__ row,
+                                                                const acc_t* __restrict__ x,
+                                                                int64_t d) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = VectorOf<acc_t>::kLanes;
+  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t j = 0;
+  for (; j + 4 * L <= d; j += 4 * L) {
+    s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+    s1 += load_vector<V>(row + j + L) * load_vector<V>(x + j + L);
+    s2 += load_vector<V>(row + j + 2 * L) * load_vector<V>(x + j + 2 * L);
+    s3 += load_vector<V>(row + j + 3 * L) * load_vector<V>(x + j + 3 * L);
+  }
+  for (; j + L <= d; j += L) s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+  V v = (s0 + s1) + (s2 + s3);
+  for (; j < d; ++j) v[0] += row[j] * x[j];
+  return v;
+}
+
+// row . x[i] in vector lanes for kPairs feature vectors at once (pairs that share a bank row,
+// as row order has ~5 per row at the shape): each vector of the row is loaded once for
+// all of them. Two accumulators per pair keep the multiply-add chains shorter than the loads.
+template <int kPairs, typename acc_t>
+NPID_ALWAYS_INLINE void dot_rows_lanes(const acc_t* __restrict__ row,
+                                       const acc_t* const* __restrict__ x, int64_t d,
+                                       typename VectorOf<acc_t>::type* out) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = VectorOf<acc_t>::kLanes;
+  V even[kPairs], odd[kPairs];
+  for (int i = 0; i < kPairs; ++i) even[i] = odd[i] = V{};
+  int64_t j = 0;
+  for (; j + 2 * L <= d; j += 2 * L) {
+    const V r0 = load_vector<V>(row + j), r1 = load_vector<V>(row + j + L);
+    for (int i = 0; i < kPairs; ++i) {
+      even[i] += r0 * load_vector<V>(x[i] + j);
+      odd[i] += r1 * load_vector<V>(x[i] + j + L);
+    }
+  }
+  if (j + L <= d) {
+    const V r0 = load_vector<V>(row + j);
+    for (int i = 0; i < kPairs; ++i) even[i] += r0 * load_vector<V>(x[i] + j);
+    j += L;
+  }
+  for (int i = 0; i < kPairs; ++i) {
+    out[i] = even[i] + odd[i];
+    for (int64_t t = j; t < d; ++t) out[i][0] += row[t] * x[i][t];
+  }
+}
+
+// out[i] += a[i] * row for kPairs accumulators, each vector of the row loaded once. Two of them
+// may be the same (a sample that drew the row twice): out[i] is read after out[i - 1] is
+// stored, vector by vector, so both terms are added.
+template <int kPairs, typename acc_t>
+NPID_ALWAYS_INLINE void axpy_rows(const acc_t* a, const acc_t* __restrict__ row,
+                                  acc_t* const* out, int64_t d) {
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = VectorOf<acc_t>::kLanes;
+  int64_t j = 0;
+  for (; j + L <= d; j += L) {
+    const V r = load_vector<V>(row + j);
+    for (int i = 0; i < kPairs; ++i) {
+      const V o = load_vector<V>(out[i] + j) + a[i] * r;
+      std::memcpy(out[i] + j, &o, sizeof(V));
+    }
+  }
+  for (; j < d; ++j)
+    for (int i = 0; i < kPairs; ++i) out[i][j] += a[i] * row[j];
+}
+
+// out[i] = the sum of v[i]'s lanes, for the kLanes vectors v[0..kLanes): a transposed reduction
+// (log2(kLanes) rounds, each adding two shuffles of two vectors) instead of a chain of shuffles
+// and adds for every vector on its own, which was ~10% of the row-order scoring loop.
+template <typename acc_t>
+NPID_ALWAYS_INLINE typename VectorOf<acc_t>::type lane_sums(const typename VectorOf<acc_t>::type* v) {
+  using V = typename VectorOf<acc_t>::type;
+  if constexpr (VectorOf<acc_t>::kLanes == 8) {
+    V t[4], u[2];
+    for (int k = 0; k < 4; ++k)  // [a01 b01 a23 b23 a45 b45 a67 b67]
+      t[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(v[2 * k], v[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int k = 0; k < 2; ++k)  // [a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7]
+      u[k] = __builtin_shufflevector(t[2 * k], t[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(t[2 * k], t[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  } else {
+    static_assert(VectorOf<acc_t>::kLanes == 4, "lane_sums: 4 or 8 lanes");
+    const V t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) +
+                 __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+    const V t1 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6) +
+                 __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+    return __builtin_shufflevector(t0, t1, 0, 1, 4, 5) + __builtin_shufflevector(t0, t1, 2, 3, 6, 7);
+  }
+}
+
 template <typename acc_t, typename bank_t>
 NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
   if constexpr (std::is_same_v<acc_t, bank_t>) {
-    using V = typename VectorOf<acc_t>::type;
     constexpr int64_t L = VectorOf<acc_t>::kLanes;
-    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    int64_t j = 0;
-    for (; j + 4 * L <= d; j += 4 * L) {
-      s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
-      s1 += load_vector<V>(row + j + L) * load_vector<V>(x + j + L);
-      s2 += load_vector<V>(row + j + 2 * L) * load_vector<V>(x + j + 2 * L);
-      s3 += load_vector<V>(row + j + 3 * L) * load_vector<V>(x + j + 3 * L);
-    }
-    for (; j + L <= d; j += L) s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
-    V v = (s0 + s1) + (s2 + s3);
+    auto v = dot_row_lanes(row, x, d);
     for (int64_t width = L / 2; width >= 1; width /= 2)
       for (int64_t l = 0; l < width; ++l) v[l] += v[l + width];
-    acc_t s = v[0];
-    for (; j < d; ++j) s += row[j] * x[j];
-    return s;
+    return v[0];
   } else {
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)
@@ -204,8 +290,27 @@ NPID_ALWAYS_INLINE void exp_in_place(acc_t* v, int64_t count) {
 
 template <typename acc_t, typename bank_t>
 NPID_ALWAYS_INLINE void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t* __restrict__ out, int64_t d) {
+  if constexpr (std::is_same_v<acc_t, bank_t>) {
+    // Four vectors per iteration: `omp simd` gave one, a loop bound by its own overhead.
+    using V = typename VectorOf<acc_t>::type;
+    constexpr int64_t L = VectorOf<acc_t>::kLanes;
+    int64_t j = 0;
+    auto step = [&](int64_t at) NPID_ALWAYS_INLINE_LAMBDA {
+      const V o = load_vector<V>(out + at) + a * load_vector<V>(row + at);
+      std::memcpy(out + at, &o, sizeof(V));
+    };
+    for (; j + 4 * L <= d; j += 4 * L) {
+      step(j);
+      step(j + L);
+      step(j + 2 * L);
+      step(j + 3 * L);
+    }
+    for (; j + L <= d; j += L) step(j);
+    for (; j < d; ++j) out[j] += a * row[j];
+  } else {
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) out[j] += a * static_cast<acc_t>(row[j]);
+    for (int64_t j = 0; j < d; ++j) out[j] += a * static_cast<acc_t>(row[j]);
+  }
 }
 
 // Per-sample work is ~K*d multiply-adds; one sample per grain keeps both cores busy at B=1..4.

@@ -371,28 +371,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
         [&](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
-          acc_t e[kPairBlock];
-          std::copy(block.s, block.s + block.count, e);
-          exp_in_place(e, block.count);
-          for (int64_t i = 0; i < block.count; ++i) {
+          const int64_t count = block.count;
+          acc_t e[kPairBlock], coef[kPairBlock];
+          double factor[kPairBlock];
+          std::copy(block.s, block.s + count, e);
+          exp_in_place(e, count);
+          // Every pair as a negative first, in vector lanes: its coefficient dloss/ds / T and
+          // its factor of the running product; the positives (one per sample) are redone below.
+#pragma omp simd
+          for (int64_t i = 0; i < count; ++i) {
+            const acc_t p = e[i] * inv_z;
+            coef[i] = p / (p + c + static_cast<acc_t>(eps)) * inv_t;
+            factor[i] = 1.0 + (static_cast<double>(p) + eps) * inv_c;
+          }
+          for (int64_t i = 0; i < count; ++i) {
             const int64_t slot = block.slot[i];
-            acc_t dl_ds;
             if (block.positive[i]) {
-              acc_t l;
+              acc_t l, dl_ds;
               nce_term_of_exp<acc_t>(e[i], true, inv_z, c, l, dl_ds);
               slot_loss[slot] += l;
-            } else {
-              exp_sum[slot] += static_cast<double>(e[i]);
-              const acc_t p = e[i] * inv_z;
-              dl_ds = p / (p + c + static_cast<acc_t>(eps));
-              double& prod = negatives_product[slot];
-              prod *= 1.0 + (static_cast<double>(p) + eps) * inv_c;
-              if (prod > 1e280) {  // fold into the sum long before double overflows
-                slot_loss[slot] += std::log(prod);
-                prod = 1.0;
-              }
+              block.s[i] = dl_ds * inv_t;
+              continue;
             }
-            block.s[i] = dl_ds * inv_t;
+            exp_sum[slot] += static_cast<double>(e[i]);
+            double& prod = negatives_product[slot];
+            prod *= factor[i];
+            if (prod > 1e280) {  // fold into the sum long before double overflows
+              slot_loss[slot] += std::log(prod);
+              prod = 1.0;
+            }
+            block.s[i] = coef[i];
           }
         },
         grad.data());

