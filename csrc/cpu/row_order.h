@@ -178,6 +178,7 @@ struct PairBlock {
 
 // How many pairs of one row are scored and added together (dot_rows_lanes, axpy_rows).
 constexpr int64_t kRowPairs = 4;
+static_assert(kRowPairs == 4, "the switches over a group's size handle 1 to 4 pairs");
 
 // epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block:
 // consecutive pairs with the same row (up to kRowPairs) in one pass over it.
@@ -213,11 +214,12 @@ constexpr int64_t kPairPrefetchDistance = 48;
 // Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = chunk * B + b). `xa` is
 // x in the accumulation dtype, B x d. A row's pairs are scored kRowPairs at a time, each dot
 // product kept as vector lanes until the block's are summed together (lane_sums), and
-// finish_block adds the row into their accumulators in one pass: per pair, ~5 fewer row loads
-// and no horizontal sum of its own (the NCE forward at the shape: ~10% less time on one
-// thread). The row of the pair `kPairPrefetchDistance` ahead is
-// fetched early: consecutive pairs mostly share a row or sit a few rows apart, but when the
-// pairs are sparse the rows are far enough apart for the hardware prefetcher to miss them.
+// finish_block adds the row into their accumulators in one pass: the row's vectors are loaded
+// once for up to four pairs, and no pair has a horizontal sum of its own (the NCE forward at the
+// issue's shape: ~10% less time on one thread). The row of the pair `kPairPrefetchDistance`
+// ahead is fetched early: consecutive pairs mostly share a row or sit a few rows apart, but
+// when the pairs are sparse the rows are far enough apart for the hardware prefetcher to miss
+// them.
 // A bank in another dtype than the accumulation (bf16, fp16) has each row converted once into
 // the block (its ~5 pairs at the shape use the copy): the vectorised dot and axpy of
 // the accumulation dtype instead of a conversion per element and pair.
