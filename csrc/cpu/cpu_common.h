@@ -117,28 +117,6 @@ NPID_ALWAYS_INLINE V load_vector(const T* p) {
   return v;
 }
 
-// row . x in vector lanes: the dot product is the sum of the returned vector's lanes (a d not a
-// multiple of the lane count has its tail added into lane 0).
-template <typename acc_t>
-NPID_ALWAYS_INLINE typename VectorOf<acc_t>::type dot_row_lanes(const acc_t* __restrict__ row,
-                                                                const acc_t* __restrict__ x,
-                                                                int64_t d) {
-  using V = typename VectorOf<acc_t>::type;
-  constexpr int64_t L = VectorOf<acc_t>::kLanes;
-  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-  int64_t j = 0;
-  for (; j + 4 * L <= d; j += 4 * L) {
-    s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
-    s1 += load_vector<V>(row + j + L) * load_vector<V>(x + j + L);
-    s2 += load_vector<V>(row + j + 2 * L) * load_vector<V>(x + j + 2 * L);
-    s3 += load_vector<V>(row + j + 3 * L) * load_vector<V>(x + j + 3 * L);
-  }
-  for (; j + L <= d; j += L) s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
-  V v = (s0 + s1) + (s2 + s3);
-  for (; j < d; ++j) v[0] += row[j] * x[j];
-  return v;
-}
-
 // row . x[i] in vector lanes for kPairs feature vectors at once (pairs that share a bank row,
 // as row order has ~5 per row at the shape): each vector of the row is loaded once for
 // all of them. Two accumulators per pair keep the multiply-add chains shorter than the loads.
@@ -218,11 +196,23 @@ NPID_ALWAYS_INLINE typename VectorOf<acc_t>::type lane_sums(const typename Vecto
 template <typename acc_t, typename bank_t>
 NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __restrict__ x, int64_t d) {
   if constexpr (std::is_same_v<acc_t, bank_t>) {
+    using V = typename VectorOf<acc_t>::type;
     constexpr int64_t L = VectorOf<acc_t>::kLanes;
-    auto v = dot_row_lanes(row, x, d);
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t j = 0;
+    for (; j + 4 * L <= d; j += 4 * L) {
+      s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+      s1 += load_vector<V>(row + j + L) * load_vector<V>(x + j + L);
+      s2 += load_vector<V>(row + j + 2 * L) * load_vector<V>(x + j + 2 * L);
+      s3 += load_vector<V>(row + j + 3 * L) * load_vector<V>(x + j + 3 * L);
+    }
+    for (; j + L <= d; j += L) s0 += load_vector<V>(row + j) * load_vector<V>(x + j);
+    V v = (s0 + s1) + (s2 + s3);
     for (int64_t width = L / 2; width >= 1; width /= 2)
       for (int64_t l = 0; l < width; ++l) v[l] += v[l + width];
-    return v[0];
+    acc_t s = v[0];
+    for (; j < d; ++j) s += row[j] * x[j];
+    return s;
   } else {
     acc_t s = 0;
 #pragma omp simd reduction(+ : s)

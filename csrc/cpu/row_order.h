@@ -178,7 +178,19 @@ struct PairBlock {
 
 // How many pairs of one row are scored and added together (dot_rows_lanes, axpy_rows).
 constexpr int64_t kRowPairs = 4;
-static_assert(kRowPairs == 4, "the switches over a group's size handle 1 to 4 pairs");
+
+// f(std::integral_constant<int, k>{}) for k = count in [1, kRowPairs]: the pair count as a
+// compile-time constant, so the per-pair accumulators of dot_rows_lanes stay in registers.
+template <typename F>
+NPID_ALWAYS_INLINE void with_row_pairs(int64_t count, F&& f) {
+  static_assert(kRowPairs == 4, "the cases below handle 1 to 4 pairs");
+  switch (count) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
 
 // epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block:
 // consecutive pairs with the same row (up to kRowPairs) in one pass over it.
@@ -194,12 +206,11 @@ NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& e
         out[take] = accumulator + block.slot[i + take] * d;
         ++take;
       }
-      switch (take) {
-        case 4: axpy_rows<4>(block.s + i, block.row[i], out, d); break;
-        case 3: axpy_rows<3>(block.s + i, block.row[i], out, d); break;
-        case 2: axpy_rows<2>(block.s + i, block.row[i], out, d); break;
-        default: axpy_row(block.s[i], block.row[i], out[0], d);
-      }
+      with_row_pairs(take, [&](auto k) NPID_ALWAYS_INLINE_LAMBDA {
+        constexpr int kPairs = decltype(k)::value;
+        if constexpr (kPairs == 1) axpy_row(block.s[i], block.row[i], out[0], d);  // unrolled
+        else axpy_rows<kPairs>(block.s + i, block.row[i], out, d);
+      });
       i += take;
     }
   } else {
@@ -286,12 +297,9 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
         x_of[t] = xa + b * d;
       }
       V* out = lanes + block.count;
-      switch (take) {
-        case 4: dot_rows_lanes<4>(row, x_of, d, out); break;
-        case 3: dot_rows_lanes<3>(row, x_of, d, out); break;
-        case 2: dot_rows_lanes<2>(row, x_of, d, out); break;
-        default: dot_rows_lanes<1>(row, x_of, d, out);
-      }
+      with_row_pairs(take, [&](auto k) NPID_ALWAYS_INLINE_LAMBDA {
+        dot_rows_lanes<decltype(k)::value>(row, x_of, d, out);
+      });
       block.count += take;
       pos += take;
       if (block.count == kPairBlock) {
