@@ -84,7 +84,7 @@ at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(d);
+      AlignedVector<acc_t> acc(d);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t k = 0; k < columns; ++k) {
@@ -153,7 +153,7 @@ NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIn
   const bank_t* bp = a.bank.const_data_ptr<bank_t>();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
-  std::vector<acc_t> xb(d);
+  AlignedVector<acc_t> xb(d);
   std::vector<int64_t> rows(columns);
   for (int64_t b = lo; b < hi; ++b) {
     for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
@@ -276,16 +276,19 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
 
 // How the fused losses visit their gathered pairs: in sample order (scan_rows), or sorted by
 // bank row (row_order.h) when use_row_order() picks it. Accumulators are indexed by slot =
-// chunk * B + b; sample order has one chunk.
+// chunk * slot_stride + b; sample order has one chunk.
 struct PairPlan {
   bool by_row = false;
   RowOrder order;
   int64_t chunks = 1;
+  int64_t slot_stride = 0;  // chunk_slot_stride(B)
+  int64_t slots() const { return chunks * slot_stride; }
 };
 
 PairPlan plan_pairs(const FusedArgs& a, BadIndexFlag& bad) {
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
   PairPlan plan;
+  plan.slot_stride = chunk_slot_stride(B);
   plan.by_row = use_row_order(B, a.columns, n);
   if (plan.by_row) {
     plan.order = sort_pairs_by_row(a.rows, B, n, bad);
@@ -365,12 +368,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     // The negatives' terms log1p((P + eps) / c) are summed as the log of a running
     // double-precision product of (1 + (P + eps) / c): one log per slot instead of one
     // log1p per row (the transcendental was a third of the loop), accurate to ~K * 1e-16.
-    const int64_t chunks = plan.chunks, slots = chunks * B;
-    std::vector<acc_t> grad(slots * d, acc_t(0));
-    std::vector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
+    const int64_t chunks = plan.chunks, slots = plan.slots(), stride = plan.slot_stride;
+    AlignedVector<acc_t> grad(slots * d, acc_t(0));
+    AlignedVector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
+    // The epilogue captures values and raw pointers, so that each thread's copy of it (see
+    // score_sorted_pairs_in_chunks) reads nothing from the calling thread's stack.
     score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
+        [=, slot_loss = slot_loss.data(), negatives_product = negatives_product.data(),
+         exp_sum = exp_sum.data()](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
           const int64_t count = block.count;
           acc_t e[kPairBlock], coef[kPairBlock];
           double factor[kPairBlock];
@@ -410,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
       for (int64_t b = lo; b < hi; ++b) {
         double l = 0, e = 0;
         for (int64_t ch = 0; ch < chunks; ++ch) {
-          const int64_t slot = ch * B + b;
+          const int64_t slot = ch * stride + b;
           l += slot_loss[slot] + std::log(negatives_product[slot]);
           e += exp_sum[slot];
           if (ch > 0)
@@ -450,26 +456,29 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     // Per slot: running max m, sum l = sum exp(s - m), acc = sum exp(s - m) * row; per sample
     // the positive's score s0 and row w0 (grad = (acc / l - w0) / T). The slots of one sample
     // are merged as flash-decoding merges its splits.
-    const int64_t chunks = plan.chunks, slots = chunks * B;
-    std::vector<acc_t> acc(slots * d, acc_t(0)), w0(B * d, acc_t(0));
-    std::vector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0), s0(B, 0);
+    const int64_t chunks = plan.chunks, slots = plan.slots(), stride = plan.slot_stride;
+    AlignedVector<acc_t> acc(slots * d, acc_t(0)), w0(B * d, acc_t(0));
+    AlignedVector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0);
+    std::vector<acc_t> s0(B, 0);
+    // Values and raw pointers captured, as in nce_loss.
     score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
-        [&](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
+        [=, m = m.data(), l = l.data(), acc = acc.data(), s0 = s0.data(),
+         w0 = w0.data()](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
           // The block's maxima first (rescaling what earlier blocks summed), then every
           // pair's exp(s - m) against its slot's new max in one vector pass.
           for (int64_t i = 0; i < block.count; ++i) {
             const int64_t slot = block.slot[i];
             const acc_t s = block.s[i];
-            if (block.positive[i]) {  // one positive pair per sample: its slot's b is slot % B
-              const int64_t b = slot % B;
+            if (block.positive[i]) {  // one positive pair per sample: its slot's b is slot % stride
+              const int64_t b = slot % stride;
               s0[b] = s;
               for (int64_t j = 0; j < d; ++j) w0[b * d + j] = static_cast<acc_t>(block.row[i][j]);
             }
             if (s > m[slot]) {  // new running max: rescale what was summed so far
               const acc_t scale = std::exp(m[slot] - s);
               l[slot] *= scale;
-              acc_t* ab = acc.data() + slot * d;
+              acc_t* ab = acc + slot * d;
               for (int64_t j = 0; j < d; ++j) ab[j] *= scale;
               m[slot] = s;
             }
@@ -482,11 +491,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         acc_t mb = m[b];
-        for (int64_t ch = 1; ch < chunks; ++ch) mb = std::max(mb, m[ch * B + b]);
+        for (int64_t ch = 1; ch < chunks; ++ch) mb = std::max(mb, m[ch * stride + b]);
         acc_t lb = 0;
         acc_t* ab = acc.data() + b * d;
         for (int64_t ch = 0; ch < chunks; ++ch) {
-          const int64_t slot = ch * B + b;
+          const int64_t slot = ch * stride + b;
           if (l[slot] == acc_t(0)) continue;  // no pairs of b in this chunk
           const acc_t scale = std::exp(m[slot] - mb);
           lb += l[slot] * scale;

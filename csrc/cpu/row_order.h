@@ -162,6 +162,14 @@ inline int64_t row_order_chunks(int64_t pairs, int64_t B, int64_t d) {
   return std::max<int64_t>(1, std::min<int64_t>({16, by_work, by_memory}));
 }
 
+// The slots of chunk c are c * chunk_slot_stride(B) + b. Two threads score neighbouring chunks
+// at the same time and update their slots' sums on every pair; with a stride of exactly B the
+// last samples of one chunk and the first of the next can share a cache line of a per-slot
+// array (8-byte sums; d-vectors of floats when B * d is not a multiple of 16), which the two
+// cores would pass back and forth. Rounded up to 16 slots, every chunk's slots start on a cache
+// line of each per-slot array allocated as an AlignedVector.
+inline int64_t chunk_slot_stride(int64_t B) { return (B + 15) / 16 * 16; }
+
 // Up to kPairBlock scored pairs, handed to the loss together: its epilogue turns the scores
 // s (= row . x_b / T) into the coefficients of the rows in the slot's d-vector accumulator
 // (exp over the whole block in vector lanes), then each row is added in with its coefficient.
@@ -242,7 +250,7 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
   if (lo >= hi) return;
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
   constexpr bool kConvert = !std::is_same_v<acc_t, bank_t>;
-  std::vector<acc_t> converted(kConvert ? kPairBlock * d : 0);
+  AlignedVector<acc_t> converted(kConvert ? kPairBlock * d : 0);
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = VectorOf<acc_t>::kLanes;
   static_assert(kPairBlock % L == 0, "whole vectors of lane sums per block");
@@ -324,8 +332,8 @@ NPID_DEFINE_PAIRS_VARIANT(score_sorted_pairs_avx2, NPID_TARGET_AVX2)
 NPID_DEFINE_PAIRS_VARIANT(score_sorted_pairs_baseline, )
 #undef NPID_DEFINE_PAIRS_VARIANT
 
-// Runs the chunks of the sorted pairs in parallel, chunk c's pairs into the slots c * B + b of
-// `accumulator` (chunks * B x d). The chunks are fixed by the problem's size; the threads take
+// Runs the chunks of the sorted pairs in parallel, chunk c's pairs into the slots
+// c * chunk_slot_stride(B) + b of `accumulator` (chunks * chunk_slot_stride(B) x d). The chunks are fixed by the problem's size; the threads take
 // the next unclaimed one as they finish (rows from memory take uneven time), which changes who
 // computes a chunk but not its sums.
 template <typename acc_t, typename bank_t, typename Epilogue>
@@ -337,20 +345,25 @@ void score_sorted_pairs_in_chunks(const RowOrder& order, int64_t chunks, int64_t
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    // Each thread's own copy, on its own stack: the epilogue is called for every block, and
+    // reading its captures from the calling thread's stack shares cache lines with whatever
+    // that thread writes there.
+    Epilogue thread_epilogue = epilogue;
     for (int64_t c = next_chunk++; c < chunks; c = next_chunk++) {
-      const int64_t lo = total * c / chunks, hi = total * (c + 1) / chunks, base = c * B;
+      const int64_t lo = total * c / chunks, hi = total * (c + 1) / chunks;
+      const int64_t base = c * chunk_slot_stride(B);
       switch (isa) {
         case CpuIsa::kAvx512:
           score_sorted_pairs_avx512<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
-                                                   epilogue, accumulator);
+                                                   thread_epilogue, accumulator);
           break;
         case CpuIsa::kAvx2:
           score_sorted_pairs_avx2<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
-                                                 epilogue, accumulator);
+                                                 thread_epilogue, accumulator);
           break;
         default:
           score_sorted_pairs_baseline<acc_t, bank_t>(order, lo, hi, base, xa, bank, d, inv_t,
-                                                     epilogue, accumulator);
+                                                     thread_epilogue, accumulator);
       }
     }
   });
