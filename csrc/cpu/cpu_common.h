@@ -149,26 +149,6 @@ NPID_ALWAYS_INLINE void dot_rows_lanes(const acc_t* __restrict__ row,
   }
 }
 
-// out[i] += a[i] * row for kPairs accumulators, each vector of the row loaded once. Two of them
-// may be the same (a sample that drew the row twice): out[i] is read after out[i - 1] is
-// stored, vector by vector, so both terms are added.
-template <int kPairs, typename acc_t>
-NPID_ALWAYS_INLINE void axpy_rows(const acc_t* a, const acc_t* __restrict__ row,
-                                  acc_t* const* out, int64_t d) {
-  using V = typename VectorOf<acc_t>::type;
-  constexpr int64_t L = VectorOf<acc_t>::kLanes;
-  int64_t j = 0;
-  for (; j + L <= d; j += L) {
-    const V r = load_vector<V>(row + j);
-    for (int i = 0; i < kPairs; ++i) {
-      const V o = load_vector<V>(out[i] + j) + a[i] * r;
-      std::memcpy(out[i] + j, &o, sizeof(V));
-    }
-  }
-  for (; j < d; ++j)
-    for (int i = 0; i < kPairs; ++i) out[i][j] += a[i] * row[j];
-}
-
 // out[i] = the sum of v[i]'s lanes, for the kLanes vectors v[0..kLanes): a transposed reduction
 // (log2(kLanes) rounds, each adding two shuffles of two vectors) instead of a chain of shuffles
 // and adds for every vector on its own, which was ~10% of the row-order scoring loop.

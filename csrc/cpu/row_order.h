@@ -184,7 +184,7 @@ struct PairBlock {
   const row_t* row[kPairBlock];
 };
 
-// How many pairs of one row are scored and added together (dot_rows_lanes, axpy_rows).
+// How many pairs of one row are scored together (dot_rows_lanes).
 constexpr int64_t kRowPairs = 4;
 
 // f(std::integral_constant<int, k>{}) for k = count in [1, kRowPairs]: the pair count as a
@@ -200,31 +200,18 @@ NPID_ALWAYS_INLINE void with_row_pairs(int64_t count, F&& f) {
   }
 }
 
-// epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block:
-// consecutive pairs with the same row (up to kRowPairs) in one pass over it.
+// epilogue(block), then accumulator[slot * d] += coefficient * row for each pair of the block,
+// one pair at a time. (Adding a row into up to kRowPairs accumulators in one pass over it, each
+// row vector loaded once, was slower: the loop is bound by the accumulators' stores, and
+// interleaving four of them per row vector cost more than the row reloads it saved, which hit
+// L1; in a microbenchmark of the scoring loop 49 against 45 cycles per pair with the rows in
+// cache, 75 against 73 with the n = 50k bank streamed from memory.)
 template <typename acc_t, typename row_t, typename Epilogue>
 NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& epilogue,
                                      acc_t* accumulator, int64_t d) {
   epilogue(block);
-  if constexpr (std::is_same_v<acc_t, row_t>) {
-    for (int64_t i = 0; i < block.count;) {
-      acc_t* out[kRowPairs] = {accumulator + block.slot[i] * d};
-      int64_t take = 1;
-      while (take < kRowPairs && i + take < block.count && block.row[i + take] == block.row[i]) {
-        out[take] = accumulator + block.slot[i + take] * d;
-        ++take;
-      }
-      with_row_pairs(take, [&](auto k) NPID_ALWAYS_INLINE_LAMBDA {
-        constexpr int kPairs = decltype(k)::value;
-        if constexpr (kPairs == 1) axpy_row(block.s[i], block.row[i], out[0], d);  // unrolled
-        else axpy_rows<kPairs>(block.s + i, block.row[i], out, d);
-      });
-      i += take;
-    }
-  } else {
-    for (int64_t i = 0; i < block.count; ++i)
-      axpy_row(block.s[i], block.row[i], accumulator + block.slot[i] * d, d);
-  }
+  for (int64_t i = 0; i < block.count; ++i)
+    axpy_row(block.s[i], block.row[i], accumulator + block.slot[i] * d, d);
   block.count = 0;
 }
 
@@ -232,10 +219,9 @@ constexpr int64_t kPairPrefetchDistance = 48;
 
 // Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = chunk * B + b). `xa` is
 // x in the accumulation dtype, B x d. A row's pairs are scored kRowPairs at a time, each dot
-// product kept as vector lanes until the block's are summed together (lane_sums), and
-// finish_block adds the row into their accumulators in one pass: the row's vectors are loaded
-// once for up to four pairs, and no pair has a horizontal sum of its own (the NCE forward at the
-// issue's shape: ~10% less time on one thread). The row of the pair `kPairPrefetchDistance`
+// product kept as vector lanes until the block's are summed together (lane_sums): the row's
+// vectors are loaded once for up to four pairs, and no pair has a horizontal sum of its own.
+// The row of the pair `kPairPrefetchDistance`
 // ahead is fetched early: consecutive pairs mostly share a row or sit a few rows apart, but
 // when the pairs are sparse the rows are far enough apart for the hardware prefetcher to miss
 // them.
