@@ -64,8 +64,10 @@ def reference(loss_name, x, bank, y, idx, z):
 
 
 # (B, K, n, d): pairs < n, pairs ~ 5 n (the issue's ratio), several chunks of sorted pairs
-# (B * (K+1) >= 2 * 16384), d not a multiple of the vector width, and n = 1.
-SHAPES = [(3, 20, 500, 16), (16, 300, 1000, 128), (40, 1000, 3000, 37), (7, 9, 1, 5)]
+# (B * (K+1) >= 2 * 16384), d not a multiple of the vector width, n = 1, and a bank large
+# enough (n >= 2 * 4096) for the sort to place its pairs in several row ranges, one per thread.
+SHAPES = [(3, 20, 500, 16), (16, 300, 1000, 128), (40, 1000, 3000, 37), (7, 9, 1, 5),
+          (16, 1000, 12_293, 16)]
 
 
 @pytest.mark.parametrize("order", ORDERS, indirect=True)
@@ -86,10 +88,10 @@ def test_both_orders_match_the_reference(order, loss_name, B, K, n, d, dtype, ba
 
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
-def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, loss_name):
+@pytest.mark.parametrize("B,K,n,d", [(24, 700, 2000, 64), (16, 1000, 12_293, 16)])
+def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, loss_name, B, K, n, d):
     """In-kernel rows (with and without exclude_positive) are the rows sample_negatives draws,
     in either order; the two orders agree to rounding."""
-    B, K, n, d = 24, 700, 2000, 64
     x, bank, y, _, rng_state = problem(B, K, n, d, dtype=torch.float32)
     z = torch.tensor([n * 1.5])
     for exclude in (False, True):
@@ -106,19 +108,23 @@ def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, 
 
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
-def test_row_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name):
+@pytest.mark.parametrize("B,K,n,d", [(48, 900, 4000, 40),  # 43k pairs: several chunks
+                                     (16, 2000, 12_293, 24)])  # and several row ranges to place
+def test_row_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, B, K, n, d):
     monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "row")
-    x, bank, y, idx, _ = problem(48, 900, 4000, 40, dtype=torch.float32)  # 43k pairs: several chunks
-    z = torch.tensor([6000.0])
+    x, bank, y, idx, rng_state = problem(B, K, n, d, dtype=torch.float32)
+    z = torch.tensor([1.5 * n])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = run_loss(loss_name, x, bank, y, z, idx=idx)
-        torch.set_num_threads(max(2, threads))
+        one_drawn = run_loss(loss_name, x, bank, y, z, rng_state=rng_state, num_negatives=K)
+        torch.set_num_threads(max(3, threads))
         many = run_loss(loss_name, x, bank, y, z, idx=idx)
+        many_drawn = run_loss(loss_name, x, bank, y, z, rng_state=rng_state, num_negatives=K)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, many):
+    for a, b in zip(one + one_drawn, many + many_drawn):
         assert a is None or torch.equal(a, b)
 
 
