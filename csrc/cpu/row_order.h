@@ -66,11 +66,12 @@ struct RowOrder {
   }
 };
 
-// Stable counting sort of the pairs, split into `parts` consecutive slices of whole samples, each
-// with its own counters: slice p's pairs of row r go after slices 0..p-1's pairs of row r, so the
-// order is the sequential one whatever the number of slices. In-kernel rows are drawn (Philox)
-// in the counting pass, one sample at a time while its rows are in L1, and kept as int32 for
-// the placing pass: no pass of their own and half the bytes of int64.
+// Stable counting sort of the pairs. The counting pass is split into `parts` consecutive slices
+// of whole samples, each with its own counters (summed per row by the scan); the placing pass
+// into ranges of rows, each placing its rows' pairs in sample order, so the order is the
+// sequential one whatever the number of threads. In-kernel rows are drawn (Philox) in the
+// counting pass, one sample at a time while its rows are in L1, and kept as int32 for the
+// placing pass: no pass of their own and half the bytes of int64.
 inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, BadIndexFlag& bad) {
   const int64_t columns = src.columns, pairs = B * columns;
   const int64_t parts = std::max<int64_t>(
@@ -100,7 +101,8 @@ inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, Ba
       }
     }
   });
-  // Counts to each slice's first position per row: a parallel scan over ranges of rows.
+  // Counts to each row's first position (in the first slice's counters): a parallel scan over
+  // ranges of rows.
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
   std::vector<int64_t> range_start(ranges + 1, 0);
   auto row_range = [&](int64_t t) { return std::make_pair(n * t / ranges, n * (t + 1) / ranges); };
@@ -119,21 +121,21 @@ inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, Ba
       int64_t next = range_start[t];
       const auto [r0, r1] = row_range(t);
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t p = 0; p < parts; ++p) {
-          const int32_t c = counts[p * n + r];
-          counts[p * n + r] = static_cast<int32_t>(next);
-          next += c;
-        }
+        int64_t c = 0;
+        for (int64_t p = 0; p < parts; ++p) c += counts[p * n + r];
+        counts[r] = static_cast<int32_t>(next);
+        next += c;
       }
     }
   });
+  counts.resize(n);  // the cursors: each row's next position
   // Placing: each thread owns a range of rows, so it writes one contiguous part of the codes.
   // (Slices of samples placed in parallel wrote neighbouring positions of every row from both
   // threads, and the two cores passed the lines back and forth: on the dev VM the sort took
   // 1.6 ms on two threads against 1.3 ms on one in some processes.) A thread first copies the
   // pairs of its rows, in sample order, into a buffer of its own (branch-free: every pair is
-  // written, the end advances only for the thread's rows), then places them with a cursor per
-  // row starting at the row's first position (part 0's offset), which keeps the sort stable.
+  // written, the end advances only for the thread's rows), then places them with its rows'
+  // cursors, which keeps the sort stable.
   RowOrder order;
   order.codes.resize(range_start[ranges]);
   auto place = [&](auto* rows) {
@@ -170,8 +172,7 @@ inline RowOrder sort_pairs_by_row(const RowSource& src, int64_t B, int64_t n, Ba
   };
   if (src.idx != nullptr) place(src.idx);
   else place(drawn.data());
-  // Part 0's cursors now stand at the end of each row's pairs.
-  counts.resize(n);
+  // The cursors now stand at the end of each row's pairs.
   order.row_end = std::move(counts);
   return order;
 }
@@ -185,12 +186,12 @@ inline int64_t row_order_chunks(int64_t pairs, int64_t B, int64_t d) {
   return std::max<int64_t>(1, std::min<int64_t>({16, by_work, by_memory}));
 }
 
-// The slots of chunk c are c * chunk_slot_stride(B) + b. Two threads score neighbouring chunks
-// at the same time and update their slots' sums on every pair; with a stride of exactly B the
+// The slots of chunk c are c * chunk_slot_stride(B) + b. Chunks of different threads meet where
+// one thread's run of chunks ends and the next one's begins; with a stride of exactly B the
 // last samples of one chunk and the first of the next can share a cache line of a per-slot
-// array (8-byte sums; d-vectors of floats when B * d is not a multiple of 16), which the two
-// cores would pass back and forth. Rounded up to 16 slots, every chunk's slots start on a cache
-// line of each per-slot array allocated as an AlignedVector.
+// array (8-byte sums; d-vectors of floats when B * d is not a multiple of 16), updated on every
+// pair by both cores. Rounded up to 16 slots, every chunk's slots start on a cache line of each
+// per-slot array allocated as an AlignedVector.
 inline int64_t chunk_slot_stride(int64_t B) { return (B + 15) / 16 * 16; }
 
 // Up to kPairBlock scored pairs, handed to the loss together: its epilogue turns the scores
@@ -240,14 +241,13 @@ NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& e
 
 constexpr int64_t kPairPrefetchDistance = 48;
 
-// Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = chunk * B + b). `xa` is
+// Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = slot_base + b). `xa` is
 // x in the accumulation dtype, B x d. A row's pairs are scored kRowPairs at a time, each dot
 // product kept as vector lanes until the block's are summed together (lane_sums): the row's
 // vectors are loaded once for up to four pairs, and no pair has a horizontal sum of its own.
-// The row of the pair `kPairPrefetchDistance`
-// ahead is fetched early: consecutive pairs mostly share a row or sit a few rows apart, but
-// when the pairs are sparse the rows are far enough apart for the hardware prefetcher to miss
-// them.
+// The row of the pair `kPairPrefetchDistance` ahead is fetched early: consecutive pairs mostly
+// share a row or sit a few rows apart, but when the pairs are sparse the rows are far enough
+// apart for the hardware prefetcher to miss them.
 // A bank in another dtype than the accumulation (bf16, fp16) has each row converted once into
 // the block (its ~5 pairs at the shape use the copy): the vectorised dot and axpy of
 // the accumulation dtype instead of a conversion per element and pair.
