@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "npid/autograd.h"
 #include "npid/schemas.h"
 
 extern "C" {
@@ -15,3 +16,4 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(npid, m) { npid::define_schemas(m); }
+TORCH_LIBRARY_IMPL(npid, Autograd, m) { npid::register_fused_loss_autograd(m); }

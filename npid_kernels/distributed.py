@@ -815,7 +815,7 @@ def _check_shard(query, bank, bank_offset) -> None:
     C.features(query, "query", bank.shape[1], allow_empty=True)
     C.same_device(query, "query", bank, "bank")
     C.count(bank_offset, "bank_offset", 0)
-    if bank.numel() and C._values_readable(bank) and not bool(torch.isfinite(bank).all()):
+    if bank.numel() and C._values_readable(bank) and not C.all_finite(bank):
         raise ValueError("bank holds NaN or inf")
 
 

@@ -20,7 +20,7 @@ def _check_search(query, bank, k: int, k_name: str = "k") -> None:
     C.features(query, "query", bank.shape[1], allow_empty=True)
     C.same_device(query, "query", bank, "bank")
     C.count(k, k_name, 1, bank.shape[0], f"n_data = {bank.shape[0]}")
-    if bank.numel() and C._values_readable(bank) and not bool(torch.isfinite(bank).all()):
+    if bank.numel() and C._values_readable(bank) and not C.all_finite(bank):
         raise ValueError("bank holds NaN or inf")
 
 

@@ -1,5 +1,6 @@
 """The npid operators: loading the compiled library, fake (meta) implementations for
-torch.compile, autograd formulas, and thin Python entry points.
+torch.compile, nce_scores' autograd formula (the fused losses' is in C++,
+csrc/include/npid/autograd.h), and thin Python entry points.
 
 The schemas live in csrc/include/npid/schemas.h. Loss ops return (per-sample loss, grad_x) from one
 pass over the gathered bank rows; their autograd backward only scales the saved grad_x,
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
-from ._checks import _values_readable
+from ._checks import _values_readable, all_finite
 
 # The operator library the entry points below call. The tests swap in `npid_emu`, the CUDA
 # launchers built against the CPU emulator (scripts/build_emu.py), with _calls_into().
@@ -127,20 +128,8 @@ def _register_python_side(ns: str) -> None:
 
     torch.library.register_autograd(f"{ns}::nce_scores", _scores_backward, setup_context=_scores_setup)
 
-    def _fused_setup(ctx, inputs, output):
-        # Only grad_x (B, d) is kept for backward: the loss's gradient w.r.t. x is
-        # grad_loss[b] * grad_x[b]; the second output (grad_x itself) and nce_loss's third
-        # (noise_exp_sum, the Z statistic) are not differentiable.
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.num_inputs = len(inputs)
-
-    def _fused_backward(ctx, grad_loss, *_grads_of_the_other_outputs):
-        (grad_x,) = ctx.saved_tensors
-        return (grad_loss.unsqueeze(1) * grad_x,) + (None,) * (ctx.num_inputs - 1)
-
-    for op in ("nce_loss", "softmax_ce_loss", "full_softmax_loss", "shared_nce_loss", "shared_softmax_ce_loss"):
-        torch.library.register_autograd(f"{ns}::{op}", _fused_backward, setup_context=_fused_setup)
+    # The fused losses (nce_loss, softmax_ce_loss, full_softmax_loss, shared_*_loss) have their
+    # autograd in C++ (csrc/include/npid/autograd.h): backward scales the saved grad_x.
 
 
 _register_python_side("npid")
@@ -163,7 +152,7 @@ def _calls_into(namespace: str):
 def _finite(t: torch.Tensor, name: str) -> None:
     """The loss and search kernels return NaN for non-finite features; refuse them where the values
     can be read without a sync (CPU; CUDA with NPID_CUDA_SYNC_CHECKS=1)."""
-    if isinstance(t, torch.Tensor) and t.numel() and _values_readable(t) and not bool(torch.isfinite(t).all()):
+    if isinstance(t, torch.Tensor) and t.numel() and _values_readable(t) and not all_finite(t):
         raise ValueError(f"{name} holds NaN or inf")
 
 

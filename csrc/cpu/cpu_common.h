@@ -74,6 +74,19 @@ struct BadIndexFlag {
   }
 };
 
+// Whether every value of the float32 / float64 tensor t is finite. A plain loop (v - v is 0
+// only for finite v): at::isfinite(t).all() runs five ops, ~45 us for a batch of features,
+// about 1% of a training step.
+inline bool all_finite(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "all_finite", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    bool finite = true;
+    for (int64_t i = 0, n = c.numel(); i < n; ++i) finite &= (p[i] - p[i] == scalar_t(0));
+    return finite;
+  });
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define NPID_ALWAYS_INLINE inline __attribute__((always_inline))
 #define NPID_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))

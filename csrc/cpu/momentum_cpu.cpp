@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu_common.h"
 #include "npid/checks.h"
 #include "npid/dispatch.h"
 
@@ -32,7 +33,7 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(yp[b] >= 0 && yp[b] < n, "y[", b, "] = ", yp[b], " is outside the bank [0, ", n,
                 ")");
-  TORCH_CHECK(at::isfinite(x).all().item<bool>(),
+  TORCH_CHECK(all_finite(x),
               "x holds NaN or inf features; refusing to write them into the bank");
 
   // Duplicates: the last occurrence of a row in y wins (lemniscate's sequential index_copy_).
