@@ -287,7 +287,7 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
       if (pos + kPairPrefetchDistance < hi) {
         while (row_end[ahead_row] <= pos + kPairPrefetchDistance && ahead_row + 1 < rows) ++ahead_row;
         if (ahead_row != prefetched) {
-          prefetch_row(bank + ahead_row * d, row_bytes);
+          prefetch_row_once(bank + ahead_row * d, row_bytes);
           prefetched = ahead_row;
         }
       }
