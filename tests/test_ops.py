@@ -44,16 +44,23 @@ def reference_z(x, bank, idx):
 
 # ------------------------------------------------------------------ sampling
 
-@pytest.mark.parametrize("B,K,n", [(1, 1, 2), (3, 17, 5), (7, 64, 1_281_167), (2, 3, 2**31 - 1)])
+@pytest.mark.parametrize("B,K,n", [(1, 1, 2), (3, 17, 5), (7, 64, 1_281_167), (2, 3, 2**31 - 1),
+                                   (4, 61, 2**31 - 1)])
 @pytest.mark.parametrize("state", [(0, 0), (12345, 3), (-5, 2**40 + 7), (2**62 + 11, 2**33)])
-def test_sample_negatives_matches_reference(device, B, K, n, state):
+@pytest.mark.parametrize("exclude_positive", [False, True])
+def test_sample_negatives_matches_reference(device, B, K, n, state, exclude_positive):
+    """K = 61 and 64: samples that start on either half of a Philox call and hold whole
+    vector groups of draws as well as partial ones; positives at both ends of the bank."""
     y = torch.randint(0, n, (B,), device=device)
+    y[0], y[-1] = 0, n - 1
     rng_state = torch.tensor(state, device=device)
-    idx = ops.sample_negatives(y, rng_state, n, K)
+    idx = ops.sample_negatives(y, rng_state, n, K, exclude_positive)
     assert idx.shape == (B, K + 1) and idx.dtype == torch.int64
     assert torch.equal(idx[:, 0], y)
     assert int(idx.min()) >= 0 and int(idx.max()) < n
-    assert torch.equal(idx.cpu(), R.sample_negatives(y.cpu(), rng_state.cpu(), n, K))
+    if exclude_positive:
+        assert not (idx[:, 1:] == y[:, None]).any()
+    assert torch.equal(idx.cpu(), R.sample_negatives(y.cpu(), rng_state.cpu(), n, K, exclude_positive))
 
 
 def test_sample_negatives_uniform_and_fresh_per_offset():
