@@ -109,20 +109,19 @@ CpuIsa cpu_isa();
 // n=50k, d=128 on the 2-core dev machine: 2 rows ahead 10.6 ms, 6 rows 8.3 ms, 10 rows 8-9 ms).
 constexpr int64_t kPrefetchDistance = 10;
 
+// Whether a prefetched row is read again later in the call. A row read once (row order streams
+// the bank) is fetched non-temporally (prefetchnta), so that the stream does not evict the rest
+// of the process from the caches. With the T0 hint, the 25.6 MB bank of issue 17's step (the L3
+// is 16 MB) pushed out whatever the step ran next: on the dev VM the loss's .mean() took 85 us
+// after the forward against 20 us after a small one, and the backward 255 against 95 us; with
+// the non-temporal hint 38 and 137 us, and the forward itself no slower.
+enum class RowReuse { kAgain, kOnce };
+
+template <RowReuse kReuse = RowReuse::kAgain>
 NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
-
-// The same for a row read once and then not again in this call (row order streams the bank):
-// a non-temporal prefetch (prefetchnta), so that the stream does not evict the rest of the
-// process from the caches. With the T0 hint, the 25.6 MB bank of issue 17's step (the L3 is
-// 16 MB) pushed out whatever the step ran next: on the dev VM the loss's .mean() took 85 us
-// after the forward against 20 us after a small one, and the backward 255 against 95 us; with
-// this hint 38 and 137 us, and the forward itself no slower.
-NPID_ALWAYS_INLINE void prefetch_row_once(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+  for (int64_t off = 0; off < bytes; off += 64)
+    __builtin_prefetch(p + off, 0, kReuse == RowReuse::kOnce ? 0 : 3);
 }
 
 // row . x. For a row in the accumulation dtype: four independent vector accumulators (GCC

@@ -241,7 +241,7 @@ NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& e
 
 constexpr int64_t kPairPrefetchDistance = 48;
 
-// Scores the sorted pairs [lo, hi) of chunk `chunk` in blocks (slot = slot_base + b). `xa` is
+// Scores the sorted pairs [lo, hi) of one chunk in blocks (slot = slot_base + b). `xa` is
 // x in the accumulation dtype, B x d. A row's pairs are scored kRowPairs at a time, each dot
 // product kept as vector lanes until the block's are summed together (lane_sums): the row's
 // vectors are loaded once for up to four pairs, and no pair has a horizontal sum of its own.
@@ -287,7 +287,7 @@ NPID_ALWAYS_INLINE void score_sorted_pairs(const RowOrder& order, int64_t lo, in
       if (pos + kPairPrefetchDistance < hi) {
         while (row_end[ahead_row] <= pos + kPairPrefetchDistance && ahead_row + 1 < rows) ++ahead_row;
         if (ahead_row != prefetched) {
-          prefetch_row_once(bank + ahead_row * d, row_bytes);
+          prefetch_row<RowReuse::kOnce>(bank + ahead_row * d, row_bytes);
           prefetched = ahead_row;
         }
       }

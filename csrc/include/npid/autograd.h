@@ -24,10 +24,9 @@ struct FusedLossFunction : torch::autograd::Function<FusedLossFunction> {
   // The op's arguments stay on `stack` (x among them); x is passed separately only so that
   // autograd records it as the input. Returns all of the op's outputs.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& x,
+                                                const at::Tensor& /* x */,
                                                 const c10::OperatorHandle* op,
                                                 c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-    (void)x;
     const size_t num_returns = op->schema().returns().size();
     op->redispatchBoxed(keys & c10::after_autograd_keyset, stack);
     torch::autograd::variable_list outputs;
