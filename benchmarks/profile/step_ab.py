@@ -75,7 +75,7 @@ def main(reps, mode_set="step"):
     if mode_set == "torch":
         for mode in ("idx", "insample"):
             per_round = sorted(r["torch"] / r[mode] for r in rounds)
-            q = statistics.quantiles(per_round, n=4)
+            q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
             print(f"torch/{mode} per repetition: median {statistics.median(per_round):.1f}x, "
                   f"quartiles {q[0]:.1f}-{q[2]:.1f}x, range {per_round[0]:.1f}-{per_round[-1]:.1f}x")
 
