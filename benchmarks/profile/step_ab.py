@@ -75,10 +75,16 @@ def main(reps, mode_set="step"):
     if mode_set == "torch":
         for mode in ("idx", "insample"):
             per_round = sorted(r["torch"] / r[mode] for r in rounds)
-            q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-            print(f"torch/{mode} per repetition: median {statistics.median(per_round):.1f}x, "
-                  f"quartiles {q[0]:.1f}-{q[2]:.1f}x, range {per_round[0]:.1f}-{per_round[-1]:.1f}x")
+            spread = ""
+            if len(per_round) > 1:  # quartiles need two repetitions
+                q = statistics.quantiles(per_round, n=4)
+                spread = f", quartiles {q[0]:.1f}-{q[2]:.1f}x"
+            print(f"torch/{mode} per repetition: median {statistics.median(per_round):.1f}x"
+                  f"{spread}, range {per_round[0]:.1f}-{per_round[-1]:.1f}x")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40, sys.argv[2] if len(sys.argv) > 2 else "step")
+    mode_set = sys.argv[2] if len(sys.argv) > 2 else "step"
+    if mode_set not in ("step", "forward", "torch"):
+        sys.exit(f"usage: step_ab.py REPS [forward|torch], got mode {mode_set!r}")
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40, mode_set)
