@@ -9,8 +9,8 @@ provider:
   npid_insample  the same ops drawing the negatives in-kernel (idx=None, rng_state)
   npid_sample_order
                  CPU only: npid with the (sample, row) pairs visited in sample order
-                 (NPID_CPU_PAIR_ORDER=sample), the order before row order existed; npid itself
-                 uses whichever order csrc/cpu/row_order.h's use_row_order() picks
+                 (NPID_CPU_PAIR_ORDER=sample), the order before the sorted orders existed; npid itself
+                 uses whichever order csrc/cpu/tile_order.h's use_tile_order() picks
 pass:
   forward           loss (batch mean) with x requiring grad, as in training
   forward_backward  loss + torch.autograd.grad(loss, x)

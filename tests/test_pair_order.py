@@ -1,6 +1,6 @@
-"""The CPU fused losses visit their (sample, row) pairs in sample order or sorted by bank row
-(csrc/cpu/row_order.h), chosen by problem size or forced with NPID_CPU_PAIR_ORDER. Both orders
-must give the float64 reference's loss and gradient; row order must not depend on the thread
+"""The CPU fused losses visit their (sample, row) pairs in sample order or by tiles of bank rows
+(csrc/cpu/tile_order.h), chosen by problem size or forced with NPID_CPU_PAIR_ORDER. Both orders
+must give the float64 reference's loss and gradient; tile order must not depend on the thread
 count, and must merge per-chunk partial sums right, also for samples with no pairs in a chunk."""
 import pytest
 import torch
@@ -11,7 +11,7 @@ from npid_kernels import reference as R
 from conftest import relative_error, unit_rows
 
 T = 0.07
-ORDERS = ["sample", "row"]
+ORDERS = ["sample", "tile"]
 
 
 @pytest.fixture
@@ -63,9 +63,11 @@ def reference(loss_name, x, bank, y, idx, z):
     return loss.detach(), xr.grad
 
 
-# (B, K, n, d): pairs < n, pairs ~ 5 n (the issue's ratio), several chunks of sorted pairs
-# (B * (K+1) >= 2 * 16384), d not a multiple of the vector width, n = 1, and a bank large
-# enough (n >= 2 * 4096) for the sort to place its pairs in several row ranges, one per thread.
+# (B, K, n, d): pairs < n; pairs ~ 5 n (the issue's ratio) with runs of one sample in one tile
+# longer than a block of 32 pairs (d = 128: tiles of 128 rows, ~38 pairs per run); several
+# chunks of tiles (B * (K+1) >= 2 * 16384); d not a multiple of the vector width; n = 1; and
+# banks that end in a partial tile (d = 37: 256-row tiles, n = 3000; d = 16: 1024-row tiles,
+# n = 12,293).
 SHAPES = [(3, 20, 500, 16), (16, 300, 1000, 128), (40, 1000, 3000, 37), (7, 9, 1, 5),
           (16, 1000, 12_293, 16)]
 
@@ -103,15 +105,15 @@ def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, 
             given = run_loss(loss_name, x, bank, y, z, idx=idx)
             assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
             results[order] = drawn
-        assert relative_error(results["row"][0], results["sample"][0]) < 1e-5
-        assert relative_error(results["row"][1], results["sample"][1]) < 1e-5
+        assert relative_error(results["tile"][0], results["sample"][0]) < 1e-5
+        assert relative_error(results["tile"][1], results["sample"][1]) < 1e-5
 
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
 @pytest.mark.parametrize("B,K,n,d", [(48, 900, 4000, 40),  # 43k pairs: several chunks
-                                     (16, 2000, 12_293, 24)])  # and several row ranges to place
-def test_row_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, B, K, n, d):
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "row")
+                                     (16, 2000, 12_293, 24)])  # and samples split over threads
+def test_tile_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, B, K, n, d):
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "tile")
     x, bank, y, idx, rng_state = problem(B, K, n, d, dtype=torch.float32)
     z = torch.tensor([1.5 * n])
     threads = torch.get_num_threads()
@@ -129,10 +131,10 @@ def test_row_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, B
 
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
-def test_row_order_merges_samples_missing_from_some_chunks(monkeypatch, loss_name):
+def test_tile_order_merges_samples_missing_from_some_chunks(monkeypatch, loss_name):
     """Sample 0's rows all sit at the bank's start and sample 1's at its end, so each misses
-    most chunks of the sorted pairs; the merge must skip those chunks, not add NaN or zeros."""
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "row")
+    most chunks of tiles; the merge must skip those chunks, not add NaN or zeros."""
+    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "tile")
     B, K, n, d = 40, 1000, 3000, 32
     x, bank, y, idx, _ = problem(B, K, n, d)
     idx[0] = torch.randint(0, 50, (K + 1,))
@@ -171,10 +173,10 @@ def test_both_orders_refuse_rows_outside_the_bank(order, bad_row):
 
 
 def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
-    """Unforced, many pairs per bank row (the issue's shape, scaled down) take row order and
+    """Unforced, many pairs per bank row (the issue's shape, scaled down) take tile order and
     fewer pairs than rows sample order: each default is bit-identical to the forced order."""
     monkeypatch.delenv("NPID_CPU_PAIR_ORDER", raising=False)
-    for (B, K, n), expected in [((16, 1023, 3000), "row"), ((4, 1023, 40000), "sample")]:
+    for (B, K, n), expected in [((16, 1023, 3000), "tile"), ((4, 1023, 40000), "sample")]:
         x, bank, y, idx, _ = problem(B, K, n, 32, dtype=torch.float32)
         z = torch.tensor([n * 1.2])
         default = run_loss("nce", x, bank, y, z, idx=idx)
@@ -183,12 +185,12 @@ def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
             monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
             forced[order] = run_loss("nce", x, bank, y, z, idx=idx)
         monkeypatch.delenv("NPID_CPU_PAIR_ORDER")
-        other = "sample" if expected == "row" else "row"
-        assert not torch.equal(forced["row"][1], forced["sample"][1])  # the orders are distinguishable
+        other = "sample" if expected == "tile" else "tile"
+        assert not torch.equal(forced["tile"][1], forced["sample"][1])  # the orders are distinguishable
         assert torch.equal(default[1], forced[expected][1]), (B, K, n, expected, other)
 
 
-@pytest.mark.parametrize("order", ["sample", "row"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_softmax_ce_scores_far_below_the_max_match_float64(order, monkeypatch):
     """T = 0.004 puts the scores in [-250, 250]: exp(s - max) of most rows is below float32's
     smallest normal (-87) or underflows to zero (-104), the ranges where the vectorised exp of

@@ -1,10 +1,10 @@
-"""Sample order vs row order of the CPU fused losses (csrc/cpu/row_order.h), timed interleaved.
+"""Sample order vs tile order of the CPU fused losses (csrc/cpu/tile_order.h), timed interleaved.
 
     python benchmarks/profile/pair_order_ab.py OUT.json [REPS]
 
 The training step of issue 17 (B = 64, K = 4096, d = 128, fp32 bank: loss forward + backward
 + momentum_update_), idx given or drawn in-kernel, for NCE and softmax-CE at n = 50k and, for
-NCE, at n = 130k / 260k / 400k (where use_row_order() switches). Each repetition runs every
+NCE, at n = 130k / 260k / 400k (where use_tile_order() switches). Each repetition runs every
 configuration for 5 steps in turn, so a slow phase of a shared VM hits all of them alike;
 min / p25 / median over all repetitions are written to OUT.json."""
 import json
@@ -49,7 +49,7 @@ def main():
     results = []
     for loss_name, n in CASES:
         step = make_step(loss_name, n)
-        configs = [(order, sampling) for order in ("sample", "row") for sampling in ("idx", "insample")]
+        configs = [(order, sampling) for order in ("sample", "tile") for sampling in ("idx", "insample")]
         times = {c: [] for c in configs}
         for _ in range(reps):
             for order, sampling in configs:

@@ -109,19 +109,9 @@ CpuIsa cpu_isa();
 // n=50k, d=128 on the 2-core dev machine: 2 rows ahead 10.6 ms, 6 rows 8.3 ms, 10 rows 8-9 ms).
 constexpr int64_t kPrefetchDistance = 10;
 
-// Whether a prefetched row is read again later in the call. A row read once (row order streams
-// the bank) is fetched non-temporally (prefetchnta), so that the stream does not evict the rest
-// of the process from the caches. With the T0 hint, the 25.6 MB bank of issue 17's step (the L3
-// is 16 MB) pushed out whatever the step ran next: on the dev VM the loss's .mean() took 85 us
-// after the forward against 20 us after a small one, and the backward 255 against 95 us; with
-// the non-temporal hint 38 and 137 us, and the forward itself no slower.
-enum class RowReuse { kAgain, kOnce };
-
-template <RowReuse kReuse = RowReuse::kAgain>
 NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64)
-    __builtin_prefetch(p + off, 0, kReuse == RowReuse::kOnce ? 0 : 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
 // row . x. For a row in the accumulation dtype: four independent vector accumulators (GCC
@@ -142,33 +132,38 @@ NPID_ALWAYS_INLINE V load_vector(const T* p) {
   return v;
 }
 
-// row . x[i] in vector lanes for kPairs feature vectors at once (pairs that share a bank row,
-// as row order has ~5 per row at the issue's shape): each vector of the row is loaded once for
-// all of them. Two accumulators per pair keep the multiply-add chains shorter than the loads.
-template <int kPairs, typename acc_t>
-NPID_ALWAYS_INLINE void dot_rows_lanes(const acc_t* __restrict__ row,
-                                       const acc_t* const* __restrict__ x, int64_t d,
-                                       typename VectorOf<acc_t>::type* out) {
+template <typename V, typename T>
+NPID_ALWAYS_INLINE void store_vector(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));  // an unaligned vector store
+}
+
+// x . rows[i] in vector lanes for kRows bank rows at once (a sample's pairs in one tile of the
+// bank, tile_order.h): each vector of x is loaded once for all of them. Two accumulators per
+// row keep the multiply-add chains shorter than the loads.
+template <int kRows, typename acc_t>
+NPID_ALWAYS_INLINE void dot_products_lanes(const acc_t* __restrict__ x,
+                                           const acc_t* const* __restrict__ rows, int64_t d,
+                                           typename VectorOf<acc_t>::type* out) {
   using V = typename VectorOf<acc_t>::type;
   constexpr int64_t L = VectorOf<acc_t>::kLanes;
-  V even[kPairs], odd[kPairs];
-  for (int i = 0; i < kPairs; ++i) even[i] = odd[i] = V{};
+  V even[kRows], odd[kRows];
+  for (int i = 0; i < kRows; ++i) even[i] = odd[i] = V{};
   int64_t j = 0;
   for (; j + 2 * L <= d; j += 2 * L) {
-    const V r0 = load_vector<V>(row + j), r1 = load_vector<V>(row + j + L);
-    for (int i = 0; i < kPairs; ++i) {
-      even[i] += r0 * load_vector<V>(x[i] + j);
-      odd[i] += r1 * load_vector<V>(x[i] + j + L);
+    const V x0 = load_vector<V>(x + j), x1 = load_vector<V>(x + j + L);
+    for (int i = 0; i < kRows; ++i) {
+      even[i] += x0 * load_vector<V>(rows[i] + j);
+      odd[i] += x1 * load_vector<V>(rows[i] + j + L);
     }
   }
   if (j + L <= d) {
-    const V r0 = load_vector<V>(row + j);
-    for (int i = 0; i < kPairs; ++i) even[i] += r0 * load_vector<V>(x[i] + j);
+    const V x0 = load_vector<V>(x + j);
+    for (int i = 0; i < kRows; ++i) even[i] += x0 * load_vector<V>(rows[i] + j);
     j += L;
   }
-  for (int i = 0; i < kPairs; ++i) {
+  for (int i = 0; i < kRows; ++i) {
     out[i] = even[i] + odd[i];
-    for (int64_t t = j; t < d; ++t) out[i][0] += row[t] * x[i][t];
+    for (int64_t t = j; t < d; ++t) out[i][0] += x[t] * rows[i][t];
   }
 }
 
