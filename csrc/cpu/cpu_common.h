@@ -221,14 +221,17 @@ NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __
   }
 }
 
-// exp of v[0..count) in place. float: eight lanes at a time (Cephes' expf: n = round(x / ln 2),
+// out[i] = exp(in[i]) for i in [0, count), in whole vectors: both arrays must hold count rounded
+// up to a multiple of VectorOf<acc_t>::kLanes values, and the lanes past count are computed from
+// whatever `in` holds there (the fused losses' blocks keep zeros there). in == out is allowed.
+// float: eight lanes at a time (Cephes' expf: n = round(x / ln 2),
 // x - n ln 2 in two parts, a degree-5 polynomial, times 2^n applied as two factors so that
 // every step stays a normal float; at most 1 ulp from the rounded exp over a sweep of
 // [-110, 90] in steps of 3e-4, inf above 88.72, 0 below -103.97, NaN kept). The fused losses
 // call it on a block of scores instead of one libm call per score, which was 8% of the NCE step.
 // double: libm, per element (gradcheck's precision).
 template <typename acc_t>
-NPID_ALWAYS_INLINE void exp_in_place(acc_t* v, int64_t count) {
+NPID_ALWAYS_INLINE void exp_whole_vectors(const acc_t* in, acc_t* out, int64_t count) {
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = typename VectorOf<float>::type;
     typedef int32_t VI __attribute__((vector_size(32)));
@@ -265,16 +268,9 @@ NPID_ALWAYS_INLINE void exp_in_place(acc_t* v, int64_t count) {
       out = x != x ? x : out;
       std::memcpy(result, &out, sizeof(V));
     };
-    int64_t i = 0;
-    for (; i + L <= count; i += L) exp8(v + i, v + i);
-    if (i < count) {  // the tail through the same code, so a score's exp does not depend on i
-      float tail[L] = {};
-      std::memcpy(tail, v + i, (count - i) * sizeof(float));
-      exp8(tail, tail);
-      std::memcpy(v + i, tail, (count - i) * sizeof(float));
-    }
+    for (int64_t i = 0; i < count; i += L) exp8(in + i, out + i);
   } else {
-    for (int64_t i = 0; i < count; ++i) v[i] = std::exp(v[i]);
+    for (int64_t i = 0; i < count; ++i) out[i] = std::exp(in[i]);
   }
 }
 

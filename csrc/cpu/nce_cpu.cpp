@@ -314,6 +314,7 @@ void score_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, B
         a, temperature, bad, [](int64_t) {},
         [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
           PairBlock<acc_t, bank_t> pair;
+          std::fill(pair.s, pair.s + VectorOf<acc_t>::kLanes, acc_t(0));  // the exp's whole vector
           pair.count = 1;
           pair.slot[0] = b;
           pair.positive[0] = k == 0;
@@ -381,8 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
           const int64_t count = block.count;
           acc_t e[kPairBlock], coef[kPairBlock];
           double factor[kPairBlock];
-          std::copy(block.s, block.s + count, e);
-          exp_in_place(e, count);
+          exp_whole_vectors(block.s, e, count);
           // Every pair as a negative first, in vector lanes: its coefficient dloss/ds / T and
           // its factor of the running product; the positives (one per sample) are redone below.
 #pragma omp simd
@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
             }
           }
           for (int64_t i = 0; i < count; ++i) block.s[i] -= m[block.slot[i]];
-          exp_in_place(block.s, count);
+          exp_whole_vectors(block.s, block.s, count);
           for (int64_t i = 0; i < count;) {
             const int64_t slot = block.slot[i];
             acc_t run_sum = 0;

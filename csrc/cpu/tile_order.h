@@ -166,7 +166,9 @@ struct PairBlock {
   int64_t count = 0;
   int64_t slot[kPairBlock];
   bool positive[kPairBlock];
-  acc_t s[kPairBlock];  // the scores; the epilogue overwrites them with the rows' coefficients
+  // The scores; the epilogue overwrites them with the rows' coefficients. Zeros from count up to
+  // the next whole vector of acc_t lanes (exp_whole_vectors reads whole vectors).
+  acc_t s[kPairBlock];
   const row_t* row[kPairBlock];
 };
 
@@ -293,10 +295,10 @@ NPID_ALWAYS_INLINE void score_tiles(const TileOrder& order, int64_t t0, int64_t 
           });
         }
         for (int64_t i = count; i % L != 0; ++i) lanes[i] = V{};
-        for (int64_t i = 0; i < count; i += L) {
-          const V sums = lane_sums<acc_t>(lanes + i);
-          for (int64_t l = 0; l < L; ++l) block.s[i + l] = sums[l] * inv_t;
-        }
+        // Whole vectors: the epilogue's exp loads them back as vectors, and a vector load of
+        // eight scalar stores waits for them to leave the store buffer.
+        for (int64_t i = 0; i < count; i += L)
+          store_vector(block.s + i, lane_sums<acc_t>(lanes + i) * inv_t);
         block.count = count;
         epilogue(block);
         add_rows_in_registers(block.s, block.row, count, accumulator + slot * d, d);
