@@ -147,6 +147,26 @@ def test_tile_order_merges_samples_missing_from_some_chunks(monkeypatch, loss_na
 
 
 @pytest.mark.parametrize("order", ORDERS, indirect=True)
+def test_nce_with_a_far_too_small_z_stays_finite(order):
+    """lemniscate's Z fixed on a random first batch can be orders of magnitude too small, and
+    every negative's log(1 + P / c) term is then large: a sample's product of the terms' factors
+    passes double's range many times over (~1e300 after a few dozen pairs here) and must be
+    folded into the sum in time, in whatever runs and blocks the pairs come. Loss and gradient
+    still match float64."""
+    B, K, n, d = 16, 2000, 3000, 32
+    x, bank, y, idx, _ = problem(B, K, n, d)
+    bank = (0.5 * bank + 0.5 * x[torch.randint(0, B, (n,))])  # rows close to the features: large P
+    bank = torch.nn.functional.normalize(bank, dim=1)
+    z = torch.tensor([1e-6], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        loss, grad, _ = run_loss("nce", x.to(dtype), bank.to(dtype), y, z.to(dtype), idx=idx)
+        want_loss, want_grad = reference("nce", x, bank, y, idx, z)
+        assert torch.isfinite(want_loss).all() and want_loss.min() > 1e4  # the products overflow
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert close(loss, want_loss, tol) and close(grad, want_grad, tol)
+
+
+@pytest.mark.parametrize("order", ORDERS, indirect=True)
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
 def test_both_orders_gradcheck(order, loss_name):
     x, bank, y, idx, _ = problem(3, 6, 11, 5)

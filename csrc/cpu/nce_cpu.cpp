@@ -415,11 +415,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
               block.s[i] = coef[i];
             }
             exp_sum[slot] += run_exp_sum;
+            // Both products are below 1e280, so theirs can overflow (to inf, which compares
+            // greater too): then each is folded into the sum on its own.
             double& prod = negatives_product[slot];
-            prod *= run_product;
-            if (prod > 1e280) {
-              run_loss += std::log(prod);
+            const double merged = prod * run_product;
+            if (merged > 1e280) {
+              run_loss += std::log(prod) + std::log(run_product);
               prod = 1.0;
+            } else {
+              prod = merged;
             }
             slot_loss[slot] += run_loss;
           }
