@@ -266,7 +266,7 @@ NPID_ALWAYS_INLINE void exp_whole_vectors(const acc_t* in, acc_t* out, int64_t c
       out = x > hi ? V{} + std::numeric_limits<float>::infinity() : out;
       out = x < lo ? V{} : out;
       out = x != x ? x : out;
-      std::memcpy(result, &out, sizeof(V));
+      store_vector(result, out);
     };
     for (int64_t i = 0; i < count; i += L) exp8(in + i, out + i);
   } else {
@@ -283,7 +283,7 @@ NPID_ALWAYS_INLINE void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t*
     int64_t j = 0;
     auto step = [&](int64_t at) NPID_ALWAYS_INLINE_LAMBDA {
       const V o = load_vector<V>(out + at) + a * load_vector<V>(row + at);
-      std::memcpy(out + at, &o, sizeof(V));
+      store_vector(out + at, o);
     };
     for (; j + 4 * L <= d; j += 4 * L) {
       step(j);

@@ -227,7 +227,7 @@ NPID_ALWAYS_INLINE void add_rows_in_registers(const acc_t* __restrict__ coef,
   for (; j + L <= d; j += L) {
     V held = load_vector<V>(out + j);
     for (int64_t i = 0; i < count; ++i) held += coef[i] * load_vector<V>(rows[i] + j);
-    std::memcpy(out + j, &held, sizeof(V));
+    store_vector(out + j, held);
   }
   for (; j < d; ++j) {
     acc_t held = out[j];
