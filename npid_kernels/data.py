@@ -154,6 +154,28 @@ def load_fashion_mnist(root: str) -> Tuple[TensorSplit, TensorSplit]:
     return splits[0], splits[1]
 
 
+class _CifarBatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR python batch and nothing else: a batch is a dict of a numpy uint8 array, lists,
+    bytes, str and int, so the only globals it may name are what rebuilds a numpy array (and, in a
+    protocol-2 pickle written by Python 3, `_codecs.encode` for bytes). Any other name is refused
+    before it is looked up, so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")  # the official batches were pickled by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"cifar10: {self.path} names {module}.{name}, which a CIFAR-10 batch never "
+                                         "holds; refusing to load it")
+        return super().find_class(module, name)
+
+
 def load_cifar10(root: str, download: bool = False) -> Tuple[TensorSplit, TensorSplit]:
     """torchvision's directory format: root/cifar-10-batches-py/{data_batch_1..5,test_batch}
     (python pickles). --download passes through to torchvision."""
@@ -172,8 +194,14 @@ def load_cifar10(root: str, download: bool = False) -> Tuple[TensorSplit, Tensor
             path = os.path.join(folder, name)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"cifar10: {path} is missing")
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            try:
+                with open(path, "rb") as f:
+                    entry = _CifarBatchUnpickler(f, path).load()
+            except (pickle.UnpicklingError, EOFError) as error:
+                message = str(error) if str(error).startswith("cifar10:") else f"cifar10: cannot read {path}: {error}"
+                raise ValueError(message) from None
+            if not isinstance(entry, dict) or "data" not in entry:
+                raise ValueError(f"cifar10: {path} is not a CIFAR-10 python batch (expected a dict with 'data')")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
         return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))

@@ -182,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="an npid-train checkpoint.pt")
     ex.add_argument("--output", required=True, help="where to write the state_dict (.pth)")
     ex.add_argument("--no-head", action="store_true", help="leave the low-dim head out (backbone weights only)")
+
+    cv = sub.add_parser("convert-checkpoint", help="rewrite a format-1 checkpoint (a file you trust) as plain data",
+                        formatter_class=_HelpFormatter,
+                        description=f"Rewrite a checkpoint written before format {C.FORMAT} (its RNG states were\n"
+                                    "pickled objects) as tensors and plain values, which train --resume, eval and\n"
+                                    "export load without running anything in the file. The conversion itself\n"
+                                    "unpickles the file in full, which runs whatever code it names: use it only\n"
+                                    "on a checkpoint from a source you trust.")
+    cv.add_argument("checkpoint", help="the format-1 checkpoint.pt")
+    cv.add_argument("--output", default=None, help="where to write the converted checkpoint (default: in place)")
     return parser
 
 
@@ -563,10 +573,10 @@ def train(args) -> Dict:
                     writer.add_scalar(key, value, epoch + 1)
         crit_state = criterion_state()
         if main_rank:  # saved once; loadable at any world size (the bank is whole)
-            C.save_atomic({"format": C.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "criterion": crit_state, "rng": C.rng_state(), "epoch": epoch + 1, "history": history,
-                           "config": config, "args": vars(args), "num_classes": data.num_classes,
-                           "in_channels": data.in_channels}, ckpt_path)
+            C.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "criterion": crit_state, "rng": C.rng_state(), "epoch": epoch + 1, "history": history,
+                    "config": config, "args": vars(args), "num_classes": data.num_classes,
+                    "in_channels": data.in_channels}, ckpt_path)
             _write_csv(history, os.path.join(args.out_dir, "log.csv"))
         if epoch + 1 < end_epoch and _out_of_time(args, started, row, world, device):
             end_epoch = epoch + 1
@@ -779,8 +789,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             train(args)
         elif args.command == "eval":
             run_eval(args)
-        else:
+        elif args.command == "export":
             run_export(args)
+        else:
+            print(f"wrote {C.convert_legacy(args.checkpoint, args.output)} (format {C.FORMAT})")
     except (FileNotFoundError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"npid-train: error: {message}", file=sys.stderr)

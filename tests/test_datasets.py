@@ -32,8 +32,9 @@ def make_fashion_mnist(root, n_train=10, n_test=4, seed=0):
     return train_x, test_x
 
 
-def make_cifar10(root, per_batch=3, n_test=2, seed=1):
-    """torchvision's layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+def make_cifar10(root, per_batch=3, n_test=2, seed=1, protocol=2):
+    """torchvision's layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta},
+    pickled with protocol 2 as the official (Python 2) batches are."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -41,9 +42,9 @@ def make_cifar10(root, per_batch=3, n_test=2, seed=1):
         entry = {"batch_label": name, "data": rng.integers(0, 255, (count, 3072), dtype=np.uint8),
                  "labels": [int(v) for v in rng.integers(0, 10, count)], "filenames": [f"{i}.png" for i in range(count)]}
         with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
+            pickle.dump(entry, f, protocol=protocol)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f, protocol=protocol)
     return folder
 
 
@@ -140,7 +141,7 @@ def test_driver_trains_and_evaluates_on_each_format(tmp_path, fmt):
     out = tmp_path / "run"
     assert T.main(["train", "--dataset", fmt, "--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "4",
                    "--nce-k", "3", "--knn-k", "3", "--out-dir", str(out)] + extra) == 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     n = {"fashion-mnist": 12, "cifar10": 15, "npz": 12, "imagefolder": 8}[fmt]
     assert ckpt["criterion"]["bank.memory"].shape == (n, 128)
     assert T.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--knn-k", "3", "--workers", "0"]) == 0

@@ -35,7 +35,7 @@ def test_table1_script_runs_every_row_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr + first.stdout
     assert "not finished: param-softmax, softmax, nce-1" in first.stdout  # random-init has no epoch to stop in
     for row in ROWS[:-1]:
-        assert torch.load(out / row / "checkpoint.pt", weights_only=False)["epoch"] == 1, row
+        assert torch.load(out / row / "checkpoint.pt", weights_only=True)["epoch"] == 1, row
         assert not (out / row / "results.json").exists()
     done_before = (out / "random-init" / "results.json").stat().st_mtime_ns
     # Second start: the finished row is skipped, the others continue from epoch 1.

@@ -27,7 +27,7 @@ def results(out_dir):
 
 
 def load(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +380,7 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 1/2:") == 1  # only rank 0 logs
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     bank = ckpt["criterion"]["bank.memory"]
     assert ckpt["epoch"] == 1 and bank.shape == (1438, 128)
     # every instance of the epoch's 11 global batches of 128 was momentum-updated (rows exactly unit)
@@ -395,4 +395,4 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     nn1 = json.loads((tmp_path / "eval.json").read_text())["nn1_top1_bank"]
     assert abs(ckpt["history"][0]["knn1_top1"] - nn1) <= 0.3, (ckpt["history"][0]["knn1_top1"], nn1)
     run(common + ["--resume"])
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
