@@ -235,7 +235,7 @@ def test_eval_and_export(tmp_path):
                    "--output-json", str(out)]) == 0
     assert json.loads(out.read_text())["knn_top1_bank"] == results(tmp_path)["knn_top1_bank"]
     run(["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "backbone.pth")])
-    state = torch.load(tmp_path / "backbone.pth")
+    state = torch.load(tmp_path / "backbone.pth", weights_only=True)
     assert state["head.weight"].shape == (128, 128) and "body.0.weight" in state
 
 
@@ -254,7 +254,7 @@ def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
     assert json.loads(out.read_text())["knn_top1_bank"] == results(tmp_path)["knn_top1_bank"]
     run(["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "b.pth")])
     assert "build_encoder('cnn4', width=8" in capsys.readouterr().out
-    encoder, state = build_encoder("cnn4", 128, 1, width=8), torch.load(tmp_path / "b.pth")
+    encoder, state = build_encoder("cnn4", 128, 1, width=8), torch.load(tmp_path / "b.pth", weights_only=True)
     encoder.backbone.load_state_dict({k: v for k, v in state.items() if k.startswith("body.")})
     encoder.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
     assert encoder.backbone.out_features == 32 and encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
@@ -283,7 +283,7 @@ def test_export_loads_into_torchvision_resnet(tmp_path):
     model = torchvision.models.resnet18(num_classes=32)
     model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = torch.nn.Identity()
-    model.load_state_dict(torch.load(tmp_path / "r18.pth"))  # strict: every key matches
+    model.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True))  # strict: every key matches
     # the exported network computes the encoder's features (before the L2 normalisation)
     ckpt = load(tmp_path / "run" / "checkpoint.pt")
     from npid_kernels.models import build_encoder
@@ -296,7 +296,7 @@ def test_export_loads_into_torchvision_resnet(tmp_path):
         assert torch.allclose(torch.nn.functional.normalize(model(x), dim=1), encoder(x), atol=1e-5)
     run(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--output", str(tmp_path / "nohead.pth"),
          "--no-head"])
-    assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "nohead.pth"))
+    assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "nohead.pth", weights_only=True))
 
 
 def test_step_schedule_is_lemniscates_and_scales_with_epochs():
