@@ -31,7 +31,7 @@ LEGACY_FORMAT = "npid-train/1"  # numpy / Python RNG states pickled as objects; 
 # meaning of the bank. Others (epochs, lr, batch size, ...) may change on resume, with a warning,
 # since the pieces then no longer add up to one run with the final settings.
 CONFIG_KEYS = ("dataset", "arch", "low_dim", "cifar_stem", "loss", "nce_k", "nce_t", "bank_dtype",
-               "train_fraction", "seed", "image_size", "width", "negatives", "exclude_positive")
+               "train_fraction", "seed", "image_size", "width", "negatives", "exclude_positive", "holdout")
 SCHEDULE_KEYS = ("epochs", "lr", "schedule", "batch_size", "momentum", "weight_decay", "nce_m", "augment", "hflip",
                  "z_mode", "z_momentum")
 REQUIRED_KEYS = ("model", "criterion", "config", "args", "epoch")

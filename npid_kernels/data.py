@@ -254,6 +254,17 @@ def subset_fraction(split: TensorSplit, fraction: float, seed: int) -> TensorSpl
     return TensorSplit(split.images[keep], split.labels[keep])
 
 
+def hold_out(split: TensorSplit, count: int, seed: int, name: str) -> Tuple[TensorSplit, TensorSplit]:
+    """(the rest, `count` images) of a training split, picked at random by `seed`: the held-out
+    images stand in for the test set when settings are chosen, so the test set is never looked at."""
+    total = len(split.labels)
+    if not 0 < count < total:
+        raise ValueError(f"{name}: --holdout must be between 1 and {total - 1} (the training images), got {count}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + 17))
+    held, rest = order[:count].sort().values, order[count:].sort().values
+    return TensorSplit(split.images[rest], split.labels[rest]), TensorSplit(split.images[held], split.labels[held])
+
+
 # ---------------------------------------------------------------- augmentation
 
 def paper_transform(size: int, mean, std, strength: str = "paper", hflip: bool = True):
@@ -388,7 +399,8 @@ class DataModule:
 
     def __init__(self, dataset: str = "digits", data_dir: Optional[str] = None, download: bool = False,
                  train_fraction: float = 1.0, seed: int = 0, image_size: Optional[int] = None,
-                 augment: Optional[str] = None, hflip: bool = True, device="cpu", workers: int = 2):
+                 augment: Optional[str] = None, hflip: bool = True, device="cpu", workers: int = 2,
+                 holdout: int = 0):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
         self.name = dataset
@@ -397,7 +409,11 @@ class DataModule:
         self.workers = workers
         self._train_on_device = None
         strength = augment or ("light" if dataset == "digits" else "paper")
+        self.holdout = holdout
         if self.folder:
+            if holdout:
+                raise ValueError("--holdout works with the in-memory datasets (digits, fashion-mnist, cifar10, npz), "
+                                 "not imagefolder")
             root = data_dir
             if not root:
                 raise FileNotFoundError("--data-dir is required for imagefolder (a folder with train/ and val/)")
@@ -433,6 +449,8 @@ class DataModule:
                 raise ValueError(f"{dataset}: train images are {tuple(train.images.shape[1:])} but test images are "
                                  f"{tuple(test.images.shape[1:])}")
             train = subset_fraction(train, train_fraction, seed)
+            if holdout:
+                train, test = hold_out(train, holdout, seed, dataset)
             self.train, self.test = train, test
             self.train_labels, self.test_labels = train.labels, test.labels
             self.num_classes = int(max(train.labels.max(), test.labels.max())) + 1
@@ -451,10 +469,12 @@ class DataModule:
     @classmethod
     def from_args(cls, args, device) -> "DataModule":
         return cls(args.dataset, args.data_dir, getattr(args, "download", False), args.train_fraction, args.seed,
-                   args.image_size, args.augment, getattr(args, "hflip", True), device, getattr(args, "workers", 2))
+                   args.image_size, args.augment, getattr(args, "hflip", True), device, getattr(args, "workers", 2),
+                   getattr(args, "holdout", 0) or 0)
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.num_train} training / {len(self.test_labels)} test images, "
+        test = "held-out training" if self.holdout else "test"
+        return (f"{self.name}: {self.num_train} training / {len(self.test_labels)} {test} images, "
                 f"{self.num_classes} classes, {self.in_channels}x{self.image_size}x{self.image_size} inputs, "
                 f"augmentation {self.augment}")
 

@@ -76,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train)
     g = train.add_argument_group("model")
     g.add_argument("--arch", default=None, help="small-cnn (3 conv layers, one pool: 8x8 digits), cnn4 (4 conv layers, "
-                   "two pools: 28x28 images), or any torchvision classifier by name (resnet18, resnet50, ...); its "
+                   "two pools: 28x28 images), cifar-resnet18 (ResNet18 with the CIFAR stem at a base width, for "
+                   "32x32 images on a CPU), or any torchvision classifier by name (resnet18, resnet50, ...); its "
                    "classifier becomes the low-dim linear head, L2-normalised "
                    "(default: resnet18; small-cnn for digits and fashion-mnist)")
     g.add_argument("--width", type=int, default=None,
-                   help="small-cnn and cnn4: channels of the first conv layers (small-cnn: 64, then 128; cnn4: "
-                        "32, then 64 and 128); the cost of a step grows as its square (default: 64 for small-cnn, "
-                        "32 for cnn4)")
+                   help="small-cnn, cnn4 and cifar-resnet18: channels of the first conv layers (small-cnn: 64, then "
+                        "128; cnn4: 32, then 64 and 128; cifar-resnet18: 16, then 32, 64, 128, where 64 is ResNet18); "
+                        "the cost of a step grows as its square (default: 64 for small-cnn, 32 for cnn4, 16 for "
+                        "cifar-resnet18)")
     g.add_argument("--low-dim", type=int, default=128, help="feature dimension d (the paper's ablation: 32/64/128/256)")
     g.add_argument("--cifar-stem", action="store_true",
                    help="3x3 stride-1 first conv and no max-pool, as lemniscate's ResNet for 32x32 CIFAR")
@@ -207,6 +209,9 @@ def _add_data_args(p):
     g.add_argument("--train-fraction", type=float, default=1.0,
                    help="train on a fixed random fraction of the training set (picked by --seed), as the "
                         "paper's training-set-size ablation")
+    g.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="evaluate on N images held out of the training set (picked by --seed; the bank holds the "
+                        "rest) instead of the test set: for choosing settings without looking at the test set")
     g.add_argument("--image-size", type=int, default=None,
                    help="crop size fed to the network (default: the images' own size; 224 for image folders)")
     g.add_argument("--augment", choices=("paper", "light", "none"), default=None,
@@ -247,7 +252,7 @@ def apply_presets(args) -> List[str]:
     if getattr(args, "width", None) is None and args.arch in SMALL_NETS:
         args.width = SMALL_NETS[args.arch][1]
     elif getattr(args, "width", None) is not None and args.arch not in SMALL_NETS:
-        raise ValueError(f"--width applies to {' and '.join(SMALL_NETS)}, not --arch {args.arch}")
+        raise ValueError(f"--width applies to {', '.join(SMALL_NETS)}, not --arch {args.arch}")
     return used
 
 
@@ -601,7 +606,8 @@ def train(args) -> Dict:
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
                     "z_final": float(criterion.z.item()) if args.loss == "nce" else None,
-                    "train_images": n, "test_images": len(data.test_labels),
+                    "train_images": n, "test_images": len(data.test_labels), "holdout": data.holdout,
+                    "augment": data.augment, "schedule": args.schedule, "seed": args.seed,
                     "train_seconds_total": sum(row["seconds"] + row.get("eval_seconds", 0) for row in history),
                     "wall_seconds_this_command": time.perf_counter() - started})
     if history and _import_error("matplotlib") is None:  # else warned at the start

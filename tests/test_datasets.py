@@ -2,6 +2,7 @@
 training on each format, the subset and augmentation helpers; the real Fashion-MNIST and digits
 copies from ../shared/data when present."""
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -145,6 +146,34 @@ def test_driver_trains_and_evaluates_on_each_format(tmp_path, fmt):
     n = {"fashion-mnist": 12, "cifar10": 15, "npz": 12, "imagefolder": 8}[fmt]
     assert ckpt["criterion"]["bank.memory"].shape == (n, 128)
     assert T.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--knn-k", "3", "--workers", "0"]) == 0
+
+
+def test_holdout_evaluates_on_training_images_never_the_test_set(tmp_path, capsys):
+    """--holdout N: N training images (picked by the seed) replace the test set, the bank holds the
+    rest; the test images (all zero here) are never used."""
+    rng = np.random.default_rng(5)
+    train_x = rng.integers(1, 255, (20, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", train_x=train_x, train_y=np.arange(20) % 4,
+             test_x=np.zeros((4, 8, 8, 3), dtype=np.uint8), test_y=np.arange(4) % 4)
+    data = D.DataModule("npz", str(tmp_path / "d.npz"), holdout=5, seed=3)
+    assert data.num_train == 15 and data.test.images.shape[0] == 5 and "5 held-out training images" in data.describe()
+    seen = sorted(map(bytes, torch.cat([data.train.images, data.test.images]).numpy()))
+    assert seen == sorted(map(bytes, train_x.transpose(0, 3, 1, 2).copy()))  # a partition of the training set
+    assert data.test.images.flatten(1).any(dim=1).all()  # no test image
+    again, other = (D.DataModule("npz", str(tmp_path / "d.npz"), holdout=5, seed=s) for s in (3, 4))
+    assert torch.equal(again.test.images, data.test.images) and not torch.equal(other.test.images, data.test.images)
+    with pytest.raises(ValueError, match="--holdout must be between 1 and 19"):
+        D.DataModule("npz", str(tmp_path / "d.npz"), holdout=20)
+    out = tmp_path / "run"
+    assert T.main(["train", "--dataset", "npz", "--data-dir", str(tmp_path / "d.npz"), "--holdout", "5", "--epochs", "1",
+                   "--arch", "small-cnn", "--batch-size", "4", "--nce-k", "3", "--knn-k", "3", "--out-dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["test_images"] == 5 and res["train_images"] == 15 and res["holdout"] == 5
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["criterion"]["bank.memory"].shape[0] == 15
+    make_imagefolder(tmp_path / "imgs")
+    assert T.main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--holdout", "2",
+                   "--out-dir", str(tmp_path / "r2")]) == 2
+    assert "--holdout works with the in-memory datasets" in capsys.readouterr().err
 
 
 def test_imagefolder_train_fraction(tmp_path):

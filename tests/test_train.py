@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,7 +267,31 @@ def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
          "--out-dir", str(tmp_path / "d")])
     assert results(tmp_path / "d")["width"] == 32 and load(tmp_path / "d" / "checkpoint.pt")["epoch"] == 2
     assert T.main(["train", "--arch", "resnet18", "--width", "8", "--out-dir", str(tmp_path / "r")]) == 2
-    assert "--width applies to small-cnn and cnn4, not --arch resnet18" in capsys.readouterr().err
+    assert "--width applies to small-cnn, cnn4, cifar-resnet18, not --arch resnet18" in capsys.readouterr().err
+
+
+def test_cifar_resnet18_is_resnet18_at_a_base_width(tmp_path, capsys):
+    """cifar-resnet18 at width 64 has exactly torchvision's ResNet18 convolutions with the CIFAR
+    stem (same parameter count); a narrow one trains through the driver and exports."""
+    torchvision = pytest.importorskip("torchvision")
+    from npid_kernels.models import build_encoder
+
+    ours = build_encoder("cifar-resnet18", 128, 3, width=64)
+    theirs = build_encoder("resnet18", 128, 3, cifar_stem=True)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    narrow = build_encoder("cifar-resnet18", 128, 3, width=4)
+    assert narrow.backbone.out_features == 32 and narrow(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "d.npz", train_x=rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+             train_y=np.arange(16) % 4, test_x=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+             test_y=np.arange(4) % 4)
+    run(["train", "--dataset", "npz", "--data-dir", str(tmp_path / "d.npz"), "--arch", "cifar-resnet18", "--width", "4",
+         "--epochs", "1", "--batch-size", "8", "--nce-k", "8", "--knn-k", "4", "--out-dir", str(tmp_path / "run")])
+    assert results(tmp_path / "run")["width"] == 4
+    run(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--output", str(tmp_path / "b.pth")])
+    assert "build_encoder('cifar-resnet18', width=4" in capsys.readouterr().out
+    state = torch.load(tmp_path / "b.pth", weights_only=True)
+    narrow.load_state_dict({("backbone." + k if k.startswith("body.") else k): v for k, v in state.items()})
 
 
 def test_export_loads_into_torchvision_resnet(tmp_path):
