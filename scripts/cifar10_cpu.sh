@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The paper's CIFAR-10 experiments sized for a 2-core CPU, in stages, resumable:
+#
+#   bash scripts/cifar10_cpu.sh DATA [OUT_DIR]        (OUT_DIR default: results/cifar10-cpu)
+#
+# DATA is CIFAR-10 as torchvision's folder (holding cifar-10-batches-py) or as an .npz with
+# train_x, train_y, test_x, test_y (e.g. decoded from a JPEG copy: say which in the results).
+# STAGES (environment, default "setup") picks what runs, in this order:
+#   setup   candidate encoders / augmentations / epochs, NCE m = 4096, judged by weighted kNN of
+#           5,000 images held out of the *training* set against the other 45,000 (--holdout):
+#           the test set is not looked at while the set-up is chosen.
+# A finished row (OUT_DIR/<stage>/<row>/results.json) is skipped and an unfinished one continues
+# from its checkpoint (npid-train --resume), so rerunning the same command after an interruption
+# (or with EXTRA="--max-minutes-this-run M" for time-limited pieces) completes the stage. After
+# each row, scripts/cifar10_report.py rewrites OUT_DIR/<stage>.md and .json.
+# Settings: EXTRA (more npid-train flags for every row, split at spaces), PYTHON.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+    sed -n '2,17p' "$0" >&2
+    exit 2
+fi
+DATA=$(realpath -m "$1")
+OUT_DIR=$(realpath -m "${2:-$(dirname "$0")/../results/cifar10-cpu}")
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-setup}
+
+if [ -f "$DATA" ]; then
+    dataset=(--dataset npz --data-dir "$DATA")
+elif [ -d "$DATA/cifar-10-batches-py" ]; then
+    dataset=(--dataset cifar10 --data-dir "$DATA")
+else
+    echo "cifar10_cpu.sh: $DATA is neither an .npz file nor a folder holding cifar-10-batches-py" >&2
+    exit 2
+fi
+mkdir -p "$OUT_DIR"
+# The paper's T, bank momentum and optimiser; batch 128 as lemniscate's cifar.py; every row seed 0
+# unless it says otherwise.
+common=("${dataset[@]}" --batch-size 128 --lr 0.03 --nce-t 0.07 --nce-m 0.5 --knn-k 200 --knn-source both
+        --eval-every 5 --resume ${EXTRA:-})
+
+row() {  # row STAGE NAME FLAGS...: train and evaluate one row unless it has finished
+    local stage=$1 name=$2
+    shift 2
+    local out="$OUT_DIR/$stage/$name"
+    if [ -f "$out/results.json" ]; then
+        echo "== $stage/$name: done"
+        return
+    fi
+    mkdir -p "$OUT_DIR/$stage"
+    echo "== $(date -u '+%Y-%m-%d %H:%M UTC') $stage/$name: npid-train train ${common[*]} $* --out-dir $out" \
+        | tee -a "$OUT_DIR/$stage/$name.log"
+    "$PY" -m npid_kernels.train train "${common[@]}" "$@" --out-dir "$out" >> "$OUT_DIR/$stage/$name.log" 2>&1 \
+        || { echo "cifar10_cpu.sh: row $stage/$name failed or stopped, see $OUT_DIR/$stage/$name.log" >&2;
+             tail -3 "$OUT_DIR/$stage/$name.log" >&2; exit 1; }
+    grep "final weighted kNN" "$OUT_DIR/$stage/$name.log" || true
+    "$PY" scripts/cifar10_report.py "$OUT_DIR" "$stage" > /dev/null
+}
+
+{   # one block per start (a resumed run has several)
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'): STAGES='$STAGES' EXTRA='${EXTRA:-}' bash scripts/cifar10_cpu.sh $DATA $OUT_DIR"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
+         "$("$PY" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())');" \
+         "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //') x $(nproc) cores"
+} >> "$OUT_DIR/command.txt"
+
+for stage in $STAGES; do
+    case $stage in
+    setup)
+        nce=(--loss nce --nce-k 4096 --z-mode batch --holdout 5000 --seed 0 --schedule cosine)
+        row setup random-init-cnn4 "${nce[@]}" --arch cnn4 --width 32 --epochs 0
+        row setup random-init-cifar-resnet18 "${nce[@]}" --arch cifar-resnet18 --width 16 --epochs 0
+        row setup cnn4-w32-paper-15ep "${nce[@]}" --arch cnn4 --width 32 --augment paper --epochs 15
+        row setup cifar-resnet18-w16-paper-8ep "${nce[@]}" --arch cifar-resnet18 --width 16 --augment paper --epochs 8
+        row setup cnn4-w32-light-15ep "${nce[@]}" --arch cnn4 --width 32 --augment light --epochs 15
+        row setup cnn4-w32-paper-30ep "${nce[@]}" --arch cnn4 --width 32 --augment paper --epochs 30
+        row setup cifar-resnet18-w16-paper-15ep "${nce[@]}" --arch cifar-resnet18 --width 16 --augment paper --epochs 15
+        ;;
+    *)
+        echo "cifar10_cpu.sh: unknown stage $stage (known: setup)" >&2
+        exit 2
+        ;;
+    esac
+done

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Collects the rows of one stage of scripts/cifar10_cpu.sh into a table.
+
+    python3 scripts/cifar10_report.py results/cifar10-cpu setup
+
+reads OUT/<stage>/<row>/results.json and log.csv of every finished row and writes OUT/<stage>.md
+and OUT/<stage>.json. For the set-up stage the evaluation set is 5,000 images held out of the
+training set; each trained row is compared with the random-init row of the same encoder, and with
+the kNN points it gains per minute of training. Rows still running are listed as not finished.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+
+def _row(folder: str, name: str) -> Optional[Dict]:
+    path = os.path.join(folder, name, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    minutes, images_per_s = 0.0, None
+    log = os.path.join(folder, name, "log.csv")
+    if os.path.exists(log):
+        with open(log) as f:
+            rows = list(csv.DictReader(f))
+        minutes = sum(float(r["seconds"]) for r in rows) / 60
+        images_per_s = sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None
+    return {"row": name, "arch": res.get("arch"), "width": res.get("width"), "augment": res.get("augment"),
+            "epochs": res.get("epochs"), "loss": res.get("loss"), "nce_k": res.get("nce_k"),
+            "knn_features": res.get("knn_top1_features"), "knn_bank": res.get("knn_top1_bank"),
+            "train_minutes": minutes, "images_per_s": images_per_s, "eval_images": res.get("test_images"),
+            "train_images": res.get("train_images")}
+
+
+def collect(out_dir: str, stage: str) -> List[Dict]:
+    folder = os.path.join(out_dir, stage)
+    names = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
+    rows = [r for r in (_row(folder, n) for n in names) if r is not None]
+    baseline = {r["arch"]: r["knn_features"] for r in rows if r["epochs"] == 0}
+    for r in rows:
+        base = baseline.get(r["arch"])
+        r["gain_over_random_init"] = None if base is None or r["epochs"] == 0 else r["knn_features"] - base
+        r["gain_per_minute"] = (r["gain_over_random_init"] / r["train_minutes"]
+                                if r["gain_over_random_init"] is not None and r["train_minutes"] > 0 else None)
+    rows.sort(key=lambda r: (r["epochs"] != 0, -(r["gain_per_minute"] or 0)))
+    return rows
+
+
+def _f(value, digits=2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def render(rows: List[Dict], stage: str, unfinished: List[str]) -> str:
+    held_out = stage == "setup"
+    what = "5,000 held-out training images" if held_out else "the 10,000 test images"
+    lines = [f"Weighted kNN (k = 200) top-1 on {what}, with the bank of the other training images "
+             "(recomputed features / the memory bank); minutes of training from log.csv.", "",
+             "| row | encoder | augmentation | epochs | kNN, features | kNN, bank | gain over random init | "
+             "training minutes | images/s | gain per minute |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['arch']} width {r['width']} | {r['augment']} | {r['epochs']} "
+                     f"| {_f(r['knn_features'])} | {_f(r['knn_bank'])} | {_f(r['gain_over_random_init'])} "
+                     f"| {_f(r['train_minutes'], 1)} | {_f(r['images_per_s'], 0)} | {_f(r['gain_per_minute'], 2)} |")
+    if unfinished:
+        lines += ["", "not finished: " + ", ".join(unfinished)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out_dir, stage = argv[1], argv[2]
+    rows = collect(out_dir, stage)
+    folder = os.path.join(out_dir, stage)
+    started = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
+    unfinished = [n for n in started if n not in {r["row"] for r in rows}]
+    text = render(rows, stage, unfinished)
+    with open(os.path.join(out_dir, f"{stage}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, f"{stage}.json"), "w") as f:
+        json.dump({"stage": stage, "rows": rows, "unfinished": unfinished}, f, indent=1)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
