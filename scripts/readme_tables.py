@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Writes the tables of README.md and docs/performance-history.md from the committed files they
+report, so that no number there is typed by hand.
+
+    python scripts/readme_tables.py           # rewrite the generated blocks in place
+    python scripts/readme_tables.py --check   # exit 1 (and show the difference) when a block is stale
+
+A generated block sits between `<!-- BEGIN generated: NAME -->` and `<!-- END generated: NAME -->`;
+everything outside the markers is hand-written prose, which names the files without quoting
+numbers. tests/test_readme.py runs --check, so a README that disagrees with its files fails CI.
+To refresh the performance table after a new benchmark run, point PERFORMANCE_RUN at its JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import glob
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The side-by-side CPU run the README's performance table reports (pytest-benchmark JSON).
+PERFORMANCE_RUN = "benchmarks/results/cpu-2026-12-05-tile-order-step-26c1e30.json"
+# The main job (README's first command) and its random-init baseline, run with the commands in
+# each folder's command.txt.
+DIGITS_RUNS = {"NPID, exact non-parametric softmax, 60 epochs": "results/digits/softmax-60ep",
+               "same encoder at random initialisation (`--epochs 0`)": "results/digits/random-init"}
+TABLE1_FASHION_MNIST = "results/table1-cpu/table.json"
+
+
+def _read_json(path: str):
+    with open(os.path.join(ROOT, path)) as f:
+        return json.load(f)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _ms(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _mib(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value / 2**20:.2g}" if value < 10 * 2**20 else f"{value / 2**20:.0f}"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "—" if a is None or b is None or b <= 0 else f"{a / b:.1f}×"
+
+
+def _bench_cases(data: Dict) -> Dict:
+    """{(op, bank dtype, pass): {provider: (median ms, peak extra bytes, contended)}} of a pytest-benchmark
+    JSON written by benchmarks/ (the contended test is report.py's)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.report import _contended  # noqa: E402  (the same rule as the benchmark report)
+
+    cases: Dict = {}
+    for bench in data.get("benchmarks", []):
+        info, params = bench.get("extra_info", {}), bench.get("params") or {}
+        key = (info.get("op"), params.get("bank_dtype"), info.get("pass"), params.get("B"), params.get("K"),
+               params.get("N"), params.get("D"))
+        cases.setdefault(key, {})[info.get("provider")] = (bench["stats"]["median"] * 1e3,
+                                                           info.get("peak_extra_bytes"), _contended(info))
+    return cases
+
+
+def _run_line(path: str, data: Dict) -> str:
+    info = data["benchmarks"][0]["extra_info"]
+    commit = str(info.get("commit") or "?")[:7] + (" with uncommitted changes" if info.get("commit_dirty") else "")
+    return (f"Measured {data.get('datetime', '?')[:16].replace('T', ' ')} UTC on {info.get('device_name', '?')}, "
+            f"torch {info.get('torch_version', '?')}, {info.get('num_threads', '?')} threads, commit {commit}; "
+            f"file `{path}`.")
+
+
+def performance_block() -> str:
+    data = _read_json(PERFORMANCE_RUN)
+    lines = [_run_line(PERFORMANCE_RUN, data), "",
+             "| training step (loss, backward, bank update) | PyTorch | torch.compile | npid, idx given "
+             "| npid, in-kernel sampling | PyTorch / npid | torch.compile / npid | peak extra MiB: PyTorch / npid |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    contended = False
+    order = lambda case: (str(case[0][0]), case[0][1] != "float32", str(case[0][1:]))  # noqa: E731
+    for (op, dtype, pass_, B, K, N, D), prov in sorted(_bench_cases(data).items(), key=order):
+        if pass_ != "step":
+            continue
+        med = {p: v[0] for p, v in prov.items()}
+        contended |= any(v[2] for v in prov.values())
+        name = {"nce": "NCE", "softmax-ce": "softmax-CE"}.get(op, op)
+        lines.append(f"| {name}, {dtype} bank, B={B} K={K:,} n={N:,} d={D} | {_ms(med.get('torch'))} ms "
+                     f"| {_ms(med.get('torch_compile'))} ms | {_ms(med.get('npid'))} ms "
+                     f"| {_ms(med.get('npid_insample'))} ms | {_ratio(med.get('torch'), med.get('npid'))} "
+                     f"| {_ratio(med.get('torch_compile'), med.get('npid'))} "
+                     f"| {_mib(prov.get('torch', (0, None))[1])} / {_mib(prov.get('npid', (0, None))[1])} |")
+    if contended:
+        lines += ["", "Some timings ran while other processes were busy (benchmarks/report.py marks them †)."]
+    return "\n".join(lines)
+
+
+def digits_block() -> str:
+    lines = ["| run | weighted kNN (k=200), bank | weighted kNN, recomputed features | training time | file |",
+             "|---|--:|--:|--:|---|"]
+    for label, folder in DIGITS_RUNS.items():
+        res = _read_json(os.path.join(folder, "results.json"))
+        log = os.path.join(ROOT, folder, "log.csv")
+        seconds = 0.0
+        if os.path.exists(log):  # (an --epochs 0 run trains nothing and writes no log)
+            with open(log) as f:
+                seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
+        bank = "—" if res.get("epochs") == 0 else f"{_pct(res.get('knn_top1_bank'))}%"  # a random bank
+        lines.append(f"| {label} | {bank} | {_pct(res.get('knn_top1_features'))}% "
+                     f"| {seconds:.0f} s | `{folder}/results.json` |")
+    return "\n".join(lines)
+
+
+def fashion_mnist_block() -> str:
+    rows = _read_json(TABLE1_FASHION_MNIST)
+    lines = ["| training | kNN, recomputed features | kNN, bank | linear probe, 128-d | linear probe, pooled "
+             "| the paper's CIFAR-10 kNN, for reference |", "|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        # The bank of the random-init row is random, and the parametric softmax's is a momentum
+        # record of its features that its loss never reads: only recomputed features compare.
+        bank = None if r["row"] in ("random-init", "param-softmax") else r.get("knn_bank")
+        lines.append(f"| {r['label']} | {_pct(r['knn_features'])} | {_pct(bank)} "
+                     f"| {_pct(r['linear_lowdim'])} | {_pct(r['linear_pooled'])} "
+                     f"| {'—' if r.get('paper_cifar10_knn') is None else r['paper_cifar10_knn']} |")
+    epochs = {r["epochs"] for r in rows if r.get("epochs")}
+    images = {(r["train_images"], r["test_images"]) for r in rows}
+    if len(epochs) == 1 and len(images) == 1:
+        (train, test), = images
+        lines += ["", f"Fashion-MNIST, {train:,} training and {test:,} test images, {epochs.pop()} epochs "
+                      f"per row; file `{TABLE1_FASHION_MNIST}`."]
+    return "\n".join(lines)
+
+
+def history_block() -> str:
+    """One row per committed pytest-benchmark run that timed the B=64, K=4096 NCE fp32 step."""
+    lines = ["| file | measured (UTC) | commit | threads | PyTorch | torch.compile | npid, idx | npid, in-kernel "
+             "| PyTorch / npid | timed while busy |", "|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
+                       + glob.glob(os.path.join(ROOT, "experiments", "**", "*.json"), recursive=True)):
+        rel = os.path.relpath(path, ROOT)
+        data = _read_json(rel)
+        if not isinstance(data, dict) or not data.get("benchmarks"):
+            continue
+        step = {k: v for k, v in _bench_cases(data).items()
+                if k[0] == "nce" and k[1] == "float32" and k[2] == "step" and k[3] == 64 and k[4] == 4096}
+        if not step:
+            continue
+        prov = next(iter(step.values()))
+        info = data["benchmarks"][0]["extra_info"]
+        med = {p: v[0] for p, v in prov.items()}
+        lines.append(f"| `{rel}` | {data.get('datetime', '?')[:16].replace('T', ' ')} "
+                     f"| {str(info.get('commit'))[:7]}{' (dirty)' if info.get('commit_dirty') else ''} "
+                     f"| {info.get('num_threads')} | {_ms(med.get('torch'))} | {_ms(med.get('torch_compile'))} "
+                     f"| {_ms(med.get('npid'))} | {_ms(med.get('npid_insample'))} "
+                     f"| {_ratio(med.get('torch'), med.get('npid'))} "
+                     f"| {'yes' if any(v[2] for v in prov.values()) else 'no'} |")
+    lines.sort(key=lambda line: line.split("|")[2] if line.startswith("| `") else "")
+    return "\n".join(lines)
+
+
+BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
+    "README.md": {"digits": digits_block, "performance-cpu": performance_block,
+                  "accuracy-fashion-mnist": fashion_mnist_block},
+    "docs/performance-history.md": {"history": history_block},
+}
+
+
+def render(text: str, blocks: Dict[str, Callable[[], str]], path: str) -> str:
+    for name, make in blocks.items():
+        pattern = re.compile(rf"(<!-- BEGIN generated: {re.escape(name)} -->\n).*?(<!-- END generated: {re.escape(name)} -->)",
+                             re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{path}: the markers of the generated block {name!r} are missing")
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is stale")
+    args = parser.parse_args(argv)
+    stale = 0
+    for path, blocks in BLOCKS.items():
+        with open(os.path.join(ROOT, path)) as f:
+            old = f.read()
+        new = render(old, blocks, path)
+        if new == old:
+            continue
+        if args.check:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), path, path + " (generated)"))
+        else:
+            with open(os.path.join(ROOT, path), "w") as f:
+                f.write(new)
+            print(f"rewrote the generated blocks of {path}")
+    if stale:
+        print(f"\n{stale} file(s) disagree with the committed results: run python scripts/readme_tables.py", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
