@@ -253,9 +253,11 @@ def sync(device: str) -> None:
 
 PEAK_METHOD_CUDA = "torch.cuda.max_memory_allocated() - memory_allocated() before one untimed call (after reset_peak_memory_stats)"
 PEAK_METHOD_CPU = ("one untimed call under torch.profiler.profile(profile_memory=True): the running sum of the "
-                   "CPU allocator's [memory] events (+alloc, -free) in time order, its maximum; counts every tensor "
-                   "allocated during the call (outputs and saved-for-backward tensors included), not the C++ "
-                   "kernels' std::vector scratch nor MKL/oneDNN internal workspaces")
+                   "CPU allocator's [memory] events (+alloc, -free) in time order, its maximum (every tensor "
+                   "allocated during the call, outputs and saved-for-backward tensors included), plus the peak of "
+                   "npid's CPU kernels' own scratch buffers in the same call (npid_kernels.ops.cpu_scratch_bytes; "
+                   "added, so an upper bound when the two peaks fall at different moments); MKL/oneDNN internal "
+                   "workspaces are not counted")
 
 
 def measure_peak_extra_bytes(fn: Callable[[], object], device: str) -> Tuple[Optional[int], str, float]:
@@ -275,18 +277,22 @@ def measure_peak_extra_bytes(fn: Callable[[], object], device: str) -> Tuple[Opt
     try:
         from torch.profiler import ProfilerActivity, profile
 
+        from npid_kernels.ops import cpu_scratch_bytes
+
+        scratch_before, _ = cpu_scratch_bytes(reset_peak=True)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             t0 = time.perf_counter()
             out = fn()
             seconds = time.perf_counter() - t0
         del out
+        scratch_peak = cpu_scratch_bytes()[1] - scratch_before
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
         events = [e for e in events if "CUDA" not in str(e.device_type())]
         current = peak = 0
         for e in sorted(events, key=lambda e: e.start_ns()):
             current += e.nbytes()
             peak = max(peak, current)
-        return int(peak), PEAK_METHOD_CPU, seconds
+        return int(peak + scratch_peak), PEAK_METHOD_CPU, seconds
     except Exception as exc:  # noqa: BLE001 - memory is informative; never fail the timing for it
         t0 = time.perf_counter()
         fn()

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
+from . import _C  # loads the library (registers torch.ops.npid.*); cpu_scratch_bytes
 from ._checks import _values_readable, all_finite
 
 # The operator library the entry points below call. The tests swap in `npid_emu`, the CUDA
@@ -297,3 +297,11 @@ def knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "
     precision of the products as in full_softmax_loss. NaN rows and queries are not refused here
     (they rank as torch.topk ranks NaN); nearest_neighbors and the kNN functions refuse them."""
     return npid.knn_topk(query, bank, k, precision)
+
+
+def cpu_scratch_bytes(reset_peak: bool = False):
+    """(live, peak): bytes the CPU kernels hold in scratch buffers now, and at most since the last
+    reset (both read before `reset_peak` restarts the peak from what is live). These buffers are
+    outside ATen's allocator, so torch's memory statistics do not see them; the benchmarks add the
+    peak to the allocator's to report a call's whole extra memory."""
+    return _C.cpu_scratch_bytes(bool(reset_peak))

@@ -14,6 +14,7 @@
 
 #include "npid/bank_scan.h"
 #include "npid/checks.h"
+#include "scratch.h"
 
 namespace npid {
 namespace cpu {
@@ -82,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor> running_topk(const at::Tensor& query, const a
   acc_t* sims_out = out_sims.data_ptr<acc_t>();
   int64_t* idx_out = out_idx.data_ptr<int64_t>();
   const int64_t cap = 2 * k;
-  std::vector<Neighbour<acc_t>> buffers;
-  std::vector<int64_t> counts;
-  std::vector<acc_t> thresholds;
+  ScratchVector<Neighbour<acc_t>> buffers;
+  ScratchVector<int64_t> counts;
+  ScratchVector<acc_t> thresholds;
   for (int64_t q0 = 0; q0 < Q; q0 += kKnnQueryRows) {
     const int64_t qn = std::min(kKnnQueryRows, Q - q0);
     const at::Tensor q = scan_operand(query.narrow(0, q0, qn), query.scalar_type(), precision);

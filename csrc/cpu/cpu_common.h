@@ -11,6 +11,8 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+
+#include "scratch.h"
 #include <vector>
 
 #include "npid/philox.h"
@@ -299,28 +301,6 @@ NPID_ALWAYS_INLINE void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t*
   }
 }
 
-// std::vector's storage aligned to a cache line. The hot loops move whole 32-byte vectors
-// through their scratch buffers (per-slot gradients, converted rows); malloc aligns to 16 bytes,
-// and every other vector of a 16-byte-offset buffer then straddles two cache lines: on the dev
-// VM a row-order axpy into such a buffer took ~20% longer (microbenchmark, accumulators in L1).
-template <typename T>
-struct CacheLineAllocator {
-  using value_type = T;
-  static constexpr std::align_val_t kAlignment{64};
-  CacheLineAllocator() = default;
-  template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(std::size_t count) {
-    return static_cast<T*>(::operator new(count * sizeof(T), kAlignment));
-  }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlignment); }
-  template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
-};
-template <typename T>
-using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Per-sample work is ~K*d multiply-adds; one sample per grain keeps both cores busy at B=1..4.
 constexpr int64_t kSampleGrain = 1;

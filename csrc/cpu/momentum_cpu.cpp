@@ -37,10 +37,10 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
               "x holds NaN or inf features; refusing to write them into the bank");
 
   // Duplicates: the last occurrence of a row in y wins (lemniscate's sequential index_copy_).
-  std::vector<int64_t> writers;
+  ScratchVector<int64_t> writers;
   writers.reserve(B);
   {
-    std::unordered_map<int64_t, int64_t> last;
+    ScratchMap<int64_t, int64_t> last;
     last.reserve(B * 2);
     for (int64_t b = 0; b < B; ++b) last[yp[b]] = b;
     for (int64_t b = 0; b < B; ++b)
@@ -58,8 +58,8 @@ void momentum_update_(at::Tensor& bank, const at::Tensor& x_in, const at::Tensor
     const int64_t W = static_cast<int64_t>(writers.size());
     // New rows go to a scratch buffer first: a row whose mix has zero norm (x = -m/(1-m) * row)
     // would become NaN, and the check must come before any row is written.
-    std::vector<acc_t> fresh(W * d);
-    std::vector<char> degenerate(W, 0);
+    ScratchVector<acc_t> fresh(W * d);
+    ScratchVector<char> degenerate(W, 0);
     at::parallel_for(0, W, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = writers[i];

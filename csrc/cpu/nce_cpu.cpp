@@ -154,7 +154,7 @@ NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIn
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
   AlignedVector<acc_t> xb(d);
-  std::vector<int64_t> rows(columns);
+  ScratchVector<int64_t> rows(columns);
   for (int64_t b = lo; b < hi; ++b) {
     for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
     a.rows.fill(b, rows.data());
@@ -254,7 +254,7 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
   TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
   if (z.item<double>() > 0) return;
   const int64_t B = a.x.size(0);
-  std::vector<double> per_sample(B, 0.0);
+  ScratchVector<double> per_sample(B, 0.0);
   BadIndexFlag bad;
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_estimate_z_",
                          [&](auto xt, auto bt) {
@@ -478,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
     const int64_t chunks = plan.chunks, slots = plan.slots(), stride = plan.slot_stride;
     AlignedVector<acc_t> acc(slots * d, acc_t(0)), w0(B * d, acc_t(0));
     AlignedVector<acc_t> m(slots, -std::numeric_limits<acc_t>::infinity()), l(slots, 0);
-    std::vector<acc_t> s0(B, 0);
+    ScratchVector<acc_t> s0(B, 0);
     // Values and raw pointers captured, as in nce_loss.
     score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,

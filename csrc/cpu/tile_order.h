@@ -78,8 +78,8 @@ inline int64_t tile_shift_for(int64_t row_bytes) {
 // Rows outside [0, n) are recorded in `bad` and left out.
 struct TileOrder {
   int64_t columns = 0, tiles = 0, tile_shift = 0, pairs = 0;
-  std::vector<uint32_t> codes;
-  std::vector<int32_t> run_starts;  // B x (tiles + 1)
+  ScratchVector<uint32_t> codes;
+  ScratchVector<int32_t> run_starts;  // B x (tiles + 1)
   int64_t run_start(int64_t b, int64_t t) const { return run_starts[b * (tiles + 1) + t]; }
 };
 
@@ -99,13 +99,13 @@ inline TileOrder sort_pairs_by_tile(const RowSource& src, int64_t B, int64_t n,
   const int64_t tiles = order.tiles;
   order.codes.resize(B * columns);
   order.run_starts.resize(B * (tiles + 1));
-  std::vector<int64_t> kept(B, 0);
+  ScratchVector<int64_t> kept(B, 0);
   at::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> sample_rows(src.idx == nullptr ? columns : 0);
+    ScratchVector<int64_t> sample_rows(src.idx == nullptr ? columns : 0);
     // The sample's rows as int32 (-1: out of range), written by the counting pass and read by
     // the placing pass from L1 instead of the caller's int64 idx a second time.
-    std::vector<int32_t> rows32(columns);
-    std::vector<int32_t> cursor(tiles + 1);
+    ScratchVector<int32_t> rows32(columns);
+    ScratchVector<int32_t> cursor(tiles + 1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t* rows = src.idx + b * columns;
       if (src.idx == nullptr) {
