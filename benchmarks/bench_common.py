@@ -97,7 +97,7 @@ def nce_shapes(settings: Settings) -> List:
         shapes = [(8, 256, 4096, 64, dt) for dt in ("float32", "bfloat16")]
         large = False
     elif settings.device == "cuda":
-        # DESIGN.md's table: ImageNet bank, CIFAR bank, m = 16384; fp32 (faithful) and bf16.
+        # The GPU shapes: ImageNet bank, CIFAR bank, m = 16384; fp32 (faithful) and bf16.
         shapes = [(256, 4096, 1_281_167, 128, dt) for dt in ("float32", "bfloat16")]
         shapes += [(256, 4096, 50_000, 128, dt) for dt in ("float32", "bfloat16")]
         shapes += [(256, 16384, 1_281_167, 128, dt) for dt in ("float32", "bfloat16")]

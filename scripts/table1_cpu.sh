@@ -5,8 +5,9 @@
 # random-init encoder. Every row: the same encoder, epochs,
 # augmentation, batch, schedule and seed; weighted kNN (k = 200) and a linear probe at the end.
 #
-#   bash scripts/table1_cpu.sh [DATA_DIR [OUT_DIR]]      (defaults: ../shared/data/fashion-mnist,
-#                                                         results/table1-cpu)
+#   bash scripts/table1_cpu.sh DATA_DIR [OUT_DIR]        (DATA_DIR: the four Fashion-MNIST idx .gz
+#                                                         files, as torchvision downloads them;
+#                                                         OUT_DIR default: results/table1-cpu)
 #
 # Resumable: a finished row (OUT_DIR/<row>/results.json) is skipped, an unfinished one continues
 # from its last epoch's checkpoint (npid-train --resume), so rerunning the same command after an
@@ -22,7 +23,7 @@
 #   EPOCHS=1 TRAIN_FRACTION=0.01 bash scripts/table1_cpu.sh DATA_DIR /tmp/t1
 set -euo pipefail
 # Paths given on the command line are taken relative to where the script is called from.
-DATA_DIR=$(realpath -m "${1:-$(dirname "$0")/../../shared/data/fashion-mnist}")
+DATA_DIR=$(realpath -m "${1:?usage: bash scripts/table1_cpu.sh DATA_DIR [OUT_DIR] (DATA_DIR: the Fashion-MNIST idx .gz files)}")
 OUT_DIR=$(realpath -m "${2:-$(dirname "$0")/../results/table1-cpu}")
 cd "$(dirname "$0")/.."
 EPOCHS=${EPOCHS:-16}

@@ -2,7 +2,7 @@
 // NCE / softmax-CE losses, negative sampling), compiled by nvcc (nce_cuda.cu) or by the host
 // compiler for the CUDA emulator (csrc/emu/).
 //
-// Kernel design (see DESIGN.md, "Where the time goes"):
+// Kernel design:
 //  * One block of 256 threads (8 warps) per (sample b, column split). Each warp takes
 //    batches of 32 consecutive columns of idx: lane l loads idx[b, k] (coalesced) or draws
 //    the Philox row for column k in-kernel (seed/offset read from rng_state on the device),
