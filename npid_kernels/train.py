@@ -31,6 +31,7 @@ from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
 from .models import SMALL_NETS, build_encoder, export_state_dict
+from .baselines import SupervisedLoss
 from .nn import NEGATIVES, Z_MODES, NPIDLoss, ParametricInstanceLoss
 from .ops import sample_negatives
 
@@ -46,7 +47,9 @@ PRESETS = {
 
 
 # Losses over all n rows each step (no K).
-FULL_SCAN_LOSSES = ("softmax", "param-softmax")
+FULL_SCAN_LOSSES = ("softmax", "param-softmax", "supervised")
+# Baselines that are not NPID: one process, their parameters learn with the encoder.
+BASELINE_LOSSES = ("param-softmax", "supervised")
 
 
 # ---------------------------------------------------------------- command line
@@ -89,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cifar-stem", action="store_true",
                    help="3x3 stride-1 first conv and no max-pool, as lemniscate's ResNet for 32x32 CIFAR")
     g = train.add_argument_group("NPID loss")
-    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax", "param-softmax"), default=None,
+    g.add_argument("--loss", choices=("nce", "softmax-ce", "softmax", "param-softmax", "supervised"), default=None,
                    help="nce: NCE with K uniform noise rows and Z estimated on the first batch (the paper); "
                         "softmax-ce: cross-entropy over the positive and K sampled rows (InfoNCE, lemniscate's "
                         "updated model); softmax: the exact non-parametric softmax over all n rows; "
                         "param-softmax: the paper's parametric baseline, an n-way linear classifier over "
-                        "instance ids trained with the encoder (no memory bank in the loss) "
-                        "(default: nce; softmax for digits)")
+                        "instance ids trained with the encoder (no memory bank in the loss); supervised: the "
+                        "labelled reference, the same encoder and head trained by cross-entropy over learned class "
+                        "prototypes (cosine, temperature --nce-t) (default: nce; softmax for digits)")
     g.add_argument("--nce-k", type=int, default=4096,
                    help="K, negatives per sample for nce/softmax-ce (capped at n-1); with --negatives shared, m, "
                         "the noise rows shared by the batch (not capped)")
@@ -288,8 +292,8 @@ def _check_args(args) -> None:
     if not 0 <= args.z_momentum < 1:
         raise ValueError(f"--z-momentum must be in [0, 1), got {args.z_momentum}")
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if getattr(args, "loss", None) == "param-softmax" and several_processes:
-        raise ValueError("--loss param-softmax is a single-process baseline (its n-way classifier is not sharded)")
+    if getattr(args, "loss", None) in BASELINE_LOSSES and several_processes:
+        raise ValueError(f"--loss {args.loss} is a single-process baseline")
     if getattr(args, "loss", None) in FULL_SCAN_LOSSES and (getattr(args, "negatives", "per-sample") != "per-sample"
                                                             or getattr(args, "exclude_positive", False)):
         raise ValueError(f"--negatives shared and --exclude-positive apply to --loss nce/softmax-ce, not {args.loss}")
@@ -432,6 +436,8 @@ def train(args) -> Dict:
     loss_precision = args.scan_precision if args.loss == "softmax" or args.negatives == "shared" else "fp32"
     if args.loss == "param-softmax":  # single process (_check_args)
         criterion = ParametricInstanceLoss(n, args.low_dim, args.nce_t, args.nce_m, device=device)
+    elif args.loss == "supervised":  # single process (_check_args)
+        criterion = SupervisedLoss(data.train_labels, data.num_classes, args.low_dim, args.nce_t, args.nce_m, device=device)
     elif world > 1:
         criterion = DistributedNPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
@@ -443,7 +449,7 @@ def train(args) -> Dict:
                              bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,
                              z_mode=args.z_mode, z_momentum=args.z_momentum, negatives=args.negatives,
                              exclude_positive=args.exclude_positive)
-    # param-softmax: its n-way classifier learns with the encoder (same lr, momentum, weight decay).
+    # The baselines' classifiers learn with the encoder (same lr, momentum, weight decay).
     optimizer = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
 

@@ -421,3 +421,16 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     assert abs(ckpt["history"][0]["knn1_top1"] - nn1) <= 0.3, (ckpt["history"][0]["knn1_top1"], nn1)
     run(common + ["--resume"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_supervised_reference_learns_the_labels(tmp_path, random_init_knn):
+    """--loss supervised (the tables' labelled reference): the same encoder and head trained with
+    the labels ends far above the random-init encoder on kNN, and its checkpoint resumes."""
+    job = ["train", "--dataset", "digits", "--arch", "small-cnn", "--loss", "supervised", "--augment", "light",
+           "--eval-every", "100", "--knn-source", "features", "--out-dir", str(tmp_path)]
+    run(job + ["--epochs", "8", "--max-epochs-this-run", "4"])
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["criterion"]["prototypes"].shape == (10, 128) and ckpt["criterion"]["labels"].shape == (1438,)
+    run(job + ["--epochs", "8", "--resume"])
+    res = results(tmp_path)
+    assert res["loss"] == "supervised" and res["knn_top1_features"] >= random_init_knn + 10, res["knn_top1_features"]
