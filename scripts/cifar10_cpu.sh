@@ -9,11 +9,18 @@
 #   setup   candidate encoders / augmentations / epochs, NCE m = 4096, judged by weighted kNN of
 #           5,000 images held out of the *training* set against the other 45,000 (--holdout):
 #           the test set is not looked at while the set-up is chosen.
+#   table   the paper's Table 1 rows on the 10,000 test images with the chosen set-up (ARCH, WIDTH,
+#           AUGMENT, EPOCHS): random init, parametric softmax, exact softmax, NCE m = 1, 10, 512,
+#           4096 (Z per step), NCE m = 512, 4096 with the paper's first-batch Z, softmax-CE
+#           m = 4096, the supervised reference; a second seed for random init, the exact softmax,
+#           NCE 4096 and NCE 1. Weighted kNN (features and bank) and a linear probe per row.
 # A finished row (OUT_DIR/<stage>/<row>/results.json) is skipped and an unfinished one continues
 # from its checkpoint (npid-train --resume), so rerunning the same command after an interruption
 # (or with EXTRA="--max-minutes-this-run M" for time-limited pieces) completes the stage. After
 # each row, scripts/cifar10_report.py rewrites OUT_DIR/<stage>.md and .json.
-# Settings: EXTRA (more npid-train flags for every row, split at spaces), PYTHON.
+# Settings: EXTRA (more npid-train flags for every row, split at spaces; they come last, so they
+# override a row's own), PYTHON, HOLDOUT (5000); for the table: ARCH, WIDTH, AUGMENT, EPOCHS (the
+# set-up stage's choice).
 set -euo pipefail
 if [ $# -lt 1 ]; then
     sed -n '2,17p' "$0" >&2
@@ -24,6 +31,11 @@ OUT_DIR=$(realpath -m "${2:-$(dirname "$0")/../results/cifar10-cpu}")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-setup}
+ARCH=${ARCH:-cnn4}
+WIDTH=${WIDTH:-32}
+AUGMENT=${AUGMENT:-paper}
+EPOCHS=${EPOCHS:-15}
+HOLDOUT=${HOLDOUT:-5000}
 
 if [ -f "$DATA" ]; then
     dataset=(--dataset npz --data-dir "$DATA")
@@ -37,7 +49,8 @@ mkdir -p "$OUT_DIR"
 # The paper's T, bank momentum and optimiser; batch 128 as lemniscate's cifar.py; every row seed 0
 # unless it says otherwise.
 common=("${dataset[@]}" --batch-size 128 --lr 0.03 --nce-t 0.07 --nce-m 0.5 --knn-k 200 --knn-source both
-        --eval-every 5 --resume ${EXTRA:-})
+        --eval-every 5 --resume)
+read -r -a extra <<< "${EXTRA:-}"
 
 row() {  # row STAGE NAME FLAGS...: train and evaluate one row unless it has finished
     local stage=$1 name=$2
@@ -48,9 +61,9 @@ row() {  # row STAGE NAME FLAGS...: train and evaluate one row unless it has fin
         return
     fi
     mkdir -p "$OUT_DIR/$stage"
-    echo "== $(date -u '+%Y-%m-%d %H:%M UTC') $stage/$name: npid-train train ${common[*]} $* --out-dir $out" \
+    echo "== $(date -u '+%Y-%m-%d %H:%M UTC') $stage/$name: npid-train train ${common[*]} $* ${extra[*]} --out-dir $out" \
         | tee -a "$OUT_DIR/$stage/$name.log"
-    "$PY" -m npid_kernels.train train "${common[@]}" "$@" --out-dir "$out" >> "$OUT_DIR/$stage/$name.log" 2>&1 \
+    "$PY" -m npid_kernels.train train "${common[@]}" "$@" "${extra[@]}" --out-dir "$out" >> "$OUT_DIR/$stage/$name.log" 2>&1 \
         || { echo "cifar10_cpu.sh: row $stage/$name failed or stopped, see $OUT_DIR/$stage/$name.log" >&2;
              tail -3 "$OUT_DIR/$stage/$name.log" >&2; exit 1; }
     grep "final weighted kNN" "$OUT_DIR/$stage/$name.log" || true
@@ -58,7 +71,8 @@ row() {  # row STAGE NAME FLAGS...: train and evaluate one row unless it has fin
 }
 
 {   # one block per start (a resumed run has several)
-    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'): STAGES='$STAGES' EXTRA='${EXTRA:-}' bash scripts/cifar10_cpu.sh $DATA $OUT_DIR"
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'): STAGES='$STAGES' EXTRA='${EXTRA:-}' HOLDOUT=$HOLDOUT ARCH=$ARCH" \
+         "WIDTH=$WIDTH AUGMENT=$AUGMENT EPOCHS=$EPOCHS bash scripts/cifar10_cpu.sh $DATA $OUT_DIR"
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
          "$("$PY" -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())');" \
          "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //') x $(nproc) cores"
@@ -67,7 +81,7 @@ row() {  # row STAGE NAME FLAGS...: train and evaluate one row unless it has fin
 for stage in $STAGES; do
     case $stage in
     setup)
-        nce=(--loss nce --nce-k 4096 --z-mode batch --holdout 5000 --seed 0 --schedule cosine)
+        nce=(--loss nce --nce-k 4096 --z-mode batch --holdout "$HOLDOUT" --seed 0 --schedule cosine)
         row setup random-init-cnn4 "${nce[@]}" --arch cnn4 --width 32 --epochs 0
         row setup random-init-cifar-resnet18 "${nce[@]}" --arch cifar-resnet18 --width 16 --epochs 0
         row setup cnn4-w32-paper-15ep "${nce[@]}" --arch cnn4 --width 32 --augment paper --epochs 15
@@ -76,8 +90,24 @@ for stage in $STAGES; do
         row setup cnn4-w32-paper-30ep "${nce[@]}" --arch cnn4 --width 32 --augment paper --epochs 30
         row setup cifar-resnet18-w16-paper-15ep "${nce[@]}" --arch cifar-resnet18 --width 16 --augment paper --epochs 15
         ;;
+    table)
+        enc=(--arch "$ARCH" --width "$WIDTH" --augment "$AUGMENT" --epochs "$EPOCHS" --schedule cosine --linear-probe)
+        for seed in 0 1; do
+            row table "random-init-seed$seed" "${enc[@]}" --loss softmax --epochs 0 --seed "$seed"
+            row table "softmax-seed$seed" "${enc[@]}" --loss softmax --seed "$seed"
+            row table "nce-4096-seed$seed" "${enc[@]}" --loss nce --nce-k 4096 --z-mode batch --seed "$seed"
+            row table "nce-1-seed$seed" "${enc[@]}" --loss nce --nce-k 1 --z-mode batch --seed "$seed"
+        done
+        row table param-softmax-seed0 "${enc[@]}" --loss param-softmax --seed 0
+        row table nce-10-seed0 "${enc[@]}" --loss nce --nce-k 10 --z-mode batch --seed 0
+        row table nce-512-seed0 "${enc[@]}" --loss nce --nce-k 512 --z-mode batch --seed 0
+        row table nce-512-first-batch-z-seed0 "${enc[@]}" --loss nce --nce-k 512 --z-mode first-batch --seed 0
+        row table nce-4096-first-batch-z-seed0 "${enc[@]}" --loss nce --nce-k 4096 --z-mode first-batch --seed 0
+        row table softmax-ce-4096-seed0 "${enc[@]}" --loss softmax-ce --nce-k 4096 --seed 0
+        row table supervised-seed0 "${enc[@]}" --loss supervised --seed 0
+        ;;
     *)
-        echo "cifar10_cpu.sh: unknown stage $stage (known: setup)" >&2
+        echo "cifar10_cpu.sh: unknown stage $stage (known: setup, table)" >&2
         exit 2
         ;;
     esac

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Collects the rows of one stage of scripts/cifar10_cpu.sh into a table.
 
-    python3 scripts/cifar10_report.py results/cifar10-cpu setup
+    python3 scripts/cifar10_report.py results/cifar10-cpu setup|table
 
 reads OUT/<stage>/<row>/results.json and log.csv of every finished row and writes OUT/<stage>.md
 and OUT/<stage>.json. For the set-up stage the evaluation set is 5,000 images held out of the
 training set; each trained row is compared with the random-init row of the same encoder, and with
-the kNN points it gains per minute of training. Rows still running are listed as not finished.
+the kNN points it gains per minute of training. For the table stage, the rows of one setting run
+with several seeds ("<setting>-seed<N>") are reported as mean and half-range, beside the paper's
+CIFAR-10 number. Rows still running are listed as not finished.
 """
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ import csv
 import json
 import os
 import sys
+from collections import OrderedDict
 from typing import Dict, List, Optional
+
+# The paper's Table 1 (Wu et al. 2018, CIFAR-10, ResNet18, weighted kNN top-1), by setting.
+PAPER_KNN = {"param-softmax": 63.0, "softmax": 80.8, "nce-1": 42.5, "nce-10": 63.4, "nce-512": 78.4, "nce-4096": 80.4}
+SETTING_ORDER = ["random-init", "param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096",
+                 "nce-512-first-batch-z", "nce-4096-first-batch-z", "softmax-ce-4096", "supervised"]
 
 
 def _row(folder: str, name: str) -> Optional[Dict]:
@@ -34,7 +42,8 @@ def _row(folder: str, name: str) -> Optional[Dict]:
             "epochs": res.get("epochs"), "loss": res.get("loss"), "nce_k": res.get("nce_k"),
             "knn_features": res.get("knn_top1_features"), "knn_bank": res.get("knn_top1_bank"),
             "train_minutes": minutes, "images_per_s": images_per_s, "eval_images": res.get("test_images"),
-            "train_images": res.get("train_images")}
+            "train_images": res.get("train_images"), "seed": res.get("seed"),
+            "linear_lowdim": res.get("linear_top1_lowdim"), "linear_pooled": res.get("linear_top1_pooled")}
 
 
 def collect(out_dir: str, stage: str) -> List[Dict]:
@@ -71,6 +80,36 @@ def render(rows: List[Dict], stage: str, unfinished: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread(values: List[float]) -> str:
+    if not values or any(v is None for v in values):
+        return "—"
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def settings(rows: List[Dict]) -> "OrderedDict[str, List[Dict]]":
+    grouped: Dict[str, List[Dict]] = {}
+    for r in rows:
+        grouped.setdefault(r["row"].rsplit("-seed", 1)[0], []).append(r)
+    order = {name: i for i, name in enumerate(SETTING_ORDER)}
+    return OrderedDict(sorted(grouped.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def render_table(rows: List[Dict], unfinished: List[str]) -> str:
+    lines = ["Weighted kNN (k = 200) top-1 on the 10,000 test images (recomputed features / the memory bank) and "
+             "a linear probe, %; mean ± half the range over the seeds run (n = number of seeds).", "",
+             "| setting | n | kNN, features | kNN, bank | linear probe, 128-d | linear probe, pooled "
+             "| paper (CIFAR-10, ResNet18, 200 epochs) |", "|---|--:|--:|--:|--:|--:|--:|"]
+    for name, group in settings(rows).items():
+        bank = "—" if name in ("random-init", "param-softmax", "supervised") else _spread([r["knn_bank"] for r in group])
+        lines.append(f"| {name} | {len(group)} | {_spread([r['knn_features'] for r in group])} | {bank} "
+                     f"| {_spread([r['linear_lowdim'] for r in group])} | {_spread([r['linear_pooled'] for r in group])} "
+                     f"| {PAPER_KNN.get(name, '—')} |")
+    if unfinished:
+        lines += ["", "not finished: " + ", ".join(unfinished)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: List[str]) -> int:
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
@@ -80,7 +119,7 @@ def main(argv: List[str]) -> int:
     folder = os.path.join(out_dir, stage)
     started = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
     unfinished = [n for n in started if n not in {r["row"] for r in rows}]
-    text = render(rows, stage, unfinished)
+    text = render_table(rows, unfinished) if stage == "table" else render(rows, stage, unfinished)
     with open(os.path.join(out_dir, f"{stage}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, f"{stage}.json"), "w") as f:
