@@ -8,7 +8,8 @@ report, so that no number there is typed by hand.
 A generated block sits between `<!-- BEGIN generated: NAME -->` and `<!-- END generated: NAME -->`;
 everything outside the markers is hand-written prose, which names the files without quoting
 numbers. tests/test_readme.py runs --check, so a README that disagrees with its files fails CI.
-To refresh the performance table after a new benchmark run, point PERFORMANCE_RUN at its JSON.
+To refresh the performance table, run scripts/benchmark_readme.sh (it times the step and then
+calls this script, which reports the newest benchmarks/results/*-readme.json).
 """
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The side-by-side CPU run the README's performance table reports (pytest-benchmark JSON).
-PERFORMANCE_RUN = "benchmarks/results/cpu-2026-12-05-tile-order-step-26c1e30.json"
+
+
+def performance_run() -> str:
+    """The side-by-side CPU run the README's performance table reports: the newest file written by
+    scripts/benchmark_readme.sh (names start with the date), else the last run made before it."""
+    runs = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "cpu-*-readme.json")))
+    return os.path.relpath(runs[-1], ROOT) if runs else "benchmarks/results/cpu-2026-12-05-tile-order-step-26c1e30.json"
+
+
 # The main job (README's first command) and its random-init baseline, run with the commands in
 # each folder's command.txt.
 DIGITS_RUNS = {"NPID, exact non-parametric softmax, 60 epochs": "results/digits/softmax-60ep",
@@ -79,8 +87,9 @@ def _run_line(path: str, data: Dict) -> str:
 
 
 def performance_block() -> str:
-    data = _read_json(PERFORMANCE_RUN)
-    lines = [_run_line(PERFORMANCE_RUN, data), "",
+    run = performance_run()
+    data = _read_json(run)
+    lines = [_run_line(run, data), "",
              "| training step (loss, backward, bank update) | PyTorch | torch.compile | npid, idx given "
              "| npid, in-kernel sampling | PyTorch / npid | torch.compile / npid | peak extra MiB: PyTorch / npid |",
              "|---|--:|--:|--:|--:|--:|--:|--:|"]
