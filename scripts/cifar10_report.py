@@ -75,6 +75,10 @@ def render(rows: List[Dict], stage: str, unfinished: List[str]) -> str:
         lines.append(f"| {r['row']} | {r['arch']} width {r['width']} | {r['augment']} | {r['epochs']} "
                      f"| {_f(r['knn_features'])} | {_f(r['knn_bank'])} | {_f(r['gain_over_random_init'])} "
                      f"| {_f(r['train_minutes'], 1)} | {_f(r['images_per_s'], 0)} | {_f(r['gain_per_minute'], 2)} |")
+    return _finish(lines, unfinished)
+
+
+def _finish(lines: List[str], unfinished: List[str]) -> str:
     if unfinished:
         lines += ["", "not finished: " + ", ".join(unfinished)]
     return "\n".join(lines) + "\n"
@@ -105,9 +109,7 @@ def render_table(rows: List[Dict], unfinished: List[str]) -> str:
         lines.append(f"| {name} | {len(group)} | {_spread([r['knn_features'] for r in group])} | {bank} "
                      f"| {_spread([r['linear_lowdim'] for r in group])} | {_spread([r['linear_pooled'] for r in group])} "
                      f"| {PAPER_KNN.get(name, '—')} |")
-    if unfinished:
-        lines += ["", "not finished: " + ", ".join(unfinished)]
-    return "\n".join(lines) + "\n"
+    return _finish(lines, unfinished)
 
 
 def main(argv: List[str]) -> int:
