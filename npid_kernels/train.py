@@ -530,7 +530,7 @@ def train(args) -> Dict:
             group["lr"] = lr
         model.train()
         criterion.train()
-        t0, steps, seen = time.perf_counter(), 0, 0
+        t0, cpu0, steps, seen = time.perf_counter(), time.process_time(), 0, 0
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         stats_rows = []
         bar = _progress(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
@@ -555,12 +555,14 @@ def train(args) -> Dict:
                                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0
+        # The process's CPU time (all its threads): the epoch's cost even when other jobs share the cores.
+        cpu_seconds = time.process_time() - cpu0
         mean_loss = total_loss.item() / max(steps, 1)
         if not math.isfinite(mean_loss):
             raise ValueError(f"the loss is {mean_loss} in epoch {epoch + 1}: training diverged "
                              "(lower --lr, or try --loss softmax / softmax-ce)")
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen * world / seconds,
-               "seconds": seconds}
+               "seconds": seconds, "cpu_seconds": cpu_seconds}
         full_eval = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
         scores = epoch_knn(min(args.knn_k, n) if full_eval else 1)
         row["knn1_top1"] = scores["nn1_top1"]
