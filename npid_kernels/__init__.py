@@ -1,7 +1,5 @@
 """npid_kernels: fused kernels for non-parametric instance discrimination (Wu et al., CVPR 2018).
-
-npid_kernels.reference, the pure-PyTorch oracle the tests check the kernels against, is imported
-on its own (`from npid_kernels import reference`): nothing in the package depends on it."""
+The tests' oracle, npid_kernels.reference, is imported on its own: nothing here depends on it."""
 from . import ops
 from .knn import knn_evaluate, knn_predict, nearest_neighbors
 from .nn import (

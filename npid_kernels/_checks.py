@@ -1,4 +1,4 @@
-"""Argument checks of the Python entry points, shared by the modules that take the arguments (nn modules, kNN functions, distributed wrappers),
+"""Argument checks of the Python entry points (nn modules, kNN functions, distributed wrappers),
 in the caller's own vocabulary: NPIDLoss's `features`/`indices`, the lemniscate drop-ins' `x`/`y`,
 kNN's `query`/`bank_labels`, and `idx` only for an idx the caller passed. They run before any
 kernel, so a refused call leaves the bank (and Z) as they were.
@@ -9,6 +9,7 @@ the CUDA hot path is designed not to (bad rows then give NaN results, see
 csrc/cuda/cuda_common.cuh). Under torch.compile they are left to the ops' own checks.
 
 Errors: TypeError (not a tensor), IndexError (a row outside the bank), ValueError (the rest).
+The modules share them from here, not from one another.
 """
 from __future__ import annotations
 

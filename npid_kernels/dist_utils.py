@@ -4,6 +4,7 @@ the collectives they use, which short-circuit at world size 1 (no process group 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -188,6 +189,15 @@ def _exchange_counts(send_counts: torch.Tensor, group) -> Tuple[List[int], List[
     return send_counts.tolist(), recv.tolist()
 
 
+def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """t reduced over the group's ranks (on the backend's device), back on t's device."""
+    if get_world_size(group) == 1:
+        return t
+    comm = t.to(_comm_device(group, t.device))
+    dist.all_reduce(comm, op=op, group=group)
+    return comm.to(t.device)
+
+
 def global_rank(group, group_rank: int) -> int:
     """The global rank of `group`'s rank `group_rank` (what broadcast's src takes)."""
     if group is None or not is_dist():
@@ -207,29 +217,26 @@ def agreed_seed(seed: Optional[int], group) -> int:
     return int(seed)
 
 
-class refused_together:
-    """Context manager around argument checks: with agree=True (several ranks) the ranks exchange
-    whether their checks passed (one all_reduce) and all raise when any refused: the refusing rank
-    with its own error, the others with a ValueError naming it. agree=False: errors as they come."""
-
-    def __init__(self, agree: bool, group, device):
-        self.agree, self.group, self.device = agree, group, device
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if not self.agree:
-            return False
-        refused = kind is not None and issubclass(kind, (TypeError, ValueError, IndexError))
-        if kind is not None and not refused:
-            return False  # not an argument error: let it through as is
-        rank = get_rank(self.group)
-        flag = torch.tensor([rank + 1 if refused else 0], dtype=torch.int64,
-                            device=_comm_device(self.group, torch.device(self.device)))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        bad = int(flag.item())
-        if refused or not bad:
-            return False  # re-raise this rank's own error, or all passed
+@contextlib.contextmanager
+def refused_together(agree: bool, group):
+    """Around argument checks: with agree=True (several ranks) the ranks exchange whether their
+    checks passed (one all_reduce) and all raise when any refused: the refusing rank with its own
+    error, the others with a ValueError naming it. agree=False: errors as they come."""
+    if not agree:
+        yield
+        return
+    try:
+        yield
+    except (TypeError, ValueError, IndexError):
+        _highest_refusing(group, refused=True)
+        raise
+    bad = _highest_refusing(group, refused=False)
+    if bad:
         raise ValueError(f"rank {bad - 1} refused its arguments (see its error); every rank stops so that "
                          "none waits in a collective")
+
+
+def _highest_refusing(group, refused: bool) -> int:
+    """1 + the highest rank whose checks refused, 0 when all passed."""
+    flag = torch.tensor([get_rank(group) + 1 if refused else 0], dtype=torch.int64)
+    return int(all_reduce(flag, group, dist.ReduceOp.MAX).item())

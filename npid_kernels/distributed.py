@@ -31,9 +31,9 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .dist_utils import (DistInfo, DistributedEvalSampler, _comm_device, all_gather_varsize, bank_shard_range,
-                         barrier, cleanup_distributed, get_rank, get_world_size, global_rank, init_distributed,
-                         is_dist, is_main_process, wrap_ddp)
+from .dist_utils import (DistInfo, DistributedEvalSampler, _comm_device, all_gather_varsize, all_reduce,
+                         bank_shard_range, barrier, cleanup_distributed, get_rank, get_world_size, global_rank,
+                         init_distributed, is_dist, is_main_process, wrap_ddp)
 from .distributed_knn import distributed_knn_evaluate, distributed_knn_predict, distributed_knn_topk
 from .nn import NPIDLoss
 
@@ -62,16 +62,11 @@ class DistributedNPIDLoss(NPIDLoss):
             broadcasts it (every rank must agree on it).
         equal_batches: promise that every rank's batch has the same size every step (e.g.
             DistributedSampler with drop_last=True); skips one tiny size exchange per step.
-        negatives, exclude_positive: as NPIDLoss. Shared negatives: each rank scores its own set of m
-            rows (drawn from its stream, see the module docstring) against its batch; the sharded
-            mode fetches those rows and the batch's positives from their owners.
-            exclude_positive with shared negatives needs the replicated mode (the replacement
-            rows are drawn from the whole bank inside the op).
-        z_mode, z_momentum: as NPIDLoss; with "ema" the ranks all_reduce the step's
-            [sum of noise exp-scores, their count] (one small device collective, no host sync)
-            and apply the same update, so every rank keeps the same Z: the EMA of the global
-            batch's estimate.
-        device: where the bank lives (move it later with .to() as usual).
+        negatives: as NPIDLoss; with "shared" each rank scores its own set of m rows (drawn from its
+            stream, see the module docstring) against its batch. exclude_positive with shared
+            negatives needs the replicated mode (the replacement rows are drawn from the whole bank).
+        z_mode: as NPIDLoss; the "ema" and "batch" updates use the global batch's noise scores
+            (the ranks all_reduce [their sum, their count]: no host sync), so every rank keeps one Z.
 
     forward(features, indices, idx=None) -> the mean loss over this rank's batch. All ranks
     must call it together (it runs collectives). In training mode the bank rows of the global
@@ -97,8 +92,6 @@ class DistributedNPIDLoss(NPIDLoss):
                          process_group=process_group, equal_batches=equal_batches)
         self.mode, self.process_group = mode, process_group
         self.row_start, self.row_end = self.bank.row_start, self.bank.row_end
-
-    # ------------------------------------------------------------ checkpoints
 
     @torch.no_grad()
     def full_state_dict(self, rank0_only: bool = True) -> Optional[Dict[str, torch.Tensor]]:
@@ -136,11 +129,7 @@ class DistributedNPIDLoss(NPIDLoss):
         have = state_dict is not None
         memory = self.bank.memory
         comm = _comm_device(self.process_group, memory.device)
-        everyone_has = have
-        if self.world_size > 1:
-            flag = torch.tensor([1 if have else 0], dtype=torch.int64, device=comm)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
-            everyone_has = bool(flag.item())
+        everyone_has = bool(all_reduce(torch.tensor([int(have)]), self.process_group, dist.ReduceOp.MIN).item())
         if not everyone_has and self.rank == 0 and not have:
             raise ValueError("load_full_state_dict: rank 0 must pass the state dict")
         # Validate (on rank 0 when only it has the dict) and tell everyone, so no rank hangs.
@@ -159,14 +148,12 @@ class DistributedNPIDLoss(NPIDLoss):
             self.z.copy_(state_dict["z"].reshape(self.z.shape))
             self.rng_state.copy_(state_dict["rng_state"].reshape(self.rng_state.shape))
         else:
-            small = torch.zeros(3, dtype=torch.float64, device=comm)
-            if have:
-                small[0] = float(state_dict["z"].reshape(-1)[0])
-            dist.broadcast(small, src=global_rank(self.process_group, 0), group=self.process_group)
+            z = torch.tensor([float(state_dict["z"].reshape(-1)[0]) if have else 0.0], dtype=torch.float64, device=comm)
+            dist.broadcast(z, src=global_rank(self.process_group, 0), group=self.process_group)
             rng = state_dict["rng_state"].reshape(2).to(comm).clone() if have else \
                 torch.empty(2, dtype=torch.int64, device=comm)
             dist.broadcast(rng, src=global_rank(self.process_group, 0), group=self.process_group)
-            self.z.fill_(small[0].item())
+            self.z.fill_(z.item())
             self.rng_state.copy_(rng)
             for r in range(self.world_size):
                 start, end = (0, self.num_data) if self.mode == "replicated" else \

@@ -6,12 +6,12 @@ import math
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from . import _checks as C
 from . import ops
-from .dist_utils import _all_gather_padded, _all_to_all, _comm_device, _exchange_sizes, get_world_size, refused_together
-from .knn import knn_vote
+from .dist_utils import (_all_gather_padded, _all_to_all, _exchange_sizes, all_reduce, get_world_size,
+                         refused_together)
+from .knn import knn_accuracies, knn_hit_counts, knn_vote
 
 
 def _knn_checks(bank, bank_labels, num_classes, bank_offset, query=None, k=None, temperature=None):
@@ -57,8 +57,7 @@ def distributed_knn_topk(query: torch.Tensor, bank: torch.Tensor, k: int, *, ban
     [bank_offset, bank_offset + len(bank)): the queries are all_gathered, every rank computes
     the top-k over its shard for all of them, the candidates are sent to the queries' ranks
     (all_to_all) and merged there. precision of the products as in knn_topk."""
-    with refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
-                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+    with refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group):
         if bank_offset is None:
             C.knn_search(query, bank, k)
         else:
@@ -96,8 +95,7 @@ def distributed_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels
     """knn_predict for this rank's queries: (Q_local, num_classes) weighted-kNN class scores
     over the whole bank (replicated, or sharded with bank_offset). bank_labels holds the labels
     of all n rows on every rank. Gather the ranks' results with all_gather_varsize."""
-    with refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group,
-                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+    with refused_together(get_world_size(process_group) > 1 and bank_offset is not None, process_group):
         n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, k, temperature)
         C.count(k, "k", 1, n, f"n_data = {n}")
     sims, rows = distributed_knn_topk(query, bank, k, bank_offset=bank_offset, process_group=process_group,
@@ -114,8 +112,7 @@ def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, ba
     e.g. from DistributedEvalSampler; any counts, even zero) and the bank replicated
     (bank_offset None) or sharded (this rank's rows start at bank_offset). The hit counts are
     summed across ranks, so every rank returns the numbers knn_evaluate gives on all queries."""
-    with refused_together(get_world_size(process_group) > 1, process_group,
-                           bank.device if isinstance(bank, torch.Tensor) else "cpu"):
+    with refused_together(get_world_size(process_group) > 1, process_group):
         n = _knn_checks(bank, bank_labels, num_classes, bank_offset, query, None, temperature)
         C.count(k, "k", 1, n, f"n_data = {n}")
         C.labels(query_labels, "query_labels", num_classes, (query.shape[0],), query, "query")
@@ -123,21 +120,5 @@ def distributed_knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, ba
     k_search = max([k] + recall_ks)
     sims, rows = distributed_knn_topk(query, bank, k_search, bank_offset=bank_offset, process_group=process_group,
                                       precision=precision)
-    neighbour_labels = bank_labels[rows]
-    scores = knn_vote(sims[:, :k].float(), rows[:, :k], bank_labels, num_classes, temperature)
-    ranked = scores.topk(min(5, num_classes), dim=1).indices
-    hits = ranked == query_labels.unsqueeze(1)
-    counts = [hits[:, 0].sum(), hits.any(1).sum(), (neighbour_labels[:, 0] == query_labels).sum()]
-    counts += [(neighbour_labels[:, :r] == query_labels.unsqueeze(1)).any(1).sum() for r in recall_ks]
-    counts.append(torch.tensor(query.shape[0], device=query.device))
-    counts = torch.stack([c.to(torch.int64) for c in counts])
-    if get_world_size(process_group) > 1:
-        counts = counts.to(_comm_device(process_group, counts.device))
-        dist.all_reduce(counts, group=process_group)
-    counts = counts.tolist()
-    total = max(counts[-1], 1)
-    out = {"knn_top1": 100.0 * counts[0] / total, "knn_top5": 100.0 * counts[1] / total,
-           "nn1_top1": 100.0 * counts[2] / total}
-    for r, c in zip(recall_ks, counts[3:-1]):
-        out[f"recall@{r}"] = 100.0 * c / total
-    return out
+    counts = knn_hit_counts(sims, rows, query_labels, bank_labels, num_classes, k, temperature, recall_ks)
+    return knn_accuracies(all_reduce(counts, process_group), recall_ks)

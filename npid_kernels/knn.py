@@ -50,16 +50,29 @@ def knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, bank: torch.Te
     recall_ks = C.recall_ks(recall_ks, bank.shape[0])
     k_search = max([k] + recall_ks)
     sims, indices = ops.knn_topk(query, bank, k_search, precision)
+    return knn_accuracies(knn_hit_counts(sims, indices, query_labels, bank_labels, num_classes, k, temperature,
+                                         recall_ks), recall_ks)
+
+
+def knn_hit_counts(sims, indices, query_labels, bank_labels, num_classes: int, k: int, temperature: float,
+                   recall_ks) -> torch.Tensor:
+    """int64 [weighted-kNN top-1 hits, top-5 hits, 1-NN hits, recall@r hits for each r, queries]
+    from the (Q, >= max(k, recall_ks)) nearest rows, sorted."""
     neighbour_labels = bank_labels[indices]
     scores = knn_vote(sims[:, :k].float(), indices[:, :k], bank_labels, num_classes, temperature)
-    ranked = scores.topk(min(5, num_classes), dim=1).indices
-    hits = ranked == query_labels.unsqueeze(1)
-    total = max(query.shape[0], 1)
-    out = {
-        "knn_top1": 100.0 * hits[:, 0].sum().item() / total,
-        "knn_top5": 100.0 * hits.any(1).sum().item() / total,
-        "nn1_top1": 100.0 * (neighbour_labels[:, 0] == query_labels).sum().item() / total,
-    }
-    for r in recall_ks:
-        out[f"recall@{r}"] = 100.0 * (neighbour_labels[:, :r] == query_labels.unsqueeze(1)).any(1).sum().item() / total
+    hits = scores.topk(min(5, num_classes), dim=1).indices == query_labels.unsqueeze(1)
+    counts = [hits[:, 0].sum(), hits.any(1).sum(), (neighbour_labels[:, 0] == query_labels).sum()]
+    counts += [(neighbour_labels[:, :r] == query_labels.unsqueeze(1)).any(1).sum() for r in recall_ks]
+    counts.append(torch.tensor(query_labels.shape[0], device=query_labels.device))
+    return torch.stack([c.to(torch.int64) for c in counts])
+
+
+def knn_accuracies(counts: torch.Tensor, recall_ks) -> Dict[str, float]:
+    """knn_hit_counts' counts in percent of the queries."""
+    counts = counts.tolist()
+    total = max(counts[-1], 1)
+    out = {"knn_top1": 100.0 * counts[0] / total, "knn_top5": 100.0 * counts[1] / total,
+           "nn1_top1": 100.0 * counts[2] / total}
+    for r, c in zip(recall_ks, counts[3:-1]):
+        out[f"recall@{r}"] = 100.0 * c / total
     return out

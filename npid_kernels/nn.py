@@ -248,6 +248,10 @@ class NPIDLoss(nn.Module):
             drawn uniform over the other n - 1 rows in-kernel. Shared: each such column is replaced,
             for that sample only, by a row uniform over the other n - 1 (deterministic Philox;
             on CUDA one host sync per step to list the collisions).
+        placement: where the bank lives: "local" (this process), or across the ranks of
+            process_group (None: the default group) "replicated" or "sharded", as
+            DistributedNPIDLoss(mode=...) documents; equal_batches as there. Every placement
+            computes the same losses.
 
     forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
     L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
@@ -255,12 +259,6 @@ class NPIDLoss(nn.Module):
     backward never reads the bank, so this is lemniscate's update-in-backward, earlier).
     An explicit (B, K+1) idx (column 0 = indices) replaces sampling, e.g. for non-uniform
     noise drawn with AliasSampler; with negatives="shared" idx is the (m,) noise rows.
-
-    The bank's placement (npid_kernels.placement) is "local" (one process), or, across the ranks
-    of `process_group` (None: the default group), "replicated" or "sharded"; DistributedNPIDLoss
-    documents what the distributed placements promise. Every placement computes the same losses:
-    the step below (checks, Z, the loss, the update, the sampler's advance) is written once and
-    asks the placement only where the rows are and how the ranks agree.
     """
 
     def __init__(self, num_data: int, dim: int = 128, num_negatives: int = 4096, temperature: float = 0.07,
@@ -277,15 +275,11 @@ class NPIDLoss(nn.Module):
         if placement == "sharded" and negatives == "shared" and exclude_positive:
             raise ValueError("exclude_positive with negatives='shared' needs the replicated placement "
                              "(mode='replicated'): the replacement rows are drawn from the whole bank inside the op")
-        self.precision = precision
+        self.loss_type, self.placement, self.precision = loss, placement, precision
         self.negatives, self.exclude_positive = negatives, exclude_positive
         self.z_mode, self.z_momentum = z_mode, float(z_momentum)
-        self.num_data, self.dim = int(num_data), int(dim)
-        self.num_negatives = int(num_negatives)
-        self.temperature = float(temperature)
-        self.momentum = float(momentum)
-        self.loss_type = loss
-        self.placement = placement
+        self.num_data, self.dim, self.num_negatives = int(num_data), int(dim), int(num_negatives)
+        self.temperature, self.momentum = float(temperature), float(momentum)
         if placement == "local":
             self.bank = LocalBank(num_data, dim, bank_dtype, device)
             if seed is None:
@@ -312,14 +306,31 @@ class NPIDLoss(nn.Module):
         return self.rng_state + shift
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # The step for every placement; the bank (npid_kernels.placement) says where the rows are
+        # and how the ranks agree.
+        memory = self.bank.memory
         with self.bank.checks_agreed():
-            features = self._checked_batch(features, indices, idx)
+            C.batch(features, indices, memory, num_data=self.num_data)
+            if idx is not None and self.negatives == "shared":
+                C.rows(idx, "idx", self.num_data, (self.num_negatives,), features, "features")
+            elif idx is not None and self.exclude_positive:
+                raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
+            elif idx is not None:
+                if self.loss_type == "softmax":
+                    raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
+                                     "scans the whole bank")
+                _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
+                           indices, "indices", check_range=self.bank.checks_idx_range)
+            if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+                features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
+            _check_bank_dtype(features, memory)
+        stream = self.rng_state if self.rank == 0 else self.rank_rng_state()  # this rank's Philox stream
         if self.negatives == "shared":
-            per_sample = self._shared_loss(features, indices, idx)
+            per_sample = self._shared_loss(features, indices, idx, stream)
         elif self.loss_type == "softmax":
             per_sample = self.bank.full_softmax_loss(features, indices, self.temperature, self.precision)
         else:
-            per_sample = self._sampled_loss(features, indices, idx)
+            per_sample = self._sampled_loss(features, indices, idx, stream)
         if self.training:
             self.bank.update_(features.detach(), indices, self.momentum)
             # Shared negatives advance the stream with explicit rows too (exclude_positive reads it).
@@ -328,33 +339,9 @@ class NPIDLoss(nn.Module):
                     self.rng_state[1] += self.world_size  # a fresh Philox stream per rank for the next step
         return per_sample.mean()
 
-    def _checked_batch(self, features, indices, idx) -> torch.Tensor:
-        """The batch's checks; returns the features in the dtype the ops take."""
-        memory = self.bank.memory
-        C.batch(features, indices, memory, num_data=self.num_data)
-        if idx is not None and self.negatives == "shared":
-            C.rows(idx, "idx", self.num_data, (self.num_negatives,), features, "features")
-        elif idx is not None and self.exclude_positive:
-            raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
-        elif idx is not None:
-            if self.loss_type == "softmax":
-                raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
-                                 "the whole bank")
-            _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
-                       indices, "indices", check_range=self.bank.checks_idx_range)
-        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
-            features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
-        _check_bank_dtype(features, memory)
-        return features
-
-    def _stream(self) -> torch.Tensor:
-        """This rank's Philox stream for the step (rank 0's is rng_state itself)."""
-        return self.rng_state if self.rank == 0 else self.rank_rng_state()
-
-    def _sampled_loss(self, features, indices, idx) -> torch.Tensor:
+    def _sampled_loss(self, features, indices, idx, stream) -> torch.Tensor:
         """Per-sample negatives: K rows drawn for each sample (or the explicit idx)."""
-        bank, y, rows, n_data = self.bank.sampled_rows(indices, idx, self._stream(), self.num_negatives,
-                                                       self.exclude_positive)
+        bank, y, rows, n_data = self.bank.sampled_rows(indices, idx, stream, self.num_negatives, self.exclude_positive)
         sampling = dict(rows, temperature=self.temperature)
         if self.loss_type == "softmax-ce":
             return ops.softmax_ce_loss(features, bank, y, **sampling)
@@ -362,33 +349,29 @@ class NPIDLoss(nn.Module):
         columns = rows["idx"].shape[1] if rows["idx"] is not None else self.num_negatives + 1
         if not self._z_known:
             self._z_known = self.bank.estimate_z_(self.z, features, bank, y, features.shape[0] * columns, **sampling)
-        noise = features.shape[0] * (columns - 1)
-        if self.z_mode == "batch":  # Z from this step's own noise scores, before the loss (an extra pass)
-            with torch.no_grad():
-                _, stat = ops.nce_loss_and_z_stat(features.detach(), bank, y, torch.ones_like(self.z), **sampling)
-            self._z_update_(stat, noise, 0.0)
-        elif self.z_mode == "ema" and self.training:
-            per_sample, stat = ops.nce_loss_and_z_stat(features, bank, y, self.z, **sampling)
-            self._z_update_(stat, noise, self.z_momentum)
-            return per_sample
-        return ops.nce_loss(features, bank, y, self.z, **sampling)
+        return self._nce(lambda x, z: ops.nce_loss_and_z_stat(x, bank, y, z, **sampling), features,
+                         features.shape[0] * (columns - 1), self.z_mode == "batch")
 
-    def _shared_loss(self, features, indices, rows) -> torch.Tensor:
-        """negatives="shared": one set of m noise rows per rank and step, scored by GEMM tiles. NCE's Z
-        comes from the shared noise columns: on the first step (unset Z) and, in the "batch" mode,
-        before every step's loss; "ema" after it."""
-        bank, y, shared, n_data = self.bank.shared_rows(indices, rows, self._stream(), self.num_negatives,
+    def _shared_loss(self, features, indices, rows, stream) -> torch.Tensor:
+        """negatives="shared": one set of m noise rows per rank and step, scored by GEMM tiles. NCE's
+        first Z comes from the shared noise columns too."""
+        bank, y, shared, n_data = self.bank.shared_rows(indices, rows, stream, self.num_negatives,
                                                         self.exclude_positive)
         shared.update(temperature=self.temperature, precision=self.precision)
         if self.loss_type != "nce":
             return ops.shared_softmax_ce_loss(features, bank, y, **shared)
-        noise = features.shape[0] * self.num_negatives
-        if self.z_mode == "batch" or self._z_unset():
+        return self._nce(lambda x, z: ops.shared_nce_loss_and_z_stat(x, bank, y, z, n_data=n_data, **shared),
+                         features, features.shape[0] * self.num_negatives, self.z_mode == "batch" or self._z_unset())
+
+    def _nce(self, loss_and_stat, features, noise: int, z_from_step: bool) -> torch.Tensor:
+        """NCE's Z modes around loss_and_stat(features, Z) -> (per-sample loss, per-sample sums of the
+        `noise` noise exp-scores). z_from_step: Z is first set from this step's own noise scores (an
+        extra pass, "batch"); "ema" (training) averages the loss pass's into Z after the loss."""
+        if z_from_step:
             with torch.no_grad():
-                _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), bank, y, torch.ones_like(self.z),
-                                                         n_data=n_data, **shared)
+                _, stat = loss_and_stat(features.detach(), torch.ones_like(self.z))
             self._z_update_(stat, noise, 0.0)
-        per_sample, stat = ops.shared_nce_loss_and_z_stat(features, bank, y, self.z, n_data=n_data, **shared)
+        per_sample, stat = loss_and_stat(features, self.z)
         if self.z_mode == "ema" and self.training:
             self._z_update_(stat, noise, self.z_momentum)
         return per_sample

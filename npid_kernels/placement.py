@@ -1,17 +1,10 @@
-"""Where NPIDLoss's bank rows live, and what that placement changes in a step.
+"""Where NPIDLoss's bank rows live: the module holding them (NPIDLoss.bank, state-dict key
+"bank.memory") answers what depends on that: which bank and row ids the loss ops run on (the whole
+bank, or the rows a step needs fetched from their owners, with the real n for NCE's Pn = 1/n), how
+Z and the argument checks are agreed across ranks, and how the momentum update reaches the rows.
 
-A placement is the module that holds the bank (NPIDLoss.bank, state-dict key "bank.memory") and
-answers the questions whose answers depend on where the rows are:
-
-* which bank and which row ids the loss ops run on (the whole bank here, or the rows a step
-  needs fetched from their owners, with the real n passed for NCE's Pn = 1/n);
-* how Z is agreed (a device op on one process; an all_reduce across ranks);
-* how the momentum update reaches the rows (in place; all_gathered; routed to the owners);
-* whether the argument checks must be agreed across ranks (so that no rank waits in a collective).
-
-LocalBank: one process. ReplicatedBank: every rank holds the whole bank and applies the global
-batch's update, so the copies stay bit-identical. ShardedBank: rank r holds rows
-bank_shard_range(n, G, r). Both distributed banks initialise their rows from the seed in fixed
+LocalBank: one process. ReplicatedBank: every rank holds the whole bank. ShardedBank: rank r holds
+rows bank_shard_range(n, G, r). The distributed banks initialise their rows from the seed in fixed
 row blocks, so the bank does not depend on the world size or the placement.
 """
 from __future__ import annotations
@@ -26,7 +19,7 @@ from torch import nn
 
 from . import _checks as C
 from . import knn, ops
-from .dist_utils import (_all_gather_padded, _all_to_all, _comm_device, _exchange_counts, _exchange_sizes,
+from .dist_utils import (_all_gather_padded, _all_to_all, _exchange_counts, _exchange_sizes, all_reduce,
                          bank_shard_range, get_rank, get_world_size, refused_together)
 
 
@@ -96,12 +89,10 @@ class LocalBank(_WholeBankRows, MemoryBank):
     world_size, rank = 1, 0
     checks_idx_range = False  # the ops check an explicit idx's rows in their pass over them
 
-    def checks_agreed(self):
-        return contextlib.nullcontext()
+    checks_agreed = staticmethod(contextlib.nullcontext)  # no other rank to agree with
 
     def estimate_z_(self, z, features, bank, y, rows: int, **kwargs) -> bool:
-        """Z from this batch where it is unset, on the device. Returns whether Z is known to be set
-        (never, here: finding out would sync the host; the op does nothing once it is)."""
+        """Z from this batch where unset, by a device op; never known set (finding out would sync)."""
         ops.nce_estimate_z_(z, features, bank, y, **kwargs)
         return False
 
@@ -125,12 +116,10 @@ def _init_rows(seed: int, num_data: int, dim: int, start: int, end: int, dtype, 
     """Rows [start, end) of lemniscate's uniform [-s, s] initialisation (s = 1/sqrt(d/3)),
     generated in fixed blocks of rows so that any rank can produce any range and the bank
     does not depend on the world size or the mode."""
-    stdv = 1.0 / math.sqrt(dim / 3)
     out = torch.empty(end - start, dim, dtype=dtype, device=device)
     for block in range(start // _INIT_CHUNK, -(-end // _INIT_CHUNK)):
         lo, hi = block * _INIT_CHUNK, min((block + 1) * _INIT_CHUNK, num_data)
-        g = torch.Generator().manual_seed(_mix(seed, block))
-        rows = torch.rand(hi - lo, dim, generator=g).mul_(2 * stdv).add_(-stdv)
+        rows = lemniscate_bank_init(hi - lo, dim, generator=torch.Generator().manual_seed(_mix(seed, block)))
         a, b = max(lo, start), min(hi, end)
         out[a - start:b - start] = rows[a - lo:b - lo].to(device=device, dtype=dtype)
     return out
@@ -141,17 +130,17 @@ class _GroupBank(nn.Module):
     at all: world size 1). Holds `memory`, rows [row_start, row_end) of the bank."""
 
     checks_idx_range = True  # the sharded bank fetches an idx's rows (collectives) before any op
+    sharded: bool  # this rank holds rows bank_shard_range(n, G, rank), else the whole bank
 
-    def __init__(self, num_data: int, dim: int, dtype, device, seed: int, process_group, equal_batches: bool,
-                 sharded: bool):
+    def __init__(self, num_data: int, dim: int, dtype, device, seed: int, process_group=None,
+                 equal_batches: bool = False):
         super().__init__()
         self.num_data, self.dim = num_data, dim
         self.process_group, self.equal_batches = process_group, bool(equal_batches)
         self.world_size, self.rank = get_world_size(process_group), get_rank(process_group)
-        if sharded:
-            self.row_start, self.row_end = bank_shard_range(num_data, self.world_size, self.rank)
-        else:
-            self.row_start, self.row_end = 0, num_data
+        self.shard_rows = -(-num_data // self.world_size) if self.sharded else num_data
+        self.row_start, self.row_end = (bank_shard_range(num_data, self.world_size, self.rank) if self.sharded
+                                        else (0, num_data))
         self.register_buffer("memory", _init_rows(seed, num_data, dim, self.row_start, self.row_end, dtype, device))
 
     def checks_agreed(self):
@@ -160,16 +149,14 @@ class _GroupBank(nn.Module):
         waiting in a collective. Only where values are read (CPU, or NPID_CUDA_SYNC_CHECKS=1 on
         CUDA): an all_reduce and a host read per step."""
         agree = self.world_size > 1 and C._values_readable(self.memory)
-        return refused_together(agree, self.process_group, self.memory.device)
+        return refused_together(agree, self.process_group)
 
     def estimate_z_(self, z, features, bank, y, rows: int, **kwargs) -> bool:
-        """The first-batch Z estimate (nce_estimate_z_) over the global batch: each rank's estimate
-        on its `rows` scores, combined weighted by the row counts (one all_reduce), the
-        single-process estimate on the global batch. Returns whether Z is set (after one host read
-        if it already was). A rank whose estimate fails (NaN features, a bad row) or stays unset
-        (the CUDA op leaves Z unset when the mean score is not finite) contributes NaN instead of
-        raising, so that every rank reaches the all_reduce and all raise together, the failing one
-        with its own message."""
+        """The first-batch Z over the global batch: each rank's nce_estimate_z_ on its `rows` scores,
+        weighted by the row counts (one all_reduce), as one process on the global batch. Returns
+        whether Z is set (one host read). A rank whose estimate fails or stays unset (the CUDA op
+        leaves it unset when the mean score is not finite) contributes NaN instead of raising, so
+        that all ranks reach the all_reduce and raise together, the failing one with its message."""
         if float(z.item()) > 0:
             return True
         z_local = torch.full((1,), -1.0, dtype=torch.float64, device=features.device)
@@ -180,11 +167,9 @@ class _GroupBank(nn.Module):
             error = e
         z_local = torch.where(z_local > 0, z_local, float("nan"))
         # z = (sum_r z_r * rows_r) / sum_r rows_r: the estimate on the whole first global batch.
-        stats = torch.stack([z_local.reshape(()).double() * rows,
-                             torch.tensor(float(rows), dtype=torch.float64, device=z_local.device)])
-        if self.world_size > 1:
-            stats = stats.to(_comm_device(self.process_group, stats.device))
-            dist.all_reduce(stats, group=self.process_group)
+        stats = all_reduce(torch.stack([z_local.reshape(()).double() * rows,
+                                        torch.tensor(float(rows), dtype=torch.float64, device=z_local.device)]),
+                           self.process_group)
         if error is not None:
             raise error
         value = stats[0] / stats[1]
@@ -199,12 +184,9 @@ class _GroupBank(nn.Module):
         """The global batch's (sum of the noise exp-scores, their count): the ranks all_reduce the
         same two numbers, so every rank applies the same Z update (a device collective, no host
         sync). The sum comes back as one "sample" for z_ema_update_."""
-        stats = torch.stack([noise_exp_sum.sum().double(),
-                             torch.tensor(float(count), dtype=torch.float64, device=noise_exp_sum.device)])
-        if self.world_size > 1:
-            comm = stats.to(_comm_device(self.process_group, stats.device))
-            dist.all_reduce(comm, group=self.process_group)
-            stats = comm.to(stats.device)
+        stats = all_reduce(torch.stack([noise_exp_sum.sum().double(),
+                                        torch.tensor(float(count), dtype=torch.float64, device=noise_exp_sum.device)]),
+                           self.process_group)
         return stats[0:1], stats[1]
 
     def batch_sizes(self, size: int, device) -> List[int]:
@@ -220,9 +202,7 @@ class _GroupBank(nn.Module):
 class ReplicatedBank(_WholeBankRows, _GroupBank):
     """Every rank holds the whole bank; the update is all_gathered so the copies stay bit-identical."""
 
-    def __init__(self, num_data: int, dim: int, dtype, device, seed: int, process_group=None,
-                 equal_batches: bool = False):
-        super().__init__(num_data, dim, dtype, device, seed, process_group, equal_batches, sharded=False)
+    sharded = False
 
     @torch.no_grad()
     def update_(self, features: torch.Tensor, indices: torch.Tensor, momentum: float) -> None:
@@ -239,10 +219,7 @@ class ShardedBank(_GroupBank):
     """Rank r holds rows bank_shard_range(n, G, r): the rows a step needs are fetched from their
     owners with all_to_all and the update is routed to the owners."""
 
-    def __init__(self, num_data: int, dim: int, dtype, device, seed: int, process_group=None,
-                 equal_batches: bool = False):
-        super().__init__(num_data, dim, dtype, device, seed, process_group, equal_batches, sharded=True)
-        self.shard_rows = -(-num_data // self.world_size)
+    sharded = True
 
     def fetch_rows(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(fetched, inverse): the distinct bank rows `rows` refers to, fetched from their owners
@@ -309,8 +286,8 @@ class ShardedBank(_GroupBank):
         queries = torch.cat(_all_gather_padded(x.contiguous(), sizes, self.process_group))
         q_all = queries.shape[0]
         if memory.shape[0] > 0:
-            loss_r, grad_r = ops.full_softmax_loss_and_grad(queries, memory, queries.new_zeros(q_all, dtype=torch.int64),
-                                                            temperature, precision)
+            first_row = queries.new_zeros(q_all, dtype=torch.int64)
+            loss_r, grad_r = ops.full_softmax_loss_and_grad(queries, memory, first_row, temperature, precision)
             # The op formed every product from operands rounded to `precision`; so do we.
             w0 = ops.round_to_precision(memory[0].to(acc), precision)
             lse_r = loss_r.to(acc) + (ops.round_to_precision(queries.to(acc), precision) * w0).sum(1) * inv_t
