@@ -9,6 +9,7 @@ the CUDA hot path is designed not to (bad rows then give NaN results, see
 csrc/cuda/cuda_common.cuh). Under torch.compile they are left to the ops' own checks.
 
 Errors: TypeError (not a tensor), IndexError (a row outside the bank), ValueError (the rest).
+The modules share them from here, not from one another.
 """
 from __future__ import annotations
 
@@ -122,3 +123,58 @@ def count(value, name: str, low: int, high: Optional[int] = None, high_name: str
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high_name or high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {'in ' if high is not None else ''}{bound}, got {value}")
+
+
+def bank_size(num_data: int, dim: int, num_negatives: Optional[int] = None) -> None:
+    if num_data < 1 or dim < 1:
+        raise ValueError(f"the bank needs num_data >= 1 and dim >= 1, got {num_data} x {dim}")
+    if num_negatives is not None and not 1 <= num_negatives < num_data:
+        raise ValueError(f"K (num_negatives) must be in [1, num_data = {num_data}), got {num_negatives}")
+
+
+def batch(x, indices, memory: torch.Tensor, names=("features", "indices"), num_data: Optional[int] = None):
+    """A module's (features, indices) batch against its bank, in the caller's names (NPIDLoss:
+    features/indices; the lemniscate drop-ins: x/y): shapes, dtypes, devices, and on the CPU
+    (or with NPID_CUDA_SYNC_CHECKS=1) rows in [0, num_data) and finite features. num_data: the
+    bank's rows (default memory.shape[0]; a shard passes the whole bank's)."""
+    f, i = names
+    features(x, f, memory.shape[1])
+    if x.device != memory.device:
+        raise ValueError(f"{f} is on {x.device} but the module's bank is on {memory.device} "
+                         "(move the module with .to())")
+    rows(indices, i, memory.shape[0] if num_data is None else num_data, (x.shape[0],), x, f)
+
+
+def knn_search(query, bank, k: int, k_name: str = "k") -> None:
+    """query (Q, d) and bank (n, d), float, same device, finite (on the CPU), 1 <= k <= n."""
+    tensor(bank, "bank")
+    if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"bank must be a non-empty 2-D (n_data, dim) tensor, got shape {tuple(bank.shape)}")
+    if not bank.is_floating_point():
+        raise ValueError(f"bank must be a floating-point tensor, got {bank.dtype}")
+    features(query, "query", bank.shape[1], allow_empty=True)
+    same_device(query, "query", bank, "bank")
+    count(k, k_name, 1, bank.shape[0], f"n_data = {bank.shape[0]}")
+    if bank.numel() and _values_readable(bank) and not all_finite(bank):
+        raise ValueError("bank holds NaN or inf")
+
+
+def knn_temperature(temperature) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+
+
+def bank_labels(t, num_classes: int, n: int, bank: torch.Tensor) -> None:
+    """The labels of all n bank rows, in [0, num_classes), also on CUDA (kNN evaluation)."""
+    count(num_classes, "num_classes", 1)
+    labels(t, "bank_labels", num_classes, (n,), bank, "bank")
+    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+        raise ValueError(f"bank_labels must be in [0, num_classes = {num_classes})")
+
+
+def recall_ks(values, n: int):
+    """The r of recall@r: ints >= 1; those above n are left out (the neighbours of all n rows)."""
+    values = list(values)
+    for r in values:
+        count(r, "recall_ks entries", 1)
+    return sorted(set(int(r) for r in values if r <= n))

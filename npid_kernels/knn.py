@@ -7,42 +7,31 @@ import torch
 
 from . import _checks as C
 from . import ops
-from .reference import knn_vote
 
 
-def _check_search(query, bank, k: int, k_name: str = "k") -> None:
-    """query (Q, d) and bank (n, d), float, same device, finite (on the CPU), 1 <= k <= n."""
-    C.tensor(bank, "bank")
-    if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
-        raise ValueError(f"bank must be a non-empty 2-D (n_data, dim) tensor, got shape {tuple(bank.shape)}")
-    if not bank.is_floating_point():
-        raise ValueError(f"bank must be a floating-point tensor, got {bank.dtype}")
-    C.features(query, "query", bank.shape[1], allow_empty=True)
-    C.same_device(query, "query", bank, "bank")
-    C.count(k, k_name, 1, bank.shape[0], f"n_data = {bank.shape[0]}")
-    if bank.numel() and C._values_readable(bank) and not C.all_finite(bank):
-        raise ValueError("bank holds NaN or inf")
-
-
-def _check_temperature(temperature) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+def knn_vote(sims: torch.Tensor, indices: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+             temperature: float) -> torch.Tensor:
+    """lemniscate's weighted kNN vote: (Q, num_classes) scores, each neighbour adding exp(s / T)
+    to its label's."""
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return scores.scatter_add_(1, bank_labels[indices], weights)
 
 
 def nearest_neighbors(query: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32"):
     """(similarities, indices) of the k rows of `bank` with the largest dot product, sorted
     descending; streamed over the bank, never the full query x n matrix. precision: "fp32"
     (exact), "tf32" or "bf16" products (tensor cores on CUDA)."""
-    _check_search(query, bank, k)
+    C.knn_search(query, bank, k)
     return ops.knn_topk(query, bank, k, precision)
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
                 k: int = 200, temperature: float = 0.07, precision: str = "fp32") -> torch.Tensor:
     """(Q, num_classes) class scores: sum over the k nearest rows of exp(s / T), by their label."""
-    _check_search(query, bank, k)
-    _check_labels(bank, bank_labels, num_classes)
-    _check_temperature(temperature)
+    C.knn_search(query, bank, k)
+    C.bank_labels(bank_labels, num_classes, bank.shape[0], bank)
+    C.knn_temperature(temperature)
     sims, indices = ops.knn_topk(query, bank, k, precision)
     return knn_vote(sims.float(), indices, bank_labels, num_classes, temperature)
 
@@ -54,38 +43,36 @@ def knn_evaluate(query: torch.Tensor, query_labels: torch.Tensor, bank: torch.Te
     """Accuracies in percent: weighted-kNN top-1 and top-5 (k neighbours), 1-NN top-1, and
     recall@r (a neighbour of the query's class among the r nearest). precision of the
     similarities as in nearest_neighbors."""
-    _check_search(query, bank, k)
-    _check_labels(bank, bank_labels, num_classes)
+    C.knn_search(query, bank, k)
+    C.bank_labels(bank_labels, num_classes, bank.shape[0], bank)
     C.labels(query_labels, "query_labels", num_classes, (query.shape[0],), query, "query")
-    _check_temperature(temperature)
-    recall_ks = _check_recall_ks(recall_ks, bank.shape[0])
+    C.knn_temperature(temperature)
+    recall_ks = C.recall_ks(recall_ks, bank.shape[0])
     k_search = max([k] + recall_ks)
     sims, indices = ops.knn_topk(query, bank, k_search, precision)
+    return knn_accuracies(knn_hit_counts(sims, indices, query_labels, bank_labels, num_classes, k, temperature,
+                                         recall_ks), recall_ks)
+
+
+def knn_hit_counts(sims, indices, query_labels, bank_labels, num_classes: int, k: int, temperature: float,
+                   recall_ks) -> torch.Tensor:
+    """int64 [weighted-kNN top-1 hits, top-5 hits, 1-NN hits, recall@r hits for each r, queries]
+    from the (Q, >= max(k, recall_ks)) nearest rows, sorted."""
     neighbour_labels = bank_labels[indices]
     scores = knn_vote(sims[:, :k].float(), indices[:, :k], bank_labels, num_classes, temperature)
-    ranked = scores.topk(min(5, num_classes), dim=1).indices
-    hits = ranked == query_labels.unsqueeze(1)
-    total = max(query.shape[0], 1)
-    out = {
-        "knn_top1": 100.0 * hits[:, 0].sum().item() / total,
-        "knn_top5": 100.0 * hits.any(1).sum().item() / total,
-        "nn1_top1": 100.0 * (neighbour_labels[:, 0] == query_labels).sum().item() / total,
-    }
-    for r in recall_ks:
-        out[f"recall@{r}"] = 100.0 * (neighbour_labels[:, :r] == query_labels.unsqueeze(1)).any(1).sum().item() / total
+    hits = scores.topk(min(5, num_classes), dim=1).indices == query_labels.unsqueeze(1)
+    counts = [hits[:, 0].sum(), hits.any(1).sum(), (neighbour_labels[:, 0] == query_labels).sum()]
+    counts += [(neighbour_labels[:, :r] == query_labels.unsqueeze(1)).any(1).sum() for r in recall_ks]
+    counts.append(torch.tensor(query_labels.shape[0], device=query_labels.device))
+    return torch.stack([c.to(torch.int64) for c in counts])
+
+
+def knn_accuracies(counts: torch.Tensor, recall_ks) -> Dict[str, float]:
+    """knn_hit_counts' counts in percent of the queries."""
+    counts = counts.tolist()
+    total = max(counts[-1], 1)
+    out = {"knn_top1": 100.0 * counts[0] / total, "knn_top5": 100.0 * counts[1] / total,
+           "nn1_top1": 100.0 * counts[2] / total}
+    for r, c in zip(recall_ks, counts[3:-1]):
+        out[f"recall@{r}"] = 100.0 * c / total
     return out
-
-
-def _check_labels(bank, bank_labels, num_classes):
-    C.count(num_classes, "num_classes", 1)
-    C.labels(bank_labels, "bank_labels", num_classes, (bank.shape[0],), bank, "bank")
-    if bank_labels.numel() and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):  # also on CUDA (eval)
-        raise ValueError(f"bank_labels must be in [0, num_classes = {num_classes})")
-
-
-def _check_recall_ks(recall_ks, n: int):
-    """The r of recall@r: ints >= 1; those above n are left out (the neighbours of all n rows)."""
-    recall_ks = list(recall_ks)
-    for r in recall_ks:
-        C.count(r, "recall_ks entries", 1)
-    return sorted(set(int(r) for r in recall_ks if r <= n))

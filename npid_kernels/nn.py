@@ -1,6 +1,7 @@
 """nn modules: lemniscate drop-ins (NCEAverage, NCECriterion, LinearAverage) and the
 recommended fast path, NPIDLoss (alias NCELoss): sampling, one-pass loss and the bank
-update in one module whose state_dict holds the bank, Z and the sampler state.
+update in one module whose state_dict holds the bank, Z and the sampler state, with the bank
+on one process or placed across a process group (npid_kernels.placement).
 """
 from __future__ import annotations
 
@@ -11,39 +12,15 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from . import ops, reference
+from . import ops
+from .dist_utils import agreed_seed
+from .placement import LocalBank, MemoryBank, ReplicatedBank, ShardedBank, lemniscate_bank_init
 
 LOSSES = ("nce", "softmax-ce", "softmax")
 Z_MODES = ("first-batch", "ema", "batch")
 NEGATIVES = ("per-sample", "shared")
-
-
-def lemniscate_bank_init(num_data: int, dim: int, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
-    """lemniscate's memory initialisation: uniform in [-s, s], s = 1 / sqrt(dim / 3), rows not normalised."""
-    stdv = 1.0 / math.sqrt(dim / 3)
-    bank = torch.rand(num_data, dim, device=device, generator=generator).mul_(2 * stdv).add_(-stdv)
-    return bank.to(dtype)
-
-
-def _check_sizes(num_data: int, dim: int, num_negatives: Optional[int] = None):
-    if num_data < 1 or dim < 1:
-        raise ValueError(f"the bank needs num_data >= 1 and dim >= 1, got {num_data} x {dim}")
-    if num_negatives is not None and not 1 <= num_negatives < num_data:
-        raise ValueError(f"K (num_negatives) must be in [1, num_data = {num_data}), got {num_negatives}")
-
-
-def _check_batch(features, indices, memory: torch.Tensor, names=("features", "indices"),
-                 num_data: Optional[int] = None):
-    """A module's (features, indices) batch against its bank, in the caller's names (NPIDLoss:
-    features/indices; the lemniscate drop-ins: x/y): shapes, dtypes, devices, and on the CPU
-    (or with NPID_CUDA_SYNC_CHECKS=1) rows in [0, num_data) and finite features. num_data: the
-    bank's rows (default memory.shape[0]; a shard passes the whole bank's)."""
-    f, i = names
-    C.features(features, f, memory.shape[1])
-    if features.device != memory.device:
-        raise ValueError(f"{f} is on {features.device} but the module's bank is on {memory.device} "
-                         "(move the module with .to())")
-    C.rows(indices, i, memory.shape[0] if num_data is None else num_data, (features.shape[0],), features, f)
+PLACEMENTS = ("local", "replicated", "sharded")
+NCE_EPS = 1e-7  # lemniscate's NCECriterion eps
 
 
 def _check_bank_dtype(features: torch.Tensor, memory: torch.Tensor, name: str = "features"):
@@ -71,7 +48,7 @@ def _check_idx(idx, batch: int, num_negatives: int, num_data: int, features: tor
 def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
                      precision: str = "fp32", z_mode: str = "first-batch", z_momentum: float = 0.99,
                      z: Optional[float] = None, negatives: str = "per-sample", exclude_positive: bool = False):
-    """Constructor checks shared by NPIDLoss and DistributedNPIDLoss."""
+    """NPIDLoss's constructor checks (every placement's)."""
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     if not isinstance(exclude_positive, bool):
@@ -92,7 +69,7 @@ def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, tem
     if precision != "fp32" and loss != "softmax" and negatives != "shared":
         raise ValueError(f"precision={precision!r} applies to loss='softmax' and negatives='shared' (GEMMs); "
                          f"per-sample negatives gather rows and always compute in fp32")
-    _check_sizes(num_data, dim, None if loss == "softmax" or negatives == "shared" else num_negatives)
+    C.bank_size(num_data, dim, None if loss == "softmax" or negatives == "shared" else num_negatives)
     if negatives == "shared":  # m >= n is allowed: m draws with replacement, NCE's c = m / n > 1
         C.count(num_negatives, "num_negatives (m, the shared noise rows)", 1)
     if exclude_positive and num_data < 2:
@@ -101,43 +78,6 @@ def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, tem
         raise ValueError(f"temperature must be positive, got {temperature}")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-
-
-class MemoryBank(nn.Module):
-    """The (num_data, dim) memory bank V, one row per training instance, as a buffer `memory`.
-
-    dtype may be float32 (faithful), float64, or bfloat16/float16 (half the bytes per step).
-    """
-
-    def __init__(self, num_data: int, dim: int = 128, dtype: torch.dtype = torch.float32, device=None,
-                 generator: Optional[torch.Generator] = None):
-        super().__init__()
-        _check_sizes(num_data, dim)
-        self.register_buffer("memory", lemniscate_bank_init(num_data, dim, dtype, device, generator))
-
-    @property
-    def num_data(self) -> int:
-        return self.memory.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.memory.shape[1]
-
-    @torch.no_grad()
-    def update_(self, features: torch.Tensor, indices: torch.Tensor, momentum: float = 0.5) -> None:
-        """memory[indices] <- normalise(momentum * memory[indices] + (1 - momentum) * features)."""
-        _check_batch(features, indices, self.memory)
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        ops.momentum_update_(self.memory, features, indices, momentum)
-
-    def nearest_neighbors(self, query: torch.Tensor, k: int):
-        from .knn import nearest_neighbors
-
-        return nearest_neighbors(query, self.memory, k)
-
-    def extra_repr(self) -> str:
-        return f"num_data={self.num_data}, dim={self.dim}, dtype={self.memory.dtype}"
 
 
 class _UpdateBankAfterBackward(torch.autograd.Function):
@@ -195,7 +135,7 @@ class NCEAverage(_LemniscateParams):
     def __init__(self, inputSize: int, outputSize: int, K: int, T: float = 0.07, momentum: float = 0.5,
                  Z: Optional[float] = None):
         super().__init__()
-        _check_sizes(outputSize, inputSize, K)
+        C.bank_size(outputSize, inputSize, K)
         self.nLem = outputSize
         self.K = K
         # params = [K, T, Z, momentum] as lemniscate's buffer (it holds Z, and T/momentum as read).
@@ -204,7 +144,7 @@ class NCEAverage(_LemniscateParams):
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        _check_batch(x, y, self.memory, ("x", "y"))
+        C.batch(x, y, self.memory, ("x", "y"))
         _check_bank_dtype(x, self.memory, "x")
         batch = x.shape[0]
         if idx is None:
@@ -221,6 +161,15 @@ class NCEAverage(_LemniscateParams):
         return scores / z
 
 
+def nce_criterion(probs: torch.Tensor, n_data: int) -> torch.Tensor:
+    """lemniscate's NCECriterion on NCEAverage's output P (B, K+1): per-sample losses, in the
+    log1p forms of -log(P0 / (P0 + c + eps)) and -log(c / (Pk + c + eps)), c = K / n."""
+    c = (probs.shape[1] - 1) / n_data
+    positive = torch.log1p((c + NCE_EPS) / probs[:, 0])
+    negatives = torch.log1p((probs[:, 1:] + NCE_EPS) / c).sum(1)
+    return positive + negatives
+
+
 class NCECriterion(nn.Module):
     """Drop-in for lemniscate's NCECriterion(nLem): the NCE loss of NCEAverage's output,
     summed over the K+1 columns and averaged over the batch (eps = 1e-7)."""
@@ -234,7 +183,7 @@ class NCECriterion(nn.Module):
         if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] < 2 or not x.is_floating_point():
             raise ValueError(f"x must be NCEAverage's output, a non-empty float (batch, K+1) tensor with K >= 1, "
                              f"got {tuple(x.shape)} {x.dtype}")
-        return reference.nce_criterion(x, self.nLem).sum() / x.shape[0]
+        return nce_criterion(x, self.nLem).sum() / x.shape[0]
 
 
 class LinearAverage(_LemniscateParams):
@@ -245,13 +194,13 @@ class LinearAverage(_LemniscateParams):
 
     def __init__(self, inputSize: int, outputSize: int, T: float = 0.07, momentum: float = 0.5):
         super().__init__()
-        _check_sizes(outputSize, inputSize)
+        C.bank_size(outputSize, inputSize)
         self.nLem = outputSize
         self._init_params([T, momentum])  # params = [T, momentum], read as lemniscate reads them
         self.register_buffer("memory", lemniscate_bank_init(outputSize, inputSize, torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_batch(x, y, self.memory, ("x", "y"))  # y in range here, not in cross_entropy or backward
+        C.batch(x, y, self.memory, ("x", "y"))  # y in range here, not in cross_entropy or backward
         _check_bank_dtype(x, self.memory, "x")
         if torch.is_grad_enabled() and x.requires_grad:
             x = _UpdateBankAfterBackward.apply(x, self.memory, y, self.momentum)
@@ -299,6 +248,10 @@ class NPIDLoss(nn.Module):
             drawn uniform over the other n - 1 rows in-kernel. Shared: each such column is replaced,
             for that sample only, by a row uniform over the other n - 1 (deterministic Philox;
             on CUDA one host sync per step to list the collisions).
+        placement: where the bank lives: "local" (this process), or across the ranks of
+            process_group (None: the default group) "replicated" or "sharded", as
+            DistributedNPIDLoss(mode=...) documents; equal_batches as there. Every placement
+            computes the same losses.
 
     forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
     L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
@@ -312,112 +265,128 @@ class NPIDLoss(nn.Module):
                  momentum: float = 0.5, loss: str = "nce", bank_dtype: torch.dtype = torch.float32,
                  z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32",
                  z_mode: str = "first-batch", z_momentum: float = 0.99, negatives: str = "per-sample",
-                 exclude_positive: bool = False):
+                 exclude_positive: bool = False, placement: str = "local", process_group=None,
+                 equal_batches: bool = False):
         super().__init__()
         _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z,
                          negatives, exclude_positive)
-        self.precision = precision
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement == "sharded" and negatives == "shared" and exclude_positive:
+            raise ValueError("exclude_positive with negatives='shared' needs the replicated placement "
+                             "(mode='replicated'): the replacement rows are drawn from the whole bank inside the op")
+        self.loss_type, self.placement, self.precision = loss, placement, precision
         self.negatives, self.exclude_positive = negatives, exclude_positive
-        self._z_known = False  # shared NCE: Z checked once on the host (reset by load_state_dict)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_z_known", False))
         self.z_mode, self.z_momentum = z_mode, float(z_momentum)
-        self.num_negatives = num_negatives
-        self.temperature = float(temperature)
-        self.momentum = float(momentum)
-        self.loss_type = loss
-        self.bank = MemoryBank(num_data, dim, bank_dtype, device)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.num_data, self.dim, self.num_negatives = int(num_data), int(dim), int(num_negatives)
+        self.temperature, self.momentum = float(temperature), float(momentum)
+        if placement == "local":
+            self.bank = LocalBank(num_data, dim, bank_dtype, device)
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+        else:
+            seed = agreed_seed(seed, process_group)
+            placed = ReplicatedBank if placement == "replicated" else ShardedBank
+            self.bank = placed(self.num_data, self.dim, bank_dtype, device, seed, process_group, equal_batches)
+        self.world_size, self.rank = self.bank.world_size, self.bank.rank
         self.register_buffer("z", torch.tensor([-1.0 if z is None else float(z)], device=device))
         self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64, device=device))
+        self._z_known = False  # whether Z has been seen set on the host (reset by load_state_dict)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_z_known", False))
 
     @property
     def memory(self) -> torch.Tensor:
+        """This rank's bank: the whole (n, d) bank, or its shard's rows when sharded."""
         return self.bank.memory
 
+    def rank_rng_state(self) -> torch.Tensor:
+        """[seed, offset + rank]: the Philox stream this rank draws its next step's negatives
+        from (ops.sample_negatives(indices, loss.rank_rng_state(), n, K) gives the rows)."""
+        shift = torch.tensor([0, self.rank], dtype=torch.int64, device=self.rng_state.device)
+        return self.rng_state + shift
+
     def forward(self, features: torch.Tensor, indices: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # The step for every placement; the bank (npid_kernels.placement) says where the rows are
+        # and how the ranks agree.
         memory = self.bank.memory
-        _check_batch(features, indices, memory)
-        if idx is not None and self.negatives == "shared":
-            C.rows(idx, "idx", memory.shape[0], (self.num_negatives,), features, "features")
-        elif idx is not None and self.exclude_positive:
-            raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
-        elif idx is not None:
-            if self.loss_type == "softmax":
-                raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' scans "
-                                 "the whole bank")
-            _check_idx(idx, features.shape[0], self.num_negatives, memory.shape[0], features, "features",
-                       indices, "indices")
-        if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
-            features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
-        _check_bank_dtype(features, memory)
+        with self.bank.checks_agreed():
+            C.batch(features, indices, memory, num_data=self.num_data)
+            if idx is not None and self.negatives == "shared":
+                C.rows(idx, "idx", self.num_data, (self.num_negatives,), features, "features")
+            elif idx is not None and self.exclude_positive:
+                raise ValueError("exclude_positive applies to in-kernel sampling; an explicit idx is used as given")
+            elif idx is not None:
+                if self.loss_type == "softmax":
+                    raise ValueError("idx applies to loss='nce' and 'softmax-ce' (sampled rows); loss='softmax' "
+                                     "scans the whole bank")
+                _check_idx(idx, features.shape[0], self.num_negatives, self.num_data, features, "features",
+                           indices, "indices", check_range=self.bank.checks_idx_range)
+            if features.dtype == torch.float16 or (features.dtype == torch.bfloat16 and not features.is_cuda):
+                features = features.float()  # e.g. autocast output; bf16 features are native on CUDA only
+            _check_bank_dtype(features, memory)
+        stream = self.rng_state if self.rank == 0 else self.rank_rng_state()  # this rank's Philox stream
         if self.negatives == "shared":
-            return self._forward_shared(features, indices, idx)
-        sampling = dict(idx=idx, rng_state=None if idx is not None else self.rng_state,
-                        num_negatives=self.num_negatives, temperature=self.temperature,
-                        exclude_positive=self.exclude_positive)
-        if self.loss_type == "nce":
-            ops.nce_estimate_z_(self.z, features, memory, indices, **sampling)
-            if self.z_mode == "batch":
-                self._batch_z_(features, memory, indices, sampling)
-                per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
-            elif self.z_mode == "ema" and self.training:
-                per_sample, noise_exp_sum = ops.nce_loss_and_z_stat(features, memory, indices, self.z, **sampling)
-                columns = idx.shape[1] if idx is not None else self.num_negatives + 1
-                ops.z_ema_update_(self.z, noise_exp_sum, features.shape[0] * (columns - 1), memory.shape[0],
-                                  self.z_momentum)
-            else:
-                per_sample = ops.nce_loss(features, memory, indices, self.z, **sampling)
-        elif self.loss_type == "softmax-ce":
-            per_sample = ops.softmax_ce_loss(features, memory, indices, **sampling)
+            per_sample = self._shared_loss(features, indices, idx, stream)
+        elif self.loss_type == "softmax":
+            per_sample = self.bank.full_softmax_loss(features, indices, self.temperature, self.precision)
         else:
-            per_sample = ops.full_softmax_loss(features, memory, indices, self.temperature, self.precision)
+            per_sample = self._sampled_loss(features, indices, idx, stream)
         if self.training:
-            self.bank.update_(features, indices, self.momentum)
-            if idx is None and self.loss_type != "softmax":
+            self.bank.update_(features.detach(), indices, self.momentum)
+            # Shared negatives advance the stream with explicit rows too (exclude_positive reads it).
+            if (idx is None and self.loss_type != "softmax") or self.negatives == "shared":
                 with torch.no_grad():
-                    self.rng_state[1] += 1  # a fresh Philox stream for the next step
+                    self.rng_state[1] += self.world_size  # a fresh Philox stream per rank for the next step
         return per_sample.mean()
 
-    def _forward_shared(self, features, indices, rows) -> torch.Tensor:
-        """negatives="shared" (arguments checked by forward): one set of m noise rows for the batch,
-        scored by GEMM tiles."""
-        memory = self.bank.memory
-        m, n = self.num_negatives, memory.shape[0]
-        shared = dict(rows=rows, rng_state=self.rng_state, num_negatives=m, temperature=self.temperature,
-                      exclude_positive=self.exclude_positive, precision=self.precision)
-        if self.loss_type == "nce":
-            if self.z_mode == "batch" or self._z_unset():
-                with torch.no_grad():
-                    _, stat = ops.shared_nce_loss_and_z_stat(features.detach(), memory, indices,
-                                                             torch.ones_like(self.z), **shared)
-                    ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, 0.0)
-            per_sample, stat = ops.shared_nce_loss_and_z_stat(features, memory, indices, self.z, **shared)
-            if self.z_mode == "ema" and self.training:
-                ops.z_ema_update_(self.z, stat, features.shape[0] * m, n, self.z_momentum)
-        else:
-            per_sample = ops.shared_softmax_ce_loss(features, memory, indices, **shared)
-        if self.training:
-            self.bank.update_(features, indices, self.momentum)
+    def _sampled_loss(self, features, indices, idx, stream) -> torch.Tensor:
+        """Per-sample negatives: K rows drawn for each sample (or the explicit idx)."""
+        bank, y, rows, n_data = self.bank.sampled_rows(indices, idx, stream, self.num_negatives, self.exclude_positive)
+        sampling = dict(rows, temperature=self.temperature)
+        if self.loss_type == "softmax-ce":
+            return ops.softmax_ce_loss(features, bank, y, **sampling)
+        sampling["n_data"] = n_data
+        columns = rows["idx"].shape[1] if rows["idx"] is not None else self.num_negatives + 1
+        if not self._z_known:
+            self._z_known = self.bank.estimate_z_(self.z, features, bank, y, features.shape[0] * columns, **sampling)
+        return self._nce(lambda x, z: ops.nce_loss_and_z_stat(x, bank, y, z, **sampling), features,
+                         features.shape[0] * (columns - 1), self.z_mode == "batch")
+
+    def _shared_loss(self, features, indices, rows, stream) -> torch.Tensor:
+        """negatives="shared": one set of m noise rows per rank and step, scored by GEMM tiles. NCE's
+        first Z comes from the shared noise columns too."""
+        bank, y, shared, n_data = self.bank.shared_rows(indices, rows, stream, self.num_negatives,
+                                                        self.exclude_positive)
+        shared.update(temperature=self.temperature, precision=self.precision)
+        if self.loss_type != "nce":
+            return ops.shared_softmax_ce_loss(features, bank, y, **shared)
+        return self._nce(lambda x, z: ops.shared_nce_loss_and_z_stat(x, bank, y, z, n_data=n_data, **shared),
+                         features, features.shape[0] * self.num_negatives, self.z_mode == "batch" or self._z_unset())
+
+    def _nce(self, loss_and_stat, features, noise: int, z_from_step: bool) -> torch.Tensor:
+        """NCE's Z modes around loss_and_stat(features, Z) -> (per-sample loss, per-sample sums of the
+        `noise` noise exp-scores). z_from_step: Z is first set from this step's own noise scores (an
+        extra pass, "batch"); "ema" (training) averages the loss pass's into Z after the loss."""
+        if z_from_step:
             with torch.no_grad():
-                self.rng_state[1] += 1  # a fresh Philox stream for the next step
-        return per_sample.mean()
+                _, stat = loss_and_stat(features.detach(), torch.ones_like(self.z))
+            self._z_update_(stat, noise, 0.0)
+        per_sample, stat = loss_and_stat(features, self.z)
+        if self.z_mode == "ema" and self.training:
+            self._z_update_(stat, noise, self.z_momentum)
+        return per_sample
 
     def _z_unset(self) -> bool:
-        """Shared NCE: whether Z still needs its first estimate. One host read until Z is set (the
-        per-sample ops decide that on the device instead)."""
+        """Whether Z still needs its first estimate: one host read until Z is set."""
         if not self._z_known:
             self._z_known = float(self.z) > 0
         return not self._z_known
 
-    @torch.no_grad()
-    def _batch_z_(self, features, memory, indices, sampling) -> None:
-        """z_mode "batch": Z = n * mean exp(s_k) over this step's own K noise columns, from an
-        extra pass over the same rows before the loss (no host sync)."""
-        one = torch.ones_like(self.z)
-        _, noise_exp_sum = ops.nce_loss_and_z_stat(features.detach(), memory, indices, one, **sampling)
-        columns = sampling["idx"].shape[1] if sampling["idx"] is not None else self.num_negatives + 1
-        ops.z_ema_update_(self.z, noise_exp_sum, features.shape[0] * (columns - 1), memory.shape[0], 0.0)
+    def _z_update_(self, noise_exp_sum, noise: int, alpha: float) -> None:
+        """Z <- alpha Z + (1 - alpha) n * (sum of the noise exp-scores) / (their count), over every
+        rank's batch (alpha 0: the step's own estimate)."""
+        total, count = self.bank.noise_stat(noise_exp_sum, noise)
+        ops.z_ema_update_(self.z, total, count, self.num_data, alpha)
 
     def extra_repr(self) -> str:
         extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
@@ -425,6 +394,7 @@ class NPIDLoss(nn.Module):
         extra += ", exclude_positive=True" if self.exclude_positive else ""
         if self.loss_type == "nce":
             extra += f", z_mode={self.z_mode!r}" + (f", z_momentum={self.z_momentum}" if self.z_mode == "ema" else "")
+        extra += f", placement={self.placement!r}" if self.placement != "local" else ""
         return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
                 f"momentum={self.momentum}{extra}")
 
@@ -454,7 +424,7 @@ class ParametricInstanceLoss(nn.Module):
     def __init__(self, num_data: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5,
                  device=None):
         super().__init__()
-        _check_sizes(num_data, dim)
+        C.bank_size(num_data, dim)
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not 0 <= momentum < 1:
@@ -468,7 +438,7 @@ class ParametricInstanceLoss(nn.Module):
         return self.bank.memory
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        _check_batch(features, indices, self.bank.memory)
+        C.batch(features, indices, self.bank.memory)
         features = features.to(self.weight.dtype)  # e.g. autocast's bf16 output
         logits = features @ self.weight.t() / self.temperature
         loss = nn.functional.cross_entropy(logits, indices)

@@ -24,7 +24,7 @@ npid = torch.ops.npid
 __all__ = [
     "sample_negatives", "nce_scores", "nce_init_z_", "nce_estimate_z_", "nce_loss", "nce_loss_and_z_stat",
     "z_ema_update_",
-    "softmax_ce_loss", "shared_negative_rows", "shared_nce_loss", "shared_nce_loss_and_z_stat", "shared_softmax_ce_loss", "momentum_update_", "full_softmax_loss", "knn_topk", "cuda_available", "PRECISIONS",
+    "softmax_ce_loss", "shared_negative_rows", "shared_nce_loss", "shared_nce_loss_and_z_stat", "shared_softmax_ce_loss", "momentum_update_", "full_softmax_loss", "full_softmax_loss_and_grad", "round_to_precision", "knn_topk", "cuda_available", "PRECISIONS",
 ]
 
 
@@ -275,6 +275,20 @@ def shared_softmax_ce_loss(x, bank, y, *, rows: Optional[torch.Tensor] = None,
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def round_to_precision(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """t rounded (to nearest even) to the format whose products a "tf32"/"bf16" scan forms, kept in
+    t's dtype (float64 through float32, as in the kernels); "fp32" leaves t unchanged. Not
+    differentiable: for the products of tensors the kernels read."""
+    if precision == "fp32":
+        return t
+    f = t.float()
+    if precision == "bf16":
+        return f.to(torch.bfloat16).to(t.dtype)
+    bits = torch.where(f.isnan(), 0.0, f).view(torch.int32)
+    bits = (bits + ((bits >> 13) & 1) + 0x0FFF) & ~0x1FFF  # drop 13 of 23 mantissa bits
+    return torch.where(f.isnan(), f, bits.view(torch.float32)).to(t.dtype)
+
+
 def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "fp32") -> torch.Tensor:
     """Per-sample exact non-parametric softmax loss over the whole bank, streamed in chunks.
 
@@ -285,6 +299,13 @@ def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "f
     _finite(x, "x")
     compute_grad = torch.is_grad_enabled() and x.requires_grad
     return npid.full_softmax_loss(x, bank, y, temperature, precision, compute_grad)[0]
+
+
+def full_softmax_loss_and_grad(x, bank, y, temperature: float = 0.07, precision: str = "fp32"):
+    """(per-sample loss, its gradient w.r.t. x) of full_softmax_loss, both from the one pass and
+    outside autograd (a sharded bank combines the shards' gradients itself)."""
+    _finite(x, "x")
+    return npid.full_softmax_loss(x, bank, y, temperature, precision, True)
 
 
 def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.5) -> None:

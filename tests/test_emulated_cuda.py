@@ -11,6 +11,7 @@ import torch
 
 from npid_kernels import ops
 from npid_kernels import reference as R
+from npid_kernels.distributed import DistributedNPIDLoss
 from npid_kernels.nn import NPIDLoss
 
 from conftest import relative_error, unit_rows
@@ -269,3 +270,39 @@ def test_npid_loss_training_steps_match_cpu(loss, z_mode):
     assert torch.equal(modules[1].rng_state, modules[0].rng_state)
     if loss == "nce":
         assert relative_error(modules[1].z, modules[0].z) < 1e-6
+
+
+class _Recorded:
+    """An operator library that records which of its ops are looked up."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.library, name)
+
+
+def test_sharded_exact_softmax_runs_on_the_routed_library(monkeypatch):
+    """The sharded bank's exact softmax (world size 1, no process group: the shard is the whole
+    bank) calls its op through npid_kernels.ops, so the CUDA code runs it on the emulator; loss,
+    gradient and bank match the CPU kernels'."""
+    n, d, B = 60, 16, 8
+    results = []
+    for library in (torch.ops.npid, torch.ops.npid_emu):
+        recorded = _Recorded(library)
+        monkeypatch.setattr(ops, "npid", recorded)
+        crit = DistributedNPIDLoss(n, d, temperature=T, loss="softmax", bank_dtype=torch.float64, seed=3,
+                                   mode="sharded")
+        g = torch.Generator().manual_seed(5)
+        steps = []
+        for _ in range(2):
+            x = unit_rows(B, d, generator=g).requires_grad_()
+            value = crit(x, torch.randint(0, n, (B,), generator=g))
+            value.backward()
+            steps.append(torch.cat([value.detach().reshape(1), x.grad.reshape(-1)]))
+        assert {"full_softmax_loss", "momentum_update_"} <= set(recorded.calls)
+        results.append((torch.stack(steps), crit.memory.clone()))
+    (cpu_steps, cpu_bank), (emu_steps, emu_bank) = results
+    assert relative_error(emu_steps, cpu_steps) < 1e-12
+    assert relative_error(emu_bank, cpu_bank) < 1e-12
