@@ -1,6 +1,6 @@
 """Sample order vs tile order of the CPU fused losses (csrc/cpu/tile_order.h), timed interleaved.
 
-    python benchmarks/profile/pair_order_ab.py OUT.json [REPS]
+    python experiments/cpu-step/pair_order_ab.py OUT.json [REPS]
 
 The training step of issue 17 (B = 64, K = 4096, d = 128, fp32 bank: loss forward + backward
 + momentum_update_), idx given or drawn in-kernel, for NCE and softmax-CE at n = 50k and, for
