@@ -39,6 +39,7 @@ def random_init_knn(tmp_path_factory):
     return results(out)["knn_top1_features"]
 
 
+@pytest.mark.slow
 def test_npid_learns_features_better_than_random_init(tmp_path, random_init_knn):
     run(DIGITS_JOB + ["--epochs", "60", "--knn-source", "both", "--out-dir", str(tmp_path)])
     res = results(tmp_path)
@@ -70,6 +71,7 @@ def test_nce_learns_as_well_as_the_exact_softmax(tmp_path, random_init_knn):
     assert len(rows) == 60 and all(float(r["z"]) > 0 for r in rows)  # Z logged per epoch
 
 
+@pytest.mark.slow
 def test_nce_with_first_batch_z_collapses_on_digits(tmp_path, random_init_knn):
     """The counterpart that must fail the check: lemniscate's Z fixed on the first batch (the bank
     still random) is ~370x below the true Z from the second step on; NCE ends at chance."""
@@ -91,6 +93,7 @@ def test_bad_z_flags_are_clear_errors(tmp_path, capsys):
     assert "--z-mode: invalid choice: 'running'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_init_knn):
     """Bank momentum 1 keeps the bank at its random initialisation: the same check must fail."""
     run(DIGITS_JOB + ["--epochs", "5", "--nce-m", "1.0", "--knn-source", "bank", "--out-dir", str(tmp_path)])
@@ -358,6 +361,7 @@ def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
     assert "bank has 1438 rows but the dataset has 719 training images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bank_mode", ["replicated", "sharded"])
 def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     """npid-train under torchrun (gloo, 2 CPU processes): one checkpoint, written once, that a
