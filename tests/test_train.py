@@ -120,7 +120,9 @@ def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypa
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
     assert first > math.log(1438) and last < first - 0.5, (first, last)  # measured 8.03 -> 7.09
     res = results(tmp_path)
-    assert res["loss"] == "param-softmax" and res["nce_k"] is None and 0 <= res["knn_top1_features"] <= 100
+    # The run is evaluated on its own features: far above chance (10 classes), near the random-init
+    # encoder's 78.0% (measured 74.4%: 8 epochs of the instance classifier barely move the encoder).
+    assert res["loss"] == "param-softmax" and res["nce_k"] is None and res["knn_top1_features"] > 50
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert T.main(["train", "--loss", "param-softmax", "--out-dir", str(tmp_path / "ddp")]) == 2
     assert "--loss param-softmax is a single-process baseline" in capsys.readouterr().err
@@ -230,9 +232,13 @@ def test_eval_and_export(tmp_path):
          "--svm-max-train", "500", "--retrieval-png", str(png), "--output-json", str(out)])
     res = json.loads(out.read_text())
     assert png.stat().st_size > 0 and res["epoch"] == 2 and res["knn_k"] == 20
-    for key in ("knn_top1_bank", "knn_top1_features", "nn1_top1_bank", "recall@10_features", "linear_top1_lowdim",
-                "linear_top1_pooled", "svm_top1_lowdim", "svm_top1_pooled"):
-        assert 0 <= res[key] <= 100, key
+    # Recomputed features and the probes on them are far above chance (10 classes) after 2 epochs
+    # (measured: kNN 75.5%, recall@10 96.9%, linear 97.5 / 97.8%, SVM 95.3 / 95.5%). The bank still
+    # holds mostly its random rows (kNN 18.7%): its kNN is checked against the training run's below.
+    for key in ("knn_top1_features", "recall@10_features", "linear_top1_lowdim", "linear_top1_pooled",
+                "svm_top1_lowdim", "svm_top1_pooled"):
+        assert 50 < res[key] <= 100, (key, res[key])
+    assert "nn1_top1_bank" in res
     # eval reproduces the training run's final kNN on the bank
     assert T.main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-source", "bank",
                    "--output-json", str(out)]) == 0
