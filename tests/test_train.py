@@ -1,5 +1,7 @@
 """The npid-train driver end to end on the CPU: it learns, it resumes bit for bit, it evaluates
-and exports, and it fails clearly on bad input."""
+and exports, and it fails clearly on bad input. Every test that trains is in the slow tier; the
+quick one keeps the argument and error checks (tests/test_datasets.py and test_checkpoint.py
+still run the driver for an epoch or two)."""
 import argparse
 import csv
 import json
@@ -101,6 +103,7 @@ def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_in
     assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
 
 
+@pytest.mark.slow
 def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypatch):
     """--loss param-softmax: the n-way classifier over instance ids learns with the encoder (its
     weights are in the optimizer and the checkpoint), the loss falls from ~log n, and the run is
@@ -128,6 +131,7 @@ def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypa
     assert "--loss param-softmax is a single-process baseline" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, monkeypatch):
     """--negatives shared --exclude-positive: m is not capped at n - 1 (m draws with replacement),
     Z is estimated per step from the shared noise columns, the settings are recorded and a resume
@@ -152,6 +156,7 @@ def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, m
     assert "needs --bank-mode replicated under torchrun" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
     """--max-minutes-this-run: a budget shorter than one epoch still runs one epoch (and saves it),
     then stops with the resume hint; --resume completes the run."""
@@ -166,6 +171,7 @@ def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
     assert "--max-minutes-this-run must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scan_precision_bf16_tracks_fp32(tmp_path):
     """--scan-precision bf16 (the exact softmax and the per-epoch kNN with bf16 products) follows
     the fp32 run closely: same data, weights and order, only the rounding of the products differs."""
@@ -185,6 +191,7 @@ def test_scan_precision_bf16_tracks_fp32(tmp_path):
 
 @pytest.mark.parametrize("loss,augment", [("nce", []), ("softmax-ce", ["--cpu-augment", "--workers", "0"])],
                          ids=["nce-batched-augment", "softmax_ce-cpu-augment"])
+@pytest.mark.slow
 def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
     """2 epochs straight == 1 epoch, then --resume for the second: bank, Z, sampler, weights,
     optimizer and the logged losses all bit-identical."""
@@ -211,6 +218,7 @@ def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
     assert results(tmp_path / "straight")["knn_top1_bank"] == results(tmp_path / "split")["knn_top1_bank"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(tmp_path, capsys):
     common = ["train", "--dataset", "digits", "--epochs", "2", "--max-epochs-this-run", "1", "--loss", "nce",
               "--nce-k", "32", "--out-dir", str(tmp_path), "--eval-every", "100", "--knn-source", "bank"]
@@ -222,6 +230,7 @@ def test_resume_refuses_another_configuration(tmp_path, capsys):
     assert "train_fraction" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_and_export(tmp_path):
     # no --loss / --epochs / --arch: the digits preset (exact softmax, small CNN)
     run(["train", "--epochs", "2", "--eval-every", "100", "--out-dir", str(tmp_path)])
@@ -248,6 +257,7 @@ def test_eval_and_export(tmp_path):
     assert state["head.weight"].shape == (128, 128) and "body.0.weight" in state
 
 
+@pytest.mark.slow
 def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
     """--arch cnn4 --width 8: the checkpoint rebuilds the same encoder for eval (same kNN as the
     run) and the exported state_dict loads into build_encoder('cnn4', width=8); a checkpoint of
@@ -278,6 +288,7 @@ def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
     assert "--width applies to small-cnn and cnn4, not --arch resnet18" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_loads_into_torchvision_resnet(tmp_path):
     import numpy as np
     import torchvision
@@ -358,6 +369,7 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "not an npid-train checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
     run(DIGITS_JOB + ["--epochs", "1", "--knn-source", "bank", "--out-dir", str(tmp_path)])
     ckpt = load(tmp_path / "checkpoint.pt")
