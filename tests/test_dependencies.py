@@ -14,6 +14,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# Every case starts a Python with torch (3-4 s each on the 2-core machine), and some train.
+pytestmark = pytest.mark.slow
+
 # Every finder on the meta path is wrapped so that it does not find the module (or its submodules):
 # importing it raises ModuleNotFoundError and importlib.util.find_spec returns None, as when it is
 # not installed.
@@ -84,7 +87,6 @@ def test_a_needed_dependency_missing_stops_before_any_work(tmp_path, hidden, ext
     ("tqdm", "tqdm is not installed: no progress bar (pip install tqdm)", None),
     ("torchvision", None, None),  # digits with the small CNN and batched augmentation needs no torchvision
 ])
-@pytest.mark.slow  # trains and evaluates in a subprocess
 def test_a_skippable_dependency_missing_still_writes_everything(tmp_path, hidden, warning, skipped):
     result = run_hidden([hidden], SHORT + ["--dataset", "digits", "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -100,7 +102,6 @@ def test_a_skippable_dependency_missing_still_writes_everything(tmp_path, hidden
     assert (tmp_path / "curves.png").exists() == (skipped != "curves.png")
 
 
-@pytest.mark.slow  # trains and evaluates in a subprocess
 def test_eval_and_export_check_dependencies_before_loading_data(tmp_path):
     out = tmp_path / "run"
     ckpt = out / "checkpoint.pt"
