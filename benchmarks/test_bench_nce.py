@@ -9,7 +9,7 @@ provider:
   npid_insample  the same ops drawing the negatives in-kernel (idx=None, rng_state)
   npid_sample_order
                  CPU only: npid with the (sample, row) pairs visited in sample order
-                 (NPID_CPU_PAIR_ORDER=sample), the order before the sorted orders existed; npid itself
+                 (ops._cpu_pair_order("sample")), the order without sorting; npid itself
                  uses whichever order csrc/cpu/tile_order.h's use_tile_order() picks
 pass:
   forward           loss (batch mean) with x requiring grad, as in training
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from typing import Dict
 
@@ -115,22 +114,6 @@ def expected(case: Case, loss: str) -> Dict[str, torch.Tensor]:
     return case.expected[loss]
 
 
-def pair_order(order: str):
-    """A context that forces the CPU losses' pair order (read by the op at each call)."""
-    @contextlib.contextmanager
-    def forced():
-        before = os.environ.get("NPID_CPU_PAIR_ORDER")
-        os.environ["NPID_CPU_PAIR_ORDER"] = order
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ["NPID_CPU_PAIR_ORDER"]
-            else:
-                os.environ["NPID_CPU_PAIR_ORDER"] = before
-    return forced
-
-
 def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
     """(loss_fn(x, bank) -> per-sample loss, step_fn(x, bank) -> mean loss) for a provider."""
     T, y, idx, z = TEMPERATURE, case.y, case.idx, case.z
@@ -152,7 +135,7 @@ def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
         sampling = dict(rng_state=case.rng_state, num_negatives=K, temperature=T)
     else:
         sampling = dict(idx=idx, temperature=T)
-    order = pair_order("sample") if provider == "npid_sample_order" else contextlib.nullcontext
+    order = (lambda: ops._cpu_pair_order("sample")) if provider == "npid_sample_order" else contextlib.nullcontext
     if loss == "nce":
         def loss_fn(x, bank):
             with order():

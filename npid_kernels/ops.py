@@ -147,6 +147,30 @@ def _calls_into(namespace: str):
         npid = saved
 
 
+@contextlib.contextmanager
+def _cpu_switch(name: str, value: str):
+    """Sets a run-time switch of the CPU kernels (csrc/cpu/cpu_switches.cpp) for the block, yields
+    the value in effect (an ISA is capped at what the CPU has), and restores the previous one."""
+    get, set_ = getattr(torch.ops.npid, f"_cpu_{name}"), getattr(torch.ops.npid, f"_set_cpu_{name}")
+    before = get()
+    set_(value)
+    try:
+        yield get()
+    finally:
+        set_(before)
+
+
+def _cpu_isa(isa: str):
+    """Tests and experiments: run the CPU hot loops with "baseline", "avx2" or "avx512" inside the block."""
+    return _cpu_switch("isa", isa)
+
+
+def _cpu_pair_order(order: str):
+    """Tests and experiments: the CPU fused losses visit their pairs in "sample" or "tile" order inside
+    the block ("auto", the default, picks by problem size)."""
+    return _cpu_switch("pair_order", order)
+
+
 # ---------------------------------------------------------------- Python entry points
 
 def _finite(t: torch.Tensor, name: str) -> None:

@@ -162,8 +162,13 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="*", default=["plain"], choices=sorted(VARIANT_FLAGS))
+    # Checked here, not with choices=: argparse checks an empty or default list against choices as
+    # one value and refuses it, so the bare command would fail.
+    parser.add_argument("variants", nargs="*", help=f"{', '.join(sorted(VARIANT_FLAGS))} (default: plain)")
     parser.add_argument("--target", default="ops", choices=sorted(TARGETS))
     args = parser.parse_args()
-    for v in args.variants:
+    unknown = sorted(set(args.variants) - set(VARIANT_FLAGS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(sorted(VARIANT_FLAGS))}")
+    for v in args.variants or ["plain"]:
         print(build(v, args.target))

@@ -22,7 +22,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
     for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 1 python benchmarks/cuda_sanitize.py --quick \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 python scripts/cuda_sanitize.py --quick \
             > "$OUT/sanitize-$tool.log" 2>&1
         echo "compute-sanitizer $tool: exit $?  ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize-$tool.log") clean summaries)"
     done

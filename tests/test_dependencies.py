@@ -14,6 +14,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# Every case starts a Python with torch (3-4 s each on the 2-core machine), and some train.
+pytestmark = pytest.mark.slow
+
 # Every finder on the meta path is wrapped so that it does not find the module (or its submodules):
 # importing it raises ModuleNotFoundError and importlib.util.find_spec returns None, as when it is
 # not installed.

@@ -387,6 +387,7 @@ def close(a, b, **tol):
 
 # ---------------------------------------------------------------- tests
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 @pytest.mark.parametrize("name", list(DTYPES))
 @pytest.mark.parametrize("loss", LOSSES)
 def test_replicated_equals_single_process(train_runs, loss, name):
@@ -413,6 +414,7 @@ def test_replicated_equals_single_process(train_runs, loss, name):
         assert got[0][0]["full"]["z"].item() == got[1][0]["full"]["z"].item(), "Z not agreed"
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 @pytest.mark.parametrize("name", list(DTYPES))
 @pytest.mark.parametrize("loss", LOSSES)
 def test_sharded_equals_replicated(train_runs, loss, name):
@@ -433,6 +435,7 @@ def test_sharded_equals_replicated(train_runs, loss, name):
             assert torch.equal(s["full"]["rng_state"], p["full"]["rng_state"])
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_ddp_training_equals_single_process(train_runs):
     """DDP backbone + DistributedNPIDLoss == one process on the global batch (mean loss)."""
     _, cfg, ranks = train_runs
@@ -459,6 +462,7 @@ def test_ddp_training_equals_single_process(train_runs):
             assert torch.allclose(got["bank"], ref.memory, rtol=1e-5, atol=1e-6), (r, mode)
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_fresh_bank_independent_of_mode_and_world_size(train_runs):
     _, _, ranks = train_runs
     fresh = ranks[0]["fresh"]
@@ -470,6 +474,7 @@ def test_fresh_bank_independent_of_mode_and_world_size(train_runs):
     assert single["bank.memory"].abs().max() <= stdv and single["bank.memory"].std() > 0.4 * stdv
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_checkpoint_resume_equals_uninterrupted(train_runs):
     outdir, cfg, ranks = train_runs
     launch("ckpt_save", outdir)
@@ -503,6 +508,7 @@ def test_checkpoint_resume_equals_uninterrupted(train_runs):
     assert close(sharded_ckpt["bank.memory"], ckpt["bank.memory"], **TOL_SHARDED["float32"])
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_distributed_knn_equals_knn_evaluate(tmp_path):
     g = torch.Generator().manual_seed(3)
     n, d, classes, k = 61, 16, 4, 5
@@ -526,6 +532,7 @@ def test_distributed_knn_equals_knn_evaluate(tmp_path):
                 assert torch.allclose(res["scores"], expected_scores, rtol=1e-6, atol=1e-6), (r, split_id, mode)
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_z_modes_agree_across_ranks_and_equal_single_process(train_runs):
     """ema and batch Z: the ranks all_reduce the step's noise statistics, so both keep the same Z,
     the one a single process computes from the global batch (the EMA of the global estimate)."""
@@ -583,6 +590,7 @@ def shared_single_process(loss, init_sd, batches, exclude):
     return out
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_shared_negatives_equal_single_process(train_runs):
     outdir, cfg, _ = train_runs
     launch("shared", outdir)
@@ -602,6 +610,7 @@ def test_shared_negatives_equal_single_process(train_runs):
                         assert close(got["full"]["z"], exp["z"], **TOL["float64"]), where
 
 
+@pytest.mark.slow  # two worker processes, torchrun-style
 def test_failed_z_estimate_raises_on_every_rank(tmp_path):
     launch("nan_z", tmp_path, timeout=120.0)
     got = [torch.load(tmp_path / f"nan_z_rank{r}.pt") for r in range(WORLD)]

@@ -98,6 +98,7 @@ print("finished", out.sum().item())
 REPORT = {"asan": "ERROR: AddressSanitizer", "tsan": "WARNING: ThreadSanitizer"}
 
 
+@pytest.mark.slow  # a sanitizer build of the defects library
 @pytest.mark.parametrize("variant,defect,expected", [
     ("asan", "read_past_row", "heap-buffer-overflow"),
     ("tsan", "missing_syncthreads", "data race"),
@@ -123,6 +124,7 @@ SANITIZED_SELECTION = ["tests/test_emulated_cuda.py",
                        "tests/test_ops.py::test_sample_negatives_matches_reference"]
 
 
+@pytest.mark.slow  # a sanitizer build of the emulated library, then its tests under it
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
 def test_emulated_ops_clean_under_sanitizer(variant):
     reason = sanitizers_available(variant)
@@ -174,6 +176,7 @@ def mutant_libraries(tmp_path_factory):
         return dict(zip(sorted(MUTANTS), pool.map(build_mutant, sorted(MUTANTS))))
 
 
+@pytest.mark.slow  # a debug build of each mutant
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_seeded_kernel_defect_fails_the_emulated_tests(mutant_libraries, mutant):
     env = dict(os.environ, NPID_EMU_LIBRARY=mutant_libraries[mutant], NPID_TEST_DEVICES="emu")

@@ -257,10 +257,16 @@ def test_npid_loss_z_modes_match_reference(z_mode):
         assert relative_error(out, ref) < 1e-5, step
         assert relative_error(x.grad, xr.grad) < 1e-5, step
         assert relative_error(module.z, z_ref) < 1e-6, step
-    module.eval()  # no training step: ema leaves Z alone
-    before = module.z.clone()
-    module(unit_rows(B, d, dtype=torch.float32), torch.arange(B))
-    assert torch.equal(before, module.z) or z_mode == "batch"
+    module.eval()  # no training step: ema leaves Z alone, batch sets it from the batch's own noise rows
+    before, memory0, rng0 = module.z.clone(), module.memory.clone().double(), module.rng_state.clone()
+    x, y = unit_rows(B, d, dtype=torch.float32), torch.arange(B)
+    module(x, y)
+    if z_mode == "ema":
+        assert torch.equal(before, module.z)
+    else:
+        idx = R.sample_negatives(y, rng0, n, K)
+        assert relative_error(module.z, n * R.noise_exp_sum(x.double(), memory0, idx, T).sum() / (B * K)) < 1e-6
+        assert relative_error(module.z, before) > 1e-3  # not the last training step's Z kept
 
 
 def test_npid_loss_z_mode_first_batch_keeps_z():

@@ -1,5 +1,5 @@
 """The CPU fused losses visit their (sample, row) pairs in sample order or by tiles of bank rows
-(csrc/cpu/tile_order.h), chosen by problem size or forced with NPID_CPU_PAIR_ORDER. Both orders
+(csrc/cpu/tile_order.h), chosen by problem size or forced with ops._cpu_pair_order. Both orders
 must give the float64 reference's loss and gradient; tile order must not depend on the thread
 count, and must merge per-chunk partial sums right, also for samples with no pairs in a chunk."""
 import pytest
@@ -15,9 +15,9 @@ ORDERS = ["sample", "tile"]
 
 
 @pytest.fixture
-def order(request, monkeypatch):
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", request.param)
-    return request.param
+def order(request):
+    with ops._cpu_pair_order(request.param):
+        yield request.param
 
 
 def problem(B, K, n, d, dtype=torch.float64, seed=0):
@@ -91,7 +91,7 @@ def test_both_orders_match_the_reference(order, loss_name, B, K, n, d, dtype, ba
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
 @pytest.mark.parametrize("B,K,n,d", [(24, 700, 2000, 64), (16, 1000, 12_293, 16)])
-def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, loss_name, B, K, n, d):
+def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(loss_name, B, K, n, d):
     """In-kernel rows (with and without exclude_positive) are the rows sample_negatives draws,
     in either order; the two orders agree to rounding."""
     x, bank, y, _, rng_state = problem(B, K, n, d, dtype=torch.float32)
@@ -100,9 +100,9 @@ def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, 
         idx = ops.sample_negatives(y, rng_state, n, K, exclude_positive=exclude)
         results = {}
         for order in ORDERS:
-            monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
-            drawn = run_loss(loss_name, x, bank, y, z, rng_state=rng_state, num_negatives=K, exclude_positive=exclude)
-            given = run_loss(loss_name, x, bank, y, z, idx=idx)
+            with ops._cpu_pair_order(order):
+                drawn = run_loss(loss_name, x, bank, y, z, rng_state=rng_state, num_negatives=K, exclude_positive=exclude)
+                given = run_loss(loss_name, x, bank, y, z, idx=idx)
             assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
             results[order] = drawn
         assert relative_error(results["tile"][0], results["sample"][0]) < 1e-5
@@ -112,8 +112,8 @@ def test_orders_agree_with_in_kernel_sampling_and_exclude_positive(monkeypatch, 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
 @pytest.mark.parametrize("B,K,n,d", [(48, 900, 4000, 40),  # 43k pairs: several chunks
                                      (16, 2000, 12_293, 24)])  # and samples split over threads
-def test_tile_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, B, K, n, d):
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "tile")
+@pytest.mark.parametrize("order", ["tile"], indirect=True)
+def test_tile_order_does_not_depend_on_the_thread_count(order, loss_name, B, K, n, d):
     x, bank, y, idx, rng_state = problem(B, K, n, d, dtype=torch.float32)
     z = torch.tensor([1.5 * n])
     threads = torch.get_num_threads()
@@ -131,10 +131,10 @@ def test_tile_order_does_not_depend_on_the_thread_count(monkeypatch, loss_name, 
 
 
 @pytest.mark.parametrize("loss_name", ["nce", "softmax_ce"])
-def test_tile_order_merges_samples_missing_from_some_chunks(monkeypatch, loss_name):
+@pytest.mark.parametrize("order", ["tile"], indirect=True)
+def test_tile_order_merges_samples_missing_from_some_chunks(order, loss_name):
     """Sample 0's rows all sit at the bank's start and sample 1's at its end, so each misses
     most chunks of tiles; the merge must skip those chunks, not add NaN or zeros."""
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", "tile")
     B, K, n, d = 40, 1000, 3000, 32
     x, bank, y, idx, _ = problem(B, K, n, d)
     idx[0] = torch.randint(0, 50, (K + 1,))
@@ -192,30 +192,29 @@ def test_both_orders_refuse_rows_outside_the_bank(order, bad_row):
     assert torch.equal(bank, before)
 
 
-def test_the_default_order_follows_the_pairs_per_bank_row(monkeypatch):
+def test_the_default_order_follows_the_pairs_per_bank_row():
     """Unforced, many pairs per bank row (the issue's shape, scaled down) take tile order and
     fewer pairs than rows sample order: each default is bit-identical to the forced order."""
-    monkeypatch.delenv("NPID_CPU_PAIR_ORDER", raising=False)
+    assert torch.ops.npid._cpu_pair_order() == "auto"
     for (B, K, n), expected in [((16, 1023, 3000), "tile"), ((4, 1023, 40000), "sample")]:
         x, bank, y, idx, _ = problem(B, K, n, 32, dtype=torch.float32)
         z = torch.tensor([n * 1.2])
         default = run_loss("nce", x, bank, y, z, idx=idx)
         forced = {}
         for order in ORDERS:
-            monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
-            forced[order] = run_loss("nce", x, bank, y, z, idx=idx)
-        monkeypatch.delenv("NPID_CPU_PAIR_ORDER")
+            with ops._cpu_pair_order(order):
+                forced[order] = run_loss("nce", x, bank, y, z, idx=idx)
+        assert torch.ops.npid._cpu_pair_order() == "auto"  # the context restored it
         other = "sample" if expected == "tile" else "tile"
         assert not torch.equal(forced["tile"][1], forced["sample"][1])  # the orders are distinguishable
         assert torch.equal(default[1], forced[expected][1]), (B, K, n, expected, other)
 
 
-@pytest.mark.parametrize("order", ORDERS)
-def test_softmax_ce_scores_far_below_the_max_match_float64(order, monkeypatch):
+@pytest.mark.parametrize("order", ORDERS, indirect=True)
+def test_softmax_ce_scores_far_below_the_max_match_float64(order):
     """T = 0.004 puts the scores in [-250, 250]: exp(s - max) of most rows is below float32's
     smallest normal (-87) or underflows to zero (-104), the ranges where the vectorised exp of
     the fused losses handles its exponent in two steps. The loss and grad still match float64."""
-    monkeypatch.setenv("NPID_CPU_PAIR_ORDER", order)
     g = torch.Generator().manual_seed(11)
     B, K, n, d, temperature = 6, 700, 500, 16, 0.004
     x = torch.nn.functional.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)

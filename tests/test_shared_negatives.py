@@ -306,14 +306,14 @@ def test_npidloss_shared_first_batch_z_survives_a_state_dict_round_trip():
 
 
 def test_exclude_positive_effect_script_measures_collisions():
-    """scripts/exclude_positive_effect.py on a random bank: at n = 10 with K = 9 about 0.9 negatives
-    per sample are the positive and carry part of the gradient weight; excluding them changes the
-    gradient; at n = 5,000 collisions are rare."""
+    """experiments/exclude-positive/exclude_positive_effect.py on a random bank: at n = 10 with
+    K = 9 about 0.9 negatives per sample are the positive and carry part of the gradient weight;
+    excluding them changes the gradient; at n = 5,000 collisions are rare."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "exclude_positive_effect.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                        "exclude-positive", "exclude_positive_effect.py")
     spec = importlib.util.spec_from_file_location("exclude_positive_effect", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -328,12 +328,13 @@ def test_exclude_positive_effect_script_measures_collisions():
 
 
 def test_exclude_positive_training_script_pairs_runs_by_seed():
-    """scripts/exclude_positive_training.py's table: per row, excluded - kept paired by seed."""
+    """experiments/exclude-positive/exclude_positive_training.py's table: per row, excluded - kept
+    paired by seed."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "exclude_positive_training.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                        "exclude-positive", "exclude_positive_training.py")
     spec = importlib.util.spec_from_file_location("exclude_positive_training", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

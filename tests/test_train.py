@@ -1,5 +1,7 @@
 """The npid-train driver end to end on the CPU: it learns, it resumes bit for bit, it evaluates
-and exports, and it fails clearly on bad input."""
+and exports, and it fails clearly on bad input. Every test that trains is in the slow tier; the
+quick one keeps the argument and error checks (tests/test_datasets.py and test_checkpoint.py
+still run the driver for an epoch or two)."""
 import argparse
 import csv
 import json
@@ -40,6 +42,7 @@ def random_init_knn(tmp_path_factory):
     return results(out)["knn_top1_features"]
 
 
+@pytest.mark.slow
 def test_npid_learns_features_better_than_random_init(tmp_path, random_init_knn):
     run(DIGITS_JOB + ["--epochs", "60", "--knn-source", "both", "--out-dir", str(tmp_path)])
     res = results(tmp_path)
@@ -71,6 +74,7 @@ def test_nce_learns_as_well_as_the_exact_softmax(tmp_path, random_init_knn):
     assert len(rows) == 60 and all(float(r["z"]) > 0 for r in rows)  # Z logged per epoch
 
 
+@pytest.mark.slow
 def test_nce_with_first_batch_z_collapses_on_digits(tmp_path, random_init_knn):
     """The counterpart that must fail the check: lemniscate's Z fixed on the first batch (the bank
     still random) is ~370x below the true Z from the second step on; NCE ends at chance."""
@@ -92,6 +96,7 @@ def test_bad_z_flags_are_clear_errors(tmp_path, capsys):
     assert "--z-mode: invalid choice: 'running'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_init_knn):
     """Bank momentum 1 keeps the bank at its random initialisation: the same check must fail."""
     run(DIGITS_JOB + ["--epochs", "5", "--nce-m", "1.0", "--knn-source", "bank", "--out-dir", str(tmp_path)])
@@ -99,6 +104,7 @@ def test_learning_check_fails_when_the_bank_is_never_updated(tmp_path, random_in
     assert frozen < random_init_knn + 10, f"frozen bank kNN {frozen:.1f}% vs random init {random_init_knn:.1f}%"
 
 
+@pytest.mark.slow
 def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypatch):
     """--loss param-softmax: the n-way classifier over instance ids learns with the encoder (its
     weights are in the optimizer and the checkpoint), the loss falls from ~log n, and the run is
@@ -118,12 +124,15 @@ def test_param_softmax_trains_its_instance_classifier(tmp_path, capsys, monkeypa
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
     assert first > math.log(1438) and last < first - 0.5, (first, last)  # measured 8.03 -> 7.09
     res = results(tmp_path)
-    assert res["loss"] == "param-softmax" and res["nce_k"] is None and 0 <= res["knn_top1_features"] <= 100
+    # The run is evaluated on its own features: far above chance (10 classes), near the random-init
+    # encoder's 78.0% (measured 74.4%: 8 epochs of the instance classifier barely move the encoder).
+    assert res["loss"] == "param-softmax" and res["nce_k"] is None and res["knn_top1_features"] > 50
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert T.main(["train", "--loss", "param-softmax", "--out-dir", str(tmp_path / "ddp")]) == 2
     assert "--loss param-softmax is a single-process baseline" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, monkeypatch):
     """--negatives shared --exclude-positive: m is not capped at n - 1 (m draws with replacement),
     Z is estimated per step from the shared noise columns, the settings are recorded and a resume
@@ -148,6 +157,7 @@ def test_shared_negatives_and_exclude_positive_in_the_driver(tmp_path, capsys, m
     assert "needs --bank-mode replicated under torchrun" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
     """--max-minutes-this-run: a budget shorter than one epoch still runs one epoch (and saves it),
     then stops with the resume hint; --resume completes the run."""
@@ -162,6 +172,7 @@ def test_time_budget_stops_after_an_epoch_and_resume_finishes(tmp_path, capsys):
     assert "--max-minutes-this-run must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scan_precision_bf16_tracks_fp32(tmp_path):
     """--scan-precision bf16 (the exact softmax and the per-epoch kNN with bf16 products) follows
     the fp32 run closely: same data, weights and order, only the rounding of the products differs."""
@@ -181,6 +192,7 @@ def test_scan_precision_bf16_tracks_fp32(tmp_path):
 
 @pytest.mark.parametrize("loss,augment", [("nce", []), ("softmax-ce", ["--cpu-augment", "--workers", "0"])],
                          ids=["nce-batched-augment", "softmax_ce-cpu-augment"])
+@pytest.mark.slow
 def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
     """2 epochs straight == 1 epoch, then --resume for the second: bank, Z, sampler, weights,
     optimizer and the logged losses all bit-identical."""
@@ -207,6 +219,7 @@ def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
     assert results(tmp_path / "straight")["knn_top1_bank"] == results(tmp_path / "split")["knn_top1_bank"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(tmp_path, capsys):
     common = ["train", "--dataset", "digits", "--epochs", "2", "--max-epochs-this-run", "1", "--loss", "nce",
               "--nce-k", "32", "--out-dir", str(tmp_path), "--eval-every", "100", "--knn-source", "bank"]
@@ -218,6 +231,7 @@ def test_resume_refuses_another_configuration(tmp_path, capsys):
     assert "train_fraction" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_and_export(tmp_path):
     # no --loss / --epochs / --arch: the digits preset (exact softmax, small CNN)
     run(["train", "--epochs", "2", "--eval-every", "100", "--out-dir", str(tmp_path)])
@@ -228,9 +242,13 @@ def test_eval_and_export(tmp_path):
          "--svm-max-train", "500", "--retrieval-png", str(png), "--output-json", str(out)])
     res = json.loads(out.read_text())
     assert png.stat().st_size > 0 and res["epoch"] == 2 and res["knn_k"] == 20
-    for key in ("knn_top1_bank", "knn_top1_features", "nn1_top1_bank", "recall@10_features", "linear_top1_lowdim",
-                "linear_top1_pooled", "svm_top1_lowdim", "svm_top1_pooled"):
-        assert 0 <= res[key] <= 100, key
+    # Recomputed features and the probes on them are far above chance (10 classes) after 2 epochs
+    # (measured: kNN 75.5%, recall@10 96.9%, linear 97.5 / 97.8%, SVM 95.3 / 95.5%). The bank still
+    # holds mostly its random rows (kNN 18.7%): its kNN is checked against the training run's below.
+    for key in ("knn_top1_features", "recall@10_features", "linear_top1_lowdim", "linear_top1_pooled",
+                "svm_top1_lowdim", "svm_top1_pooled"):
+        assert 50 < res[key] <= 100, (key, res[key])
+    assert "nn1_top1_bank" in res
     # eval reproduces the training run's final kNN on the bank
     assert T.main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--knn-source", "bank",
                    "--output-json", str(out)]) == 0
@@ -240,6 +258,7 @@ def test_eval_and_export(tmp_path):
     assert state["head.weight"].shape == (128, 128) and "body.0.weight" in state
 
 
+@pytest.mark.slow
 def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
     """--arch cnn4 --width 8: the checkpoint rebuilds the same encoder for eval (same kNN as the
     run) and the exported state_dict loads into build_encoder('cnn4', width=8); a checkpoint of
@@ -270,6 +289,7 @@ def test_cnn4_and_width_round_trip_through_eval_and_export(tmp_path, capsys):
     assert "--width applies to small-cnn, cnn4, cifar-resnet18, not --arch resnet18" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cifar_resnet18_is_resnet18_at_a_base_width(tmp_path, capsys):
     """cifar-resnet18 at width 64 has exactly torchvision's ResNet18 convolutions with the CIFAR
     stem (same parameter count); a narrow one trains through the driver and exports."""
@@ -294,6 +314,7 @@ def test_cifar_resnet18_is_resnet18_at_a_base_width(tmp_path, capsys):
     narrow.load_state_dict({("backbone." + k if k.startswith("body.") else k): v for k, v in state.items()})
 
 
+@pytest.mark.slow
 def test_export_loads_into_torchvision_resnet(tmp_path):
     import numpy as np
     import torchvision
@@ -374,6 +395,7 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "not an npid-train checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
     run(DIGITS_JOB + ["--epochs", "1", "--knn-source", "bank", "--out-dir", str(tmp_path)])
     ckpt = load(tmp_path / "checkpoint.pt")
@@ -383,6 +405,7 @@ def test_eval_rejects_bank_dataset_size_mismatch(tmp_path, capsys):
     assert "bank has 1438 rows but the dataset has 719 training images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bank_mode", ["replicated", "sharded"])
 def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     """npid-train under torchrun (gloo, 2 CPU processes): one checkpoint, written once, that a
@@ -423,6 +446,7 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, bank_mode):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_supervised_reference_learns_the_labels(tmp_path, random_init_knn):
     """--loss supervised (the tables' labelled reference): the same encoder and head trained with
     the labels ends far above the random-init encoder on kNN, and its checkpoint resumes."""

@@ -102,13 +102,14 @@ inline bool all_finite(const at::Tensor& t) {
 #define NPID_TARGET_AVX2
 #endif
 
-// The vector ISA the hot loops run with: the best the CPU has, unless the environment
-// variable NPID_CPU_ISA=baseline|avx2|avx512 asks for less (tests use it to cover all paths).
+// The vector ISA the hot loops run with: the best the CPU has, or less when NPID_CPU_ISA asks
+// for it at load (docs/cpu.md) or the private op npid::_set_cpu_isa does (the tests cover every
+// path that way). cpu_switches.cpp.
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 CpuIsa cpu_isa();
 
-// Rows are visited in random order; fetch this many rows ahead (measured at B=64, K=4096,
-// n=50k, d=128 on the 2-core dev machine: 2 rows ahead 10.6 ms, 6 rows 8.3 ms, 10 rows 8-9 ms).
+// Rows are visited in random order; fetch this many rows ahead, enough to cover a row's memory
+// latency at the scan's pace (fewer rows ahead leave it waiting; experiments/cpu-step/README.md).
 constexpr int64_t kPrefetchDistance = 10;
 
 NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
@@ -171,7 +172,7 @@ NPID_ALWAYS_INLINE void dot_products_lanes(const acc_t* __restrict__ x,
 
 // out[i] = the sum of v[i]'s lanes, for the kLanes vectors v[0..kLanes): a transposed reduction
 // (log2(kLanes) rounds, each adding two shuffles of two vectors) instead of a chain of shuffles
-// and adds for every vector on its own, which was ~10% of the row-order scoring loop.
+// and adds for every vector on its own (about 10% of a scoring loop's time).
 template <typename acc_t>
 NPID_ALWAYS_INLINE typename VectorOf<acc_t>::type lane_sums(const typename VectorOf<acc_t>::type* v) {
   using V = typename VectorOf<acc_t>::type;
@@ -230,7 +231,7 @@ NPID_ALWAYS_INLINE acc_t dot_row(const bank_t* __restrict__ row, const acc_t* __
 // x - n ln 2 in two parts, a degree-5 polynomial, times 2^n applied as two factors so that
 // every step stays a normal float; at most 1 ulp from the rounded exp over a sweep of
 // [-110, 90] in steps of 3e-4, inf above 88.72, 0 below -103.97, NaN kept). The fused losses
-// call it on a block of scores instead of one libm call per score, which was 8% of the NCE step.
+// call it on a block of scores instead of one libm call per score (8% of the NCE step).
 // double: libm, per element (gradcheck's precision).
 template <typename acc_t>
 NPID_ALWAYS_INLINE void exp_whole_vectors(const acc_t* in, acc_t* out, int64_t count) {

@@ -9,9 +9,9 @@
 // scored). Within a tile the pairs go sample by sample: a sample's ~10 pairs in the tile are
 // scored against its features and added into its gradient with that gradient held in vector
 // registers, so the accumulator is loaded and stored once per run instead of once per pair.
-// (Sorting the pairs by row, the order before this one, read each row once for its ~5 samples
-// but paid 16 stores per pair for the axpy into the sample's accumulator, three quarters of a
-// pair's time; see benchmarks/profile/README.md.) Per-sample sums (loss, grad_x) are
+// (Sorting all pairs by row instead reads each row once for its ~5 samples, but every pair then
+// pays an axpy into its own sample's accumulator, 16 stores, most of a pair's time.) Per-sample
+// sums (loss, grad_x) are
 // accumulated per chunk of tiles and added up chunk by chunk in a fixed order, so the result
 // does not depend on the thread count.
 //
@@ -22,8 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -43,29 +41,29 @@ struct TileCode {
   static bool positive(uint32_t code) { return (code >> 31) != 0; }
 };
 
-// Tile order when there are at least as many pairs as bank rows. The threshold was measured for
-// the row order this replaces (NCE training step on the 2-core dev VM, B = 64, K = 4096,
-// d = 128, fp32, medians, ms, sample vs row order): n = 50k (5.2 pairs per row) 21.2 vs 13.1;
-// 130k (2.0) 23.9 vs 18.4; 260k (1.0) 23.9 vs 21.0; 400k (0.65) 22.7 vs 25.5; 1.28M (0.2) 45
-// vs 50. Tile order, measured the same way (benchmarks/results/cpu-2026-12-05-pair-order.json,
-// sample vs tile): 50k 12.0 vs 5.3; 130k 14.6 vs 7.6; 260k 18.2 vs 13.0; 400k 18.2 vs 16.4, so
-// the threshold is now on the safe side. NPID_CPU_PAIR_ORDER=sample|tile forces one order (the
-// tests run both). Codes and positions are 32-bit, so tile order needs fewer than 2^31 rows and
-// pairs.
+// The order the fused losses visit their pairs in: kAuto picks by problem size
+// (use_tile_order()); kSample / kTile force one (the private op npid::_set_cpu_pair_order, for
+// the tests, which check both orders, and for timing one against the other). cpu_switches.cpp.
+enum class PairOrder { kAuto = 0, kSample = 1, kTile = 2 };
+PairOrder forced_pair_order();
+
+// Tile order when there are at least as many pairs as bank rows: below about one pair per row a
+// tile's rows are mostly read for one pair each, and the sort costs more than the reads it
+// orders save (experiments/cpu-step/README.md has the sample-vs-tile timings across bank sizes).
+// Codes and positions are 32-bit, so tile order needs fewer than 2^31 rows and pairs.
 inline bool use_tile_order(int64_t B, int64_t columns, int64_t n) {
-  const char* forced = std::getenv("NPID_CPU_PAIR_ORDER");
-  if (forced != nullptr && std::strcmp(forced, "sample") == 0) return false;
+  const PairOrder forced = forced_pair_order();
+  if (forced == PairOrder::kSample) return false;
   const int64_t pairs = B * columns;
   const bool fits = pairs < (int64_t(1) << 31) && n < (int64_t(1) << 31);
-  if (forced != nullptr && std::strcmp(forced, "tile") == 0) return fits;
+  if (forced == PairOrder::kTile) return fits;
   return fits && pairs >= 4096 && pairs >= n;
 }
 
 // log2 of the rows per tile: the most rows that fit in 64 KB, a power of two (a tile is a
-// shift of the row). Measured on the dev VM (scoring microbenchmark, d = 128 fp32, ns per pair
-// with the n = 50k bank from memory): 64 rows 18.3-19.3, 128 rows 17.6-19.4, 256 rows
-// 21.6-22.7, 512 rows 25-26: the tile and the next one being prefetched must stay in the
-// 512 KB L2 beside the features and accumulators.
+// shift of the row). The tile being scored and the next one, being prefetched, must stay in L2
+// beside the features and accumulators: larger tiles score slower per pair, smaller ones no
+// faster (experiments/cpu-step/README.md).
 inline int64_t tile_shift_for(int64_t row_bytes) {
   int64_t shift = 0;
   while ((row_bytes << (shift + 1)) <= (int64_t(64) << 10)) ++shift;
@@ -86,9 +84,8 @@ struct TileOrder {
 // A stable counting sort of each sample's pairs by tile, within the sample's own region: the
 // samples are independent, so the threads split them with nothing shared, and the counters
 // (one per tile, 1.6 KB at n = 50k) stay in L1. In-kernel rows are drawn (Philox) one sample
-// at a time right before its sort, while they are in L1. (The row order this replaces sorted
-// all pairs by row with a global counting sort, n counters and a scan: 1.1 ms of the step,
-// and its placing pass did not scale to a second thread.)
+// at a time right before its sort, while they are in L1. (One global counting sort of all pairs
+// would need n counters and a scan, and its placing pass does not split over threads.)
 inline TileOrder sort_pairs_by_tile(const RowSource& src, int64_t B, int64_t n,
                                     int64_t tile_shift, BadIndexFlag& bad) {
   TileOrder order;
@@ -203,7 +200,7 @@ NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& e
 // vectors of out at a time (half of AVX2's sixteen registers at d = 128 fp32), every row's
 // eight vectors added in, then stored. Each element gets its terms in the order i = 0, 1, ...,
 // as count one-row axpys would add them, but out is loaded and stored once instead of count
-// times: the stores bounded the one-row axpy (11.5 ns per 512-B row on the dev VM, even in L1).
+// times: a one-row axpy is bound by its stores, even with the row in L1.
 template <typename acc_t>
 NPID_ALWAYS_INLINE void add_rows_in_registers(const acc_t* __restrict__ coef,
                                               const acc_t* const* __restrict__ rows,
@@ -324,11 +321,9 @@ NPID_DEFINE_TILES_VARIANT(score_tiles_baseline, )
 // Runs the chunks of tiles in parallel, chunk c's pairs into the slots
 // c * chunk_slot_stride(B) + b of `accumulator` (chunks * chunk_slot_stride(B) x d). The chunks
 // are fixed by the problem's size, so their sums do not depend on the thread count; each thread
-// scores a contiguous run of them (tiles far apart from the other thread's). Threads that took
-// the next unclaimed chunk as they finished scored neighbouring chunks at the same time, and on
-// the 2-core dev VM each chunk then took 0.61-0.65 ms in about half of the processes against
-// 0.44-0.50 ms with contiguous runs (row order, NCE forward at the shape: 7.0 against
-// 5.8 ms in those processes, 5.2 against 5.0 in the others; the cause was not pinned down).
+// scores a contiguous run of them (tiles far apart from the other thread's), not the next
+// unclaimed chunk: two threads scoring neighbouring chunks at the same time slow each other down,
+// by about a third per chunk in about half of the processes (experiments/cpu-step/README.md).
 template <typename acc_t, typename bank_t, typename Epilogue>
 void score_tiles_in_chunks(const TileOrder& order, int64_t chunks, int64_t B, int64_t n,
                            const acc_t* xa, const bank_t* bank, int64_t d, double temperature,

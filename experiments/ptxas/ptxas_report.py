@@ -1,6 +1,6 @@
 """Registers and spills per kernel from nvcc's `-Xptxas -v` output, side by side for two builds.
 
-    python scripts/ptxas_report.py before.txt after.txt > table.md
+    python experiments/ptxas/ptxas_report.py before.txt after.txt > table.md
 
 Each input is the stderr of compiling one .cu file with `-Xptxas -v` for one arch. Kernels are
 matched by demangled name; the table lists registers, spill stores / loads (bytes) and stack

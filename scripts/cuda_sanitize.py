@@ -1,10 +1,10 @@
 """Smoke test of every npid CUDA op at odd shapes, for compute-sanitizer and as a quick GPU
 correctness check against the CPU ops.
 
-    python benchmarks/cuda_sanitize.py                      # plain run, prints OK
-    compute-sanitizer --tool memcheck  python benchmarks/cuda_sanitize.py --quick
-    compute-sanitizer --tool racecheck python benchmarks/cuda_sanitize.py --quick
-    compute-sanitizer --tool initcheck python benchmarks/cuda_sanitize.py --quick
+    python scripts/cuda_sanitize.py                      # plain run, prints OK
+    compute-sanitizer --tool memcheck  python scripts/cuda_sanitize.py --quick
+    compute-sanitizer --tool racecheck python scripts/cuda_sanitize.py --quick
+    compute-sanitizer --tool initcheck python scripts/cuda_sanitize.py --quick
 
 Every op is called on CUDA (B = 1, K = 1, d = 3 / 31 / 130 / 1030, n < K, repeated indices,
 float32 / float64 / bfloat16 features with float32 / float64 / bfloat16 / float16 banks, a

@@ -7,7 +7,7 @@ call per repetition), and each repetition's ratio torch / npid is printed as a s
 VM's speed drifts between minutes, by as much as the ratio's margin: steps timed seconds apart
 share the drift, pytest-benchmark's providers, timed one after another, do not).
 
-    python benchmarks/profile/step_ab.py REPS [forward|torch]
+    python experiments/cpu-step/step_ab.py REPS [forward|torch]
 
 To compare two builds, run it alternately with each on PYTHONPATH (the VM's speed drifts
 between minutes, so only alternated runs compare)."""

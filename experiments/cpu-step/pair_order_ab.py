@@ -1,6 +1,6 @@
 """Sample order vs tile order of the CPU fused losses (csrc/cpu/tile_order.h), timed interleaved.
 
-    python benchmarks/profile/pair_order_ab.py OUT.json [REPS]
+    python experiments/cpu-step/pair_order_ab.py OUT.json [REPS]
 
 The training step of issue 17 (B = 64, K = 4096, d = 128, fp32 bank: loss forward + backward
 + momentum_update_), idx given or drawn in-kernel, for NCE and softmax-CE at n = 50k and, for
@@ -53,7 +53,7 @@ def main():
         times = {c: [] for c in configs}
         for _ in range(reps):
             for order, sampling in configs:
-                os.environ["NPID_CPU_PAIR_ORDER"] = order
+                torch.ops.npid._set_cpu_pair_order(order)
                 step(sampling)
                 for _ in range(5):
                     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def main():
             results.append(row)
             print(f"{loss_name:10s} n={n:7d} {order:6s} {sampling:8s} min {row['min_ms']:6.2f}  "
                   f"p25 {row['p25_ms']:6.2f}  median {row['median_ms']:6.2f} ms", flush=True)
-    os.environ.pop("NPID_CPU_PAIR_ORDER", None)
+    torch.ops.npid._set_cpu_pair_order("auto")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     with open(out, "w") as f:

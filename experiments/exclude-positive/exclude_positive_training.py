@@ -6,7 +6,7 @@ per-sample negatives (~0.7 collisions per sample and step when kept) and NCE wit
 negatives m = 4,096 (~2.8 per sample), over several seeds, and tabulates the final weighted kNN
 accuracy (bank and recomputed features). Resumable: a run whose results.json exists is skipped.
 
-    python scripts/exclude_positive_training.py [OUT_DIR [SEEDS]]     # SEEDS e.g. 0,1,2
+    python experiments/exclude-positive/exclude_positive_training.py [OUT_DIR [SEEDS]]     # SEEDS e.g. 0,1,2
 
 Writes OUT_DIR/<row>-<exclude|keep>-seed<S>/ (the driver's outputs) and OUT_DIR/training.md,
 OUT_DIR/training.json (every run's command and numbers, and per row the mean and the paired

@@ -1,7 +1,7 @@
 """Where a CPU training step of the Table 1 setup goes: batched augmentation, encoder forward,
 NPID loss (NCE, K=4096, Z per step: two passes over the sampled rows) and backward + SGD, at
 B=128 on 28x28 uint8 images, for small-cnn/cnn4 at two widths and three crop sizes.
-Run alone on the machine: python3 results/table1-cpu/pilot/profile_step.py"""
+Run alone on the machine: python3 experiments/table1-pilot/profile_step.py"""
 import time
 
 import torch

@@ -11,7 +11,7 @@ change of the batch loss and of grad_x (relative norm of the difference), beside
 merely drawing from another stream makes (per-sample exclusion draws every row differently, so its
 change includes that sampling noise; the shared mode replaces only the colliding columns).
 
-    python scripts/exclude_positive_effect.py [CHECKPOINT [OUT_DIR]]
+    python experiments/exclude-positive/exclude_positive_effect.py [CHECKPOINT [OUT_DIR]]
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def main(argv):
                      f"{100 * r['grad_rel_change']:.1f}% | {100 * r['grad_rel_change_other_stream']:.1f}% |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "effect.md"), "w") as f:
-        f.write(f"Command: python scripts/exclude_positive_effect.py {ckpt} {out_dir}\n\n" + text)
+        f.write(f"Command: python experiments/exclude-positive/exclude_positive_effect.py {ckpt} {out_dir}\n\n" + text)
     print(text)
     return 0
 
