@@ -9,7 +9,7 @@ A generated block sits between `<!-- BEGIN generated: NAME -->` and `<!-- END ge
 everything outside the markers is hand-written prose, which names the files without quoting
 numbers. tests/test_readme.py runs --check, so a README that disagrees with its files fails CI.
 To refresh the performance table, run scripts/benchmark_readme.sh (it times the step and then
-calls this script, which reports the newest benchmarks/results/*-readme.json).
+calls this script, which reports the runs of the newest commit, benchmarks/results/*-readme-*.json).
 """
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
-def performance_run() -> str:
-    """The side-by-side CPU run the README's performance table reports: the newest file written by
-    scripts/benchmark_readme.sh (names start with the date), else the last run made before it."""
-    runs = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "cpu-*-readme.json")))
-    return os.path.relpath(runs[-1], ROOT) if runs else "benchmarks/results/cpu-2026-12-05-tile-order-step-26c1e30.json"
+def performance_runs() -> List[str]:
+    """The runs the README's performance table reports: those scripts/benchmark_readme.sh wrote for
+    the newest commit it measured (file names start with the date, then the commit)."""
+    runs = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "cpu-*-readme-*.json")))
+    if not runs:
+        raise SystemExit("no benchmarks/results/cpu-*-readme-*.json: run scripts/benchmark_readme.sh")
+    newest = os.path.basename(runs[-1]).rsplit("-", 1)[0]
+    return [os.path.relpath(r, ROOT) for r in runs if os.path.basename(r).rsplit("-", 1)[0] == newest]
 
 
 # The main job (README's first command) and its random-init baseline, run with the commands in
@@ -62,6 +65,15 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.1f}×"
 
 
+def _span(values: List[Optional[float]], fmt: Callable[[Optional[float]], str]) -> str:
+    """One value, or the range of several (one per run)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    low, high = fmt(min(values)), fmt(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
 def _bench_cases(data: Dict) -> Dict:
     """{(op, bank dtype, pass): {provider: (median ms, peak extra bytes, contended)}} of a pytest-benchmark
     JSON written by benchmarks/ (the contended test is report.py's)."""
@@ -78,34 +90,48 @@ def _bench_cases(data: Dict) -> Dict:
     return cases
 
 
-def _run_line(path: str, data: Dict) -> str:
-    info = data["benchmarks"][0]["extra_info"]
+def _run_line(paths: List[str], runs: List[Dict]) -> str:
+    info = runs[0]["benchmarks"][0]["extra_info"]
     commit = str(info.get("commit") or "?")[:7] + (" with uncommitted changes" if info.get("commit_dirty") else "")
-    return (f"Measured {data.get('datetime', '?')[:16].replace('T', ' ')} UTC on {info.get('device_name', '?')}, "
-            f"torch {info.get('torch_version', '?')}, {info.get('num_threads', '?')} threads, commit {commit}; "
-            f"file `{path}`.")
+    when = ", ".join(d.get("datetime", "?")[:16].replace("T", " ") for d in runs)
+    files = ", ".join(f"`{p}`" for p in paths)
+    return (f"{len(runs)} run(s) measured {when} UTC on {info.get('device_name', '?')}, torch "
+            f"{info.get('torch_version', '?')}, {info.get('num_threads', '?')} threads, commit {commit}; "
+            f"files {files}. Each cell gives the range over the runs.")
 
 
 def performance_block() -> str:
-    run = performance_run()
-    data = _read_json(run)
-    lines = [_run_line(run, data), "",
+    paths = performance_runs()
+    runs = [_read_json(p) for p in paths]
+    lines = [_run_line(paths, runs), "",
              "| training step (loss, backward, bank update) | PyTorch | torch.compile | npid, idx given "
              "| npid, in-kernel sampling | PyTorch / npid | torch.compile / npid | peak extra MiB: PyTorch / npid |",
              "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    cases: Dict = {}
+    for data in runs:
+        for key, prov in _bench_cases(data).items():
+            cases.setdefault(key, []).append(prov)
     contended = False
     order = lambda case: (str(case[0][0]), case[0][1] != "float32", str(case[0][1:]))  # noqa: E731
-    for (op, dtype, pass_, B, K, N, D), prov in sorted(_bench_cases(data).items(), key=order):
+    for (op, dtype, pass_, B, K, N, D), provs in sorted(cases.items(), key=order):
         if pass_ != "step":
             continue
-        med = {p: v[0] for p, v in prov.items()}
-        contended |= any(v[2] for v in prov.values())
-        name = {"nce": "NCE", "softmax-ce": "softmax-CE"}.get(op, op)
-        lines.append(f"| {name}, {dtype} bank, B={B} K={K:,} n={N:,} d={D} | {_ms(med.get('torch'))} ms "
-                     f"| {_ms(med.get('torch_compile'))} ms | {_ms(med.get('npid'))} ms "
-                     f"| {_ms(med.get('npid_insample'))} ms | {_ratio(med.get('torch'), med.get('npid'))} "
-                     f"| {_ratio(med.get('torch_compile'), med.get('npid'))} "
-                     f"| {_mib(prov.get('torch', (0, None))[1])} / {_mib(prov.get('npid', (0, None))[1])} |")
+        contended |= any(v[2] for prov in provs for v in prov.values())
+
+        def ms(name):
+            return _span([p[name][0] if name in p else None for p in provs], _ms) + " ms"
+
+        def ratio(name):
+            return _span([p[name][0] / p["npid"][0] if name in p and "npid" in p else None for p in provs],
+                         lambda r: f"{r:.1f}×")
+
+        def peak(name):
+            return _span([p[name][1] if name in p else None for p in provs], _mib)
+
+        label = {"nce": "NCE", "softmax-ce": "softmax-CE"}.get(op, op)
+        lines.append(f"| {label}, {dtype} bank, B={B} K={K:,} n={N:,} d={D} | {ms('torch')} | {ms('torch_compile')} "
+                     f"| {ms('npid')} | {ms('npid_insample')} | {ratio('torch')} | {ratio('torch_compile')} "
+                     f"| {peak('torch')} / {peak('npid')} |")
     if contended:
         lines += ["", "Some timings ran while other processes were busy (benchmarks/report.py marks them †)."]
     return "\n".join(lines)
