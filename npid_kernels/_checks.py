@@ -6,7 +6,7 @@ kernel, so a refused call leaves the bank (and Z) as they were.
 Value checks (out-of-range rows, NaN/inf) read the tensor's values: always on the CPU; on CUDA
 only with NPID_CUDA_SYNC_CHECKS=1, because reading a CUDA tensor's values syncs the host and
 the CUDA hot path is designed not to (bad rows then give NaN results, see
-csrc/cuda/cuda_common.cuh). Under torch.compile they are left to the ops' own checks.
+csrc/cuda/host_common.h). Under torch.compile they are left to the ops' own checks.
 
 Errors: TypeError (not a tensor), IndexError (a row outside the bank), ValueError (the rest).
 The modules share them from here, not from one another.
@@ -27,7 +27,7 @@ def _values_readable(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cpu":
         return True
-    # As csrc/cuda/cuda_common.cuh's sync_checks_enabled: set and not "0", and no graph capture.
+    # As csrc/cuda/host_common.h's sync_checks_enabled: set and not "0", and no graph capture.
     return (t.device.type == "cuda" and os.environ.get("NPID_CUDA_SYNC_CHECKS", "0") not in ("", "0")
             and not torch.cuda.is_current_stream_capturing())
 

@@ -2,7 +2,8 @@
 "torch" provider in the benchmarks. Written for clarity, not speed: it materialises the
 (B, K+1, d) gathered rows, as a straightforward PyTorch implementation would.
 
-Arithmetic follows DESIGN.md (lemniscate's semantics); tests run it in float64.
+Arithmetic follows lemniscate.pytorch's NCEAverage, NCECriterion and LinearAverage; tests run it in
+float64.
 """
 from __future__ import annotations
 

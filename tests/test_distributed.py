@@ -172,7 +172,7 @@ def _make(loss, dtype, mode, seed=999):
 
 
 def worker_train(outdir, rank):
-    cfg = torch.load(outdir / "config.pt")
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
     results = {}
     for (loss, name), sd in cfg["init"].items():
         for mode in MODES:
@@ -211,7 +211,7 @@ def _train_ddp(cfg, rank, mode):
 
 
 def worker_ckpt_save(outdir, rank):
-    cfg = torch.load(outdir / "config.pt")
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
     for mode in MODES:
         crit = _make("nce", torch.float32, mode)
         crit.load_full_state_dict(cfg["init"][("nce", "float32")])
@@ -226,19 +226,19 @@ def worker_ckpt_save(outdir, rank):
 
 
 def worker_ckpt_resume(outdir, rank):
-    cfg = torch.load(outdir / "config.pt")
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
     results = {}
     for mode in MODES:
         for saved_by in MODES:
             crit = _make("nce", torch.float32, mode, seed=31337)  # loading must replace everything
-            sd = torch.load(outdir / f"ckpt_{saved_by}.pt") if (rank == 0 or mode == "replicated") else None
+            sd = torch.load(outdir / f"ckpt_{saved_by}.pt", weights_only=True) if (rank == 0 or mode == "replicated") else None
             crit.load_full_state_dict(sd)
             results[(mode, saved_by)] = _run_steps(crit, cfg["batches"], [2, 3], rank, torch.float32)
     torch.save(results, outdir / f"resume_rank{rank}.pt")
 
 
 def worker_knn(outdir, rank):
-    cfg = torch.load(outdir / "knn.pt")
+    cfg = torch.load(outdir / "knn.pt", weights_only=True)
     results = {}
     for split_id, sizes in enumerate(cfg["splits"]):
         q, ql = local_part(cfg["query"], cfg["query_labels"], sizes, rank)
@@ -285,7 +285,7 @@ def worker_nan_z(outdir, rank):
 def worker_z_modes(outdir, rank):
     """The "ema" and "batch" Z modes in both bank modes: Z per step on each rank (they must agree,
     and equal a single process fed the global batch)."""
-    cfg = torch.load(outdir / "config.pt")
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
     results = {}
     for z_mode in ("ema", "batch"):
         for mode in MODES:
@@ -304,7 +304,7 @@ SHARED_M = 50  # shared negatives: m > N (draws with replacement)
 def worker_shared(outdir, rank):
     """negatives="shared" in both bank modes (exclude_positive: replicated only), NCE with the "ema"
     Z mode (first step estimated, then averaged) and softmax-CE."""
-    cfg = torch.load(outdir / "config.pt")
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
     results = {}
     for loss in ("nce", "softmax-ce"):
         for mode, exclude in (("replicated", False), ("replicated", True), ("sharded", False)):
@@ -377,7 +377,7 @@ def train_runs(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("npid_dist_train")
     cfg = make_config(outdir)
     launch("train", outdir)
-    ranks = [torch.load(outdir / f"train_rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(outdir / f"train_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return outdir, cfg, ranks
 
 
@@ -479,7 +479,7 @@ def test_checkpoint_resume_equals_uninterrupted(train_runs):
     outdir, cfg, ranks = train_runs
     launch("ckpt_save", outdir)
     launch("ckpt_resume", outdir)
-    resumed = [torch.load(outdir / f"resume_rank{r}.pt") for r in range(WORLD)]
+    resumed = [torch.load(outdir / f"resume_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for mode in MODES:
         final = ranks[0][("nce", "float32", mode)][-1]["full"]  # 4 uninterrupted steps
         for r in range(WORLD):
@@ -497,14 +497,14 @@ def test_checkpoint_resume_equals_uninterrupted(train_runs):
                     assert all(close(a, b, **TOL_SHARDED["float32"]) for a, b in zip(got_losses, ref_losses))
 
     # The 2-rank checkpoint in a plain single-process NPIDLoss, continued with the global batches.
-    ckpt = torch.load(outdir / "ckpt_replicated.pt")
+    ckpt = torch.load(outdir / "ckpt_replicated.pt", weights_only=True)
     assert set(ckpt) == set(NPIDLoss(N, D, K).state_dict())
     assert ckpt["rng_state"].tolist()[1] == 2 * WORLD
     expected, ref = single_process_run("nce", "float32", ckpt, cfg["batches"], [2, 3])
     final = ranks[0][("nce", "float32", "replicated")][-1]["full"]
     assert close(ref.memory, final["bank.memory"], **TOL["float32"])
     assert close(ref.z, final["z"], **TOL["float32"])
-    sharded_ckpt = torch.load(outdir / "ckpt_sharded.pt")
+    sharded_ckpt = torch.load(outdir / "ckpt_sharded.pt", weights_only=True)
     assert close(sharded_ckpt["bank.memory"], ckpt["bank.memory"], **TOL_SHARDED["float32"])
 
 
@@ -524,7 +524,7 @@ def test_distributed_knn_equals_knn_evaluate(tmp_path):
     expected_scores = knn_predict(query, bank, bank_labels, classes, k, T)
     assert set(expected) == {"knn_top1", "knn_top5", "nn1_top1", "recall@1", "recall@3"}
     for r in range(WORLD):
-        got = torch.load(tmp_path / f"knn_rank{r}.pt")
+        got = torch.load(tmp_path / f"knn_rank{r}.pt", weights_only=True)
         for split_id in range(len(cfg["splits"])):
             for mode in MODES:
                 res = got[(split_id, mode)]
@@ -538,7 +538,7 @@ def test_z_modes_agree_across_ranks_and_equal_single_process(train_runs):
     the one a single process computes from the global batch (the EMA of the global estimate)."""
     outdir, cfg, _ = train_runs
     launch("z_modes", outdir)
-    ranks = [torch.load(outdir / f"z_modes_rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(outdir / f"z_modes_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for z_mode in ("ema", "batch"):
         expected, _ = single_process_run("nce", "float64", cfg["init"][("nce", "float64")], cfg["batches"],
                                          list(range(len(STEP_SIZES))), z_mode=z_mode, z_momentum=0.7)
@@ -594,7 +594,7 @@ def shared_single_process(loss, init_sd, batches, exclude):
 def test_shared_negatives_equal_single_process(train_runs):
     outdir, cfg, _ = train_runs
     launch("shared", outdir)
-    ranks = [torch.load(outdir / f"shared_rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(outdir / f"shared_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for loss in ("nce", "softmax-ce"):
         for mode, exclude in (("replicated", False), ("replicated", True), ("sharded", False)):
             expected = shared_single_process(loss, cfg["init"][(loss, "float64")], cfg["batches"], exclude)
@@ -613,7 +613,7 @@ def test_shared_negatives_equal_single_process(train_runs):
 @pytest.mark.slow  # two worker processes, torchrun-style
 def test_failed_z_estimate_raises_on_every_rank(tmp_path):
     launch("nan_z", tmp_path, timeout=120.0)
-    got = [torch.load(tmp_path / f"nan_z_rank{r}.pt") for r in range(WORLD)]
+    got = [torch.load(tmp_path / f"nan_z_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for mode in MODES:
         assert got[1][mode] == "features holds NaN or inf", (mode, got[1][mode])  # its own message
         assert got[0][mode].startswith("rank 1 refused its arguments"), (mode, got[0][mode])

@@ -1,4 +1,4 @@
-"""The nn modules against lemniscate's formulas (written here from DESIGN.md, in float64,
+"""The nn modules against lemniscate's formulas (written here in float64,
 the way lemniscate's lib/NCEAverage.py, NCECriterion.py and LinearAverage.py compute them),
 NPIDLoss state round-trips, and torch.compile(fullgraph=True)."""
 import copy
