@@ -555,7 +555,7 @@ def train(args) -> Dict:
                                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0
-        # The process's CPU time (all its threads): the epoch's cost even when other jobs share the cores.
+        # The process's CPU time (all its threads): less stretched than wall time by other jobs on the cores.
         cpu_seconds = time.process_time() - cpu0
         mean_loss = total_loss.item() / max(steps, 1)
         if not math.isfinite(mean_loss):

@@ -56,7 +56,7 @@ def collect(out_dir: str, stage: str) -> List[Dict]:
     for r in rows:
         base = baseline.get(r["arch"])
         r["gain_over_random_init"] = None if base is None or r["epochs"] == 0 else r["knn_features"] - base
-        # per CPU minute: the runs share the machine with other work, which stretches wall time
+        # per CPU minute: less stretched than wall time when other work shares the machine
         r["gain_per_cpu_minute"] = (r["gain_over_random_init"] / r["train_cpu_minutes"]
                                     if r["gain_over_random_init"] is not None and r["train_cpu_minutes"] else None)
     rows.sort(key=lambda r: (r["epochs"] != 0, -(r["gain_per_cpu_minute"] or 0)))
@@ -71,8 +71,9 @@ def render(rows: List[Dict], stage: str, unfinished: List[str]) -> str:
     held_out = stage == "setup"
     what = "5,000 held-out training images" if held_out else "the 10,000 test images"
     lines = [f"Weighted kNN (k = 200) top-1 on {what}, with the bank of the other training images "
-             "(recomputed features / the memory bank); training minutes from log.csv: wall clock, and CPU time "
-             "(both threads; other jobs on the machine stretch the first, not the second).", "",
+             "(recomputed features / the memory bank); training minutes from log.csv: wall clock, and the "
+             "process's CPU time (both threads). Other jobs on the machine stretch both (the CPU time less: "
+             "waiting threads still spin), so compare rows trained under the same load.", "",
              "| row | encoder | augmentation | epochs | kNN, features | kNN, bank | gain over random init | "
              "training minutes, wall / CPU | gain per CPU minute |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
