@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import _C  # loads the library (registers torch.ops.npid.*); cpu_scratch_bytes
+from . import _C  # noqa: F401  (loads the library; registers torch.ops.npid.*)
 from ._checks import _values_readable, all_finite
 
 # The operator library the entry points below call. The tests swap in `npid_emu`, the CUDA
@@ -349,4 +349,5 @@ def cpu_scratch_bytes(reset_peak: bool = False):
     reset (both read before `reset_peak` restarts the peak from what is live). These buffers are
     outside ATen's allocator, so torch's memory statistics do not see them; the benchmarks add the
     peak to the allocator's to report a call's whole extra memory."""
-    return _C.cpu_scratch_bytes(bool(reset_peak))
+    live, peak = torch.ops.npid._cpu_scratch_bytes(bool(reset_peak))
+    return live, peak

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from . import checkpoint as C
+from .baselines import SupervisedLoss
 from .data import DATASETS, DataModule
 from .evaluate import knn_results, linear_probe, plot_history, retrieval_png
 from .knn import knn_evaluate
 from .models import SMALL_NETS, build_encoder, export_state_dict
-from .baselines import SupervisedLoss
 from .nn import NEGATIVES, Z_MODES, NPIDLoss, ParametricInstanceLoss
 from .ops import sample_negatives
 

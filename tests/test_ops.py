@@ -613,7 +613,8 @@ def test_opcheck_every_op(device):
     cases = opcheck_cases(device)
     covered = {op._qualified_op_name for op, _ in cases}
     library = ops.npid.name  # "npid", or "npid_emu" on the emulated device
-    # The leading-underscore ops are the CPU kernels' switches (no tensors, nothing to opcheck).
+    # The leading-underscore ops are the CPU kernels' switches and scratch counters (no tensors,
+    # nothing to opcheck).
     declared = {name for name in torch._C._dispatch_get_all_op_names()
                 if name.startswith(library + "::") and not name.startswith(library + "::_")}
     assert declared and declared <= covered, f"ops without an opcheck case: {declared - covered}"

@@ -11,11 +11,10 @@
 #include <limits>
 #include <new>
 #include <type_traits>
-
-#include "scratch.h"
 #include <vector>
 
 #include "npid/philox.h"
+#include "scratch.h"
 
 namespace npid {
 namespace cpu {

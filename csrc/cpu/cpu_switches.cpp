@@ -1,8 +1,10 @@
-// The CPU kernels' run-time switches: the vector ISA of the hot loops (cpu_common.h) and the
-// fused losses' pair order (tile_order.h). Each is one atomic the kernels read once per call
-// (relaxed: a switch only changes between calls). The private ops npid::_set_cpu_isa /
-// _cpu_isa and npid::_set_cpu_pair_order / _cpu_pair_order set and read them; tests and
-// experiments use them through npid_kernels.ops._cpu_isa() / _cpu_pair_order().
+// The CPU kernels' process-wide state, reached through private ops: the run-time switches (the
+// vector ISA of the hot loops, cpu_common.h, and the fused losses' pair order, tile_order.h) and
+// the scratch-memory counters (scratch.h). Each switch is one atomic the kernels read once per
+// call (relaxed: a switch only changes between calls). npid::_set_cpu_isa / _cpu_isa and
+// npid::_set_cpu_pair_order / _cpu_pair_order set and read the switches, which tests and
+// experiments use through npid_kernels.ops._cpu_isa() / _cpu_pair_order();
+// npid::_cpu_scratch_bytes reads the counters (npid_kernels.ops.cpu_scratch_bytes()).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -10,8 +12,10 @@
 #include <cstddef>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cpu_common.h"
+#include "scratch.h"
 #include "tile_order.h"
 
 namespace npid {
@@ -71,6 +75,14 @@ void set_cpu_pair_order(const std::string& name) {
 
 std::string cpu_pair_order_name() { return kPairOrderNames[static_cast<int>(forced_pair_order())]; }
 
+// [live, peak]: the scratch bytes held now and at most since the last reset, read before
+// `reset_peak` restarts the peak from what is live.
+std::vector<int64_t> cpu_scratch_bytes(bool reset_peak) {
+  std::vector<int64_t> bytes{ScratchBytes::live().load(), ScratchBytes::peak().load()};
+  if (reset_peak) ScratchBytes::reset_peak();
+  return bytes;
+}
+
 }  // namespace
 
 CpuIsa cpu_isa() { return static_cast<CpuIsa>(g_isa.load(std::memory_order_relaxed)); }
@@ -88,4 +100,5 @@ TORCH_LIBRARY_FRAGMENT(npid, m) {
   m.def("_cpu_isa() -> str", &npid::cpu::cpu_isa_name);
   m.def("_set_cpu_pair_order(str order) -> ()", &npid::cpu::set_cpu_pair_order);
   m.def("_cpu_pair_order() -> str", &npid::cpu::cpu_pair_order_name);
+  m.def("_cpu_scratch_bytes(bool reset_peak=False) -> int[]", &npid::cpu::cpu_scratch_bytes);
 }

@@ -2,7 +2,8 @@
 // It lives in std containers, outside ATen's allocator, so the allocator's statistics (and the
 // profiler's memory events) miss it. Every such container takes ScratchAllocator, which counts
 // the bytes live and their high-water mark, so that a caller can report the peak extra memory of
-// a call including the kernels' own (npid_kernels.ops.cpu_scratch_bytes; the benchmarks add it).
+// a call including the kernels' own (npid::_cpu_scratch_bytes in cpu_switches.cpp, read through
+// npid_kernels.ops.cpu_scratch_bytes; the benchmarks add it).
 #pragma once
 
 #include <algorithm>
