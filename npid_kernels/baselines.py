@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks as C
 from .nn import MemoryBank
 
 
@@ -40,6 +41,7 @@ class SupervisedLoss(nn.Module):
         return self.bank.memory
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        C.batch(features, indices, self.bank.memory)
         features = features.to(self.prototypes.dtype)
         logits = features @ F.normalize(self.prototypes, dim=1).t() / self.temperature
         loss = F.cross_entropy(logits, self.labels[indices])

@@ -17,6 +17,7 @@ from npid_kernels import (AliasSampler, LinearAverage, MemoryBank, NCEAverage, N
                           knn_evaluate, knn_predict, nearest_neighbors, ops)
 from npid_kernels.distributed import (DistributedNPIDLoss, distributed_knn_evaluate, distributed_knn_predict,
                                       distributed_knn_topk)
+from npid_kernels.baselines import SupervisedLoss
 
 from conftest import unit_rows
 
@@ -53,6 +54,8 @@ def modules(device):
     out.append(("NCEAverage", m, drop_in_call(m, True), ("x", "y"), True))
     m = LinearAverage(D, N).to(device)
     out.append(("LinearAverage", m, drop_in_call(m, False), ("x", "y"), False))
+    m = SupervisedLoss(torch.arange(N) % 5, 5, D, device=device)
+    out.append(("SupervisedLoss", m, loss_call(m), ("features", "indices"), False))
     bank = MemoryBank(N, D, device=device)
     out.append(("MemoryBank.update_", bank, lambda f, i, idx=None: bank.update_(f.detach() if torch.is_tensor(f) else f, i),
                 ("features", "indices"), False))
@@ -60,7 +63,7 @@ def modules(device):
 
 
 MODULE_IDS = ["NPIDLoss-nce", "NPIDLoss-softmax-ce", "NPIDLoss-softmax", "DistributedNPIDLoss-replicated",
-              "DistributedNPIDLoss-sharded", "NCEAverage", "LinearAverage", "MemoryBank.update_"]
+              "DistributedNPIDLoss-sharded", "NCEAverage", "LinearAverage", "SupervisedLoss", "MemoryBank.update_"]
 
 
 def batch(device):
