@@ -521,6 +521,9 @@ def train(args) -> Dict:
 
         writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
 
+    steps_path = os.path.join(args.out_dir, "steps.csv")
+    if main_rank:  # a fresh run starts the file; a resumed one drops steps past its checkpoint's epoch
+        _truncate_steps(steps_path, start_epoch)
     end_epoch = args.epochs if args.max_epochs_this_run is None else min(args.epochs, start_epoch + args.max_epochs_this_run)
     steps_per_epoch = data.steps_per_epoch(batch_size, world)
     test_labels, train_labels = data.test_labels.to(device), data.train_labels.to(device)
@@ -532,6 +535,7 @@ def train(args) -> Dict:
         criterion.train()
         t0, cpu0, steps, seen = time.perf_counter(), time.process_time(), 0, 0
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        step_log = StepLog(criterion)
         stats_rows = []
         bar = _progress(data.train_batches(batch_size, epoch, args.seed, args.cpu_augment, rank, world),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
@@ -548,6 +552,7 @@ def train(args) -> Dict:
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
+            step_log.record(loss)
             steps += 1
             seen += inputs.shape[0]
             if not bar.disable and (steps % 10 == 0 or steps == steps_per_epoch):  # .item() syncs: not every step
@@ -575,6 +580,7 @@ def train(args) -> Dict:
                 row[f"{key}_mean"] = float(np.mean([r[key] for r in stats_rows]))
             if main_rank:
                 _append_csv(stats_rows, os.path.join(args.out_dir, "z_stats.csv"), fresh=(epoch == 0))
+        step_rows = step_log.rows(epoch, steps_per_epoch, lr, world)  # one host read per epoch
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
@@ -591,6 +597,7 @@ def train(args) -> Dict:
                     "config": config, "args": vars(args), "num_classes": data.num_classes,
                     "in_channels": data.in_channels}, ckpt_path)
             _write_csv(history, os.path.join(args.out_dir, "log.csv"))
+            _append_csv(step_rows, steps_path, fresh=False)
         if epoch + 1 < end_epoch and _out_of_time(args, started, row, world, device):
             end_epoch = epoch + 1
             break
@@ -689,7 +696,66 @@ def z_stats(features: torch.Tensor, index: torch.Tensor, criterion, num_negative
             "bank_cos_mean": float((bc.sum() - bc.diagonal().sum()) / max(m * (m - 1), 1))}
 
 
+class StepLog:
+    """The per-step training log (steps.csv): every step's loss and, for NCE, the Z it was scored
+    with, kept as device tensors during the epoch and read to the host once at its end (a read
+    per step would sync the GPU every step). Several processes: the losses are averaged over the
+    ranks (one all_reduce per epoch), like the loss the ranks' gradients average."""
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+        z = getattr(criterion, "z", None)
+        self.z = z if getattr(criterion, "loss_type", None) == "nce" else None
+        self.values = []
+
+    def record(self, loss: torch.Tensor) -> None:
+        row = [loss.detach().double().reshape(())]
+        if self.z is not None:  # Z after the step: the one the next step is scored with
+            row.append(self.z.detach().to(torch.float64, copy=True).reshape(()))
+        self.values.append(torch.stack(row))
+
+    def rows(self, epoch: int, steps_per_epoch: int, lr: float, world: int) -> List[Dict]:
+        if not self.values:
+            return []
+        table = torch.stack(self.values)
+        if world > 1:
+            import torch.distributed as dist
+
+            loss_mean = table[:, 0] / world
+            dist.all_reduce(loss_mean)
+            table[:, 0] = loss_mean
+        out = []
+        for i, values in enumerate(table.tolist()):
+            row = {"step": epoch * steps_per_epoch + i + 1, "epoch": epoch + 1, "lr": lr, "loss": values[0]}
+            if self.z is not None:
+                row["z"] = values[1]
+            out.append(row)
+        self.values = []
+        return out
+
+
+def _truncate_steps(path: str, epochs_done: int) -> None:
+    """Keep the steps of the first `epochs_done` epochs (all of them when resuming where the file
+    ends, none for a fresh run): steps written by an epoch whose checkpoint was never saved go."""
+    if not os.path.exists(path):
+        return
+    if epochs_done == 0:
+        os.remove(path)
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, kept = reader.fieldnames, [row for row in reader if int(row["epoch"]) <= epochs_done]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
 def _append_csv(rows, path, fresh: bool):
+    if not rows:
+        return
     mode = "w" if fresh or not os.path.exists(path) else "a"
     with open(path, mode, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

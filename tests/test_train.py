@@ -214,6 +214,7 @@ def test_resume_lands_where_one_run_does(tmp_path, loss, augment):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert [row["loss"] for row in a["history"]] == [row["loss"] for row in b["history"]]
+    assert (tmp_path / "straight" / "steps.csv").read_text() == (tmp_path / "split" / "steps.csv").read_text()
     # the bank was really trained: the rows of each epoch's 5 batches are unit vectors
     assert int(((a["criterion"]["bank.memory"].norm(dim=1) - 1).abs() < 1e-5).sum()) >= 5 * 256
     assert results(tmp_path / "straight")["knn_top1_bank"] == results(tmp_path / "split")["knn_top1_bank"]
@@ -458,3 +459,33 @@ def test_supervised_reference_learns_the_labels(tmp_path, random_init_knn):
     run(job + ["--epochs", "8", "--resume"])
     res = results(tmp_path)
     assert res["loss"] == "supervised" and res["knn_top1_features"] >= random_init_knn + 10, res["knn_top1_features"]
+
+
+def test_steps_csv_logs_every_step_and_survives_a_resume(tmp_path):
+    """steps.csv: one row per step (loss, the Z after it, lr); each epoch's mean is log.csv's loss.
+    Rows written past the checkpoint (an epoch that died before its checkpoint) are dropped on
+    --resume, and a fresh run in the same folder starts the file anew."""
+    common = ["train", "--dataset", "digits", "--arch", "small-cnn", "--loss", "nce", "--nce-k", "64",
+              "--z-mode", "batch", "--epochs", "2", "--eval-every", "100", "--knn-source", "bank",
+              "--batch-size", "256", "--out-dir", str(tmp_path)]
+    run(common + ["--max-epochs-this-run", "1"])
+    steps_file = tmp_path / "steps.csv"
+    first = steps_file.read_text()
+    stale = [dict(r, epoch="2") for r in csv.DictReader(steps_file.open())]
+    with steps_file.open("a", newline="") as f:  # what a run killed after writing epoch 2's steps would leave
+        csv.DictWriter(f, fieldnames=list(stale[0])).writerows(stale)
+    run(common + ["--resume"])
+    rows = list(csv.DictReader(steps_file.open()))
+    per_epoch = 1438 // 256
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * per_epoch + 1))
+    assert [int(r["epoch"]) for r in rows] == [1] * per_epoch + [2] * per_epoch
+    assert steps_file.read_text().startswith(first)
+    log = list(csv.DictReader((tmp_path / "log.csv").open()))
+    for epoch in (1, 2):
+        losses = [float(r["loss"]) for r in rows if int(r["epoch"]) == epoch]
+        assert sum(losses) / len(losses) == pytest.approx(float(log[epoch - 1]["loss"]), rel=1e-12)
+        assert {float(r["lr"]) for r in rows if int(r["epoch"]) == epoch} == {float(log[epoch - 1]["lr"])}
+    assert float(rows[-1]["z"]) == pytest.approx(float(log[-1]["z"]), rel=1e-6)
+    assert len({r["z"] for r in rows}) > 1  # batch mode: a new Z every step
+    run(common[:-2] + ["--epochs", "1", "--out-dir", str(tmp_path)])
+    assert len(list(csv.DictReader(steps_file.open()))) == per_epoch
