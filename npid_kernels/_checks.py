@@ -178,3 +178,11 @@ def recall_ks(values, n: int):
     for r in values:
         count(r, "recall_ks entries", 1)
     return sorted(set(int(r) for r in values if r <= n))
+
+
+def proximal(value, name: str = "proximal") -> None:
+    """The proximal term's lambda: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} (lambda of the proximal term) must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} (lambda of the proximal term) must be a finite number >= 0, got {value!r}")

@@ -33,7 +33,9 @@ LEGACY_FORMAT = "npid-train/1"  # numpy / Python RNG states pickled as objects; 
 CONFIG_KEYS = ("dataset", "arch", "low_dim", "cifar_stem", "loss", "nce_k", "nce_t", "bank_dtype",
                "train_fraction", "seed", "image_size", "width", "negatives", "exclude_positive", "holdout")
 SCHEDULE_KEYS = ("epochs", "lr", "schedule", "batch_size", "momentum", "weight_decay", "nce_m", "augment", "hflip",
-                 "z_mode", "z_momentum")
+                 "z_mode", "z_momentum", "proximal")
+# Settings added after checkpoints were first written, with the value the older runs trained with.
+SCHEDULE_DEFAULTS = {"proximal": 0.0}
 REQUIRED_KEYS = ("model", "criterion", "config", "args", "epoch")
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
@@ -216,5 +218,5 @@ def check_bank_rows(ckpt: Dict, num_data: int, path: str) -> None:
 
 def changed_schedule(ckpt: Dict, config: Dict) -> Dict:
     """Settings that differ from the checkpoint's but may change on resume."""
-    saved = ckpt["config"]
+    saved = dict(SCHEDULE_DEFAULTS, **ckpt["config"])
     return {k: (saved.get(k), config[k]) for k in SCHEDULE_KEYS if k in config and k in saved and saved[k] != config[k]}

@@ -84,12 +84,12 @@ class DistributedNPIDLoss(NPIDLoss):
                  z: Optional[float] = None, seed: Optional[int] = None, mode: str = "replicated",
                  process_group=None, device=None, equal_batches: bool = False, precision: str = "fp32",
                  z_mode: str = "first-batch", z_momentum: float = 0.99, negatives: str = "per-sample",
-                 exclude_positive: bool = False):
+                 exclude_positive: bool = False, proximal: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         super().__init__(num_data, dim, num_negatives, temperature, momentum, loss, bank_dtype, z, seed, device,
                          precision, z_mode, z_momentum, negatives, exclude_positive, placement=mode,
-                         process_group=process_group, equal_batches=equal_batches)
+                         process_group=process_group, equal_batches=equal_batches, proximal=proximal)
         self.mode, self.process_group = mode, process_group
         self.row_start, self.row_end = self.bank.row_start, self.bank.row_end
 

@@ -47,8 +47,10 @@ def _check_idx(idx, batch: int, num_negatives: int, num_data: int, features: tor
 
 def _check_loss_args(loss: str, num_data: int, dim: int, num_negatives: int, temperature: float, momentum: float,
                      precision: str = "fp32", z_mode: str = "first-batch", z_momentum: float = 0.99,
-                     z: Optional[float] = None, negatives: str = "per-sample", exclude_positive: bool = False):
+                     z: Optional[float] = None, negatives: str = "per-sample", exclude_positive: bool = False,
+                     proximal: float = 0.0):
     """NPIDLoss's constructor checks (every placement's)."""
+    C.proximal(proximal)
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     if not isinstance(exclude_positive, bool):
@@ -216,7 +218,8 @@ class NPIDLoss(nn.Module):
         num_negatives: K noise rows per sample for "nce" and "softmax-ce" (4096 in the paper);
             with negatives="shared", m, the noise rows shared by the batch (may exceed num_data).
         temperature: T (0.07).
-        momentum: proximal bank momentum (0.5).
+        momentum: the bank's momentum update, bank[i] <- normalise(momentum * bank[i] + (1 - momentum) * x)
+            after each step (0.5; lemniscate's memory momentum). Not the proximal term below.
         loss: "nce" (NCE with Z estimated on the first batch, lemniscate's NCECriterion),
             "softmax-ce" (InfoNCE over the same rows, positive first), or
             "softmax" (the exact non-parametric softmax over all n rows, streamed).
@@ -248,12 +251,20 @@ class NPIDLoss(nn.Module):
             drawn uniform over the other n - 1 rows in-kernel. Shared: each such column is replaced,
             for that sample only, by a row uniform over the other n - 1 (deterministic Philox;
             on CUDA one host sync per step to list the collisions).
+        proximal: lambda >= 0 of the paper's proximal regularisation (eq. 10): each sample's loss gains
+            lambda * ||x_b - v_{y_b}||^2, with v_{y_b} its own bank row as stored before this step's
+            update (the feature the previous epoch left there), and its gradient 2 lambda (x_b - v_{y_b}).
+            Computed by the fused ops from the positive row they read anyway. 0 (default) leaves it out
+            (lemniscate has only the momentum update); the paper uses 10, 30, 50 (Figure 3).
         placement: where the bank lives: "local" (this process), or across the ranks of
             process_group (None: the default group) "replicated" or "sharded", as
             DistributedNPIDLoss(mode=...) documents; equal_batches as there. Every placement
             computes the same losses.
 
-    forward(features, indices, idx=None) returns the batch-mean loss. `features` should be
+    forward(features, indices, idx=None) returns the batch-mean loss. After it, `loss_parts` holds the
+    batch means of its parts as detached device tensors (no host sync): "instance_loss" (the NCE or
+    softmax term), "proximal_loss" (lambda ||x - v||^2) and "positive_sq_dist" (||x - v||^2, also
+    when lambda = 0). `features` should be
     L2-normalised (B, dim); `indices` (B,) are the instances' rows. In training mode the
     bank rows `indices` are momentum-updated right after the loss is computed (the loss's
     backward never reads the bank, so this is lemniscate's update-in-backward, earlier).
@@ -266,10 +277,10 @@ class NPIDLoss(nn.Module):
                  z: Optional[float] = None, seed: Optional[int] = None, device=None, precision: str = "fp32",
                  z_mode: str = "first-batch", z_momentum: float = 0.99, negatives: str = "per-sample",
                  exclude_positive: bool = False, placement: str = "local", process_group=None,
-                 equal_batches: bool = False):
+                 equal_batches: bool = False, proximal: float = 0.0):
         super().__init__()
         _check_loss_args(loss, num_data, dim, num_negatives, temperature, momentum, precision, z_mode, z_momentum, z,
-                         negatives, exclude_positive)
+                         negatives, exclude_positive, proximal)
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if placement == "sharded" and negatives == "shared" and exclude_positive:
@@ -279,7 +290,8 @@ class NPIDLoss(nn.Module):
         self.negatives, self.exclude_positive = negatives, exclude_positive
         self.z_mode, self.z_momentum = z_mode, float(z_momentum)
         self.num_data, self.dim, self.num_negatives = int(num_data), int(dim), int(num_negatives)
-        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.temperature, self.momentum, self.proximal = float(temperature), float(momentum), float(proximal)
+        self.loss_parts = {}
         if placement == "local":
             self.bank = LocalBank(num_data, dim, bank_dtype, device)
             if seed is None:
@@ -326,11 +338,13 @@ class NPIDLoss(nn.Module):
             _check_bank_dtype(features, memory)
         stream = self.rng_state if self.rank == 0 else self.rank_rng_state()  # this rank's Philox stream
         if self.negatives == "shared":
-            per_sample = self._shared_loss(features, indices, idx, stream)
+            per_sample, sq_dist = self._shared_loss(features, indices, idx, stream)
         elif self.loss_type == "softmax":
-            per_sample = self.bank.full_softmax_loss(features, indices, self.temperature, self.precision)
+            per_sample, sq_dist = self.bank.full_softmax_loss(features, indices, self.temperature, self.precision,
+                                                              self.proximal)
         else:
-            per_sample = self._sampled_loss(features, indices, idx, stream)
+            per_sample, sq_dist = self._sampled_loss(features, indices, idx, stream)
+        self._record_parts(per_sample, sq_dist)
         if self.training:
             self.bank.update_(features.detach(), indices, self.momentum)
             # Shared negatives advance the stream with explicit rows too (exclude_positive reads it).
@@ -344,13 +358,14 @@ class NPIDLoss(nn.Module):
         bank, y, rows, n_data = self.bank.sampled_rows(indices, idx, stream, self.num_negatives, self.exclude_positive)
         sampling = dict(rows, temperature=self.temperature)
         if self.loss_type == "softmax-ce":
-            return ops.softmax_ce_loss(features, bank, y, **sampling)
+            return ops.softmax_ce_loss(features, bank, y, proximal=self.proximal, with_sq_dist=True, **sampling)
         sampling["n_data"] = n_data
         columns = rows["idx"].shape[1] if rows["idx"] is not None else self.num_negatives + 1
         if not self._z_known:
             self._z_known = self.bank.estimate_z_(self.z, features, bank, y, features.shape[0] * columns, **sampling)
-        return self._nce(lambda x, z: ops.nce_loss_and_z_stat(x, bank, y, z, **sampling), features,
-                         features.shape[0] * (columns - 1), self.z_mode == "batch")
+        return self._nce(lambda x, z, proximal: ops.nce_loss_and_z_stat(x, bank, y, z, proximal=proximal,
+                                                                        with_sq_dist=True, **sampling),
+                         features, features.shape[0] * (columns - 1), self.z_mode == "batch")
 
     def _shared_loss(self, features, indices, rows, stream) -> torch.Tensor:
         """negatives="shared": one set of m noise rows per rank and step, scored by GEMM tiles. NCE's
@@ -359,22 +374,32 @@ class NPIDLoss(nn.Module):
                                                         self.exclude_positive)
         shared.update(temperature=self.temperature, precision=self.precision)
         if self.loss_type != "nce":
-            return ops.shared_softmax_ce_loss(features, bank, y, **shared)
-        return self._nce(lambda x, z: ops.shared_nce_loss_and_z_stat(x, bank, y, z, n_data=n_data, **shared),
+            return ops.shared_softmax_ce_loss(features, bank, y, proximal=self.proximal, with_sq_dist=True, **shared)
+        return self._nce(lambda x, z, proximal: ops.shared_nce_loss_and_z_stat(
+                             x, bank, y, z, n_data=n_data, proximal=proximal, with_sq_dist=True, **shared),
                          features, features.shape[0] * self.num_negatives, self.z_mode == "batch" or self._z_unset())
 
-    def _nce(self, loss_and_stat, features, noise: int, z_from_step: bool) -> torch.Tensor:
-        """NCE's Z modes around loss_and_stat(features, Z) -> (per-sample loss, per-sample sums of the
-        `noise` noise exp-scores). z_from_step: Z is first set from this step's own noise scores (an
-        extra pass, "batch"); "ema" (training) averages the loss pass's into Z after the loss."""
+    def _nce(self, loss_and_stat, features, noise: int, z_from_step: bool):
+        """NCE's Z modes around loss_and_stat(features, Z, proximal) -> (per-sample loss, per-sample
+        sums of the `noise` noise exp-scores, per-sample ||x - v||^2). z_from_step: Z is first set
+        from this step's own noise scores (an extra pass, "batch"); "ema" (training) averages the
+        loss pass's into Z after the loss. Returns (per-sample loss, ||x - v||^2)."""
         if z_from_step:
             with torch.no_grad():
-                _, stat = loss_and_stat(features.detach(), torch.ones_like(self.z))
+                _, stat, _ = loss_and_stat(features.detach(), torch.ones_like(self.z), 0.0)
             self._z_update_(stat, noise, 0.0)
-        per_sample, stat = loss_and_stat(features, self.z)
+        per_sample, stat, sq_dist = loss_and_stat(features, self.z, self.proximal)
         if self.z_mode == "ema" and self.training:
             self._z_update_(stat, noise, self.z_momentum)
-        return per_sample
+        return per_sample, sq_dist
+
+    @torch.no_grad()
+    def _record_parts(self, per_sample: torch.Tensor, sq_dist: torch.Tensor) -> None:
+        """loss_parts: the step's batch means, kept on the device."""
+        sq_dist = sq_dist.detach().to(torch.float64)
+        proximal = sq_dist * self.proximal
+        self.loss_parts = {"instance_loss": (per_sample.detach().to(torch.float64) - proximal).mean(),
+                           "proximal_loss": proximal.mean(), "positive_sq_dist": sq_dist.mean()}
 
     def _z_unset(self) -> bool:
         """Whether Z still needs its first estimate: one host read until Z is set."""
@@ -394,6 +419,7 @@ class NPIDLoss(nn.Module):
         extra += ", exclude_positive=True" if self.exclude_positive else ""
         if self.loss_type == "nce":
             extra += f", z_mode={self.z_mode!r}" + (f", z_momentum={self.z_momentum}" if self.z_mode == "ema" else "")
+        extra += f", proximal={self.proximal}" if self.proximal else ""
         extra += f", placement={self.placement!r}" if self.placement != "local" else ""
         return (f"loss={self.loss_type!r}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
                 f"momentum={self.momentum}{extra}")

@@ -79,8 +79,10 @@ class _WholeBankRows:
         shared = dict(rows=rows, rng_state=rng_state, num_negatives=num_negatives, exclude_positive=exclude_positive)
         return self.memory, indices, shared, None
 
-    def full_softmax_loss(self, features, indices, temperature: float, precision: str):
-        return ops.full_softmax_loss(features, self.memory, indices, temperature, precision)
+    def full_softmax_loss(self, features, indices, temperature: float, precision: str, proximal: float):
+        """(per-sample loss, ||x - v_y||^2) of the exact softmax over the whole bank."""
+        return ops.full_softmax_loss(features, self.memory, indices, temperature, precision, proximal=proximal,
+                                     with_sq_dist=True)
 
 
 class LocalBank(_WholeBankRows, MemoryBank):
@@ -253,8 +255,8 @@ class ShardedBank(_GroupBank):
         batch = indices.shape[0]
         return fetched, inverse[:batch].contiguous(), dict(rows=inverse[batch:].contiguous()), self.num_data
 
-    def full_softmax_loss(self, features, indices, temperature: float, precision: str):
-        return _ShardedFullSoftmax.apply(features, indices, self, temperature, precision)
+    def full_softmax_loss(self, features, indices, temperature: float, precision: str, proximal: float):
+        return _ShardedFullSoftmax.apply(features, indices, self, temperature, precision, proximal)
 
     @torch.no_grad()
     def update_(self, features: torch.Tensor, indices: torch.Tensor, momentum: float) -> None:
@@ -271,14 +273,16 @@ class ShardedBank(_GroupBank):
         if mine_idx.numel():
             ops.momentum_update_(self.memory, mine_x, mine_idx - self.row_start, momentum)
 
-    def full_softmax_loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, temperature: float, precision: str):
-        """Per-sample exact softmax loss and grad_x with the bank split across ranks.
+    def full_softmax_loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, temperature: float, precision: str,
+                                   proximal: float = 0.0):
+        """Per-sample exact softmax loss, grad_x and ||x - v_y||^2 with the bank split across ranks.
 
         Every rank streams its shard for every rank's queries with the fused full_softmax_loss
         (against its own row 0, from which the shard's logsumexp lse_r and softmax-weighted
         mean row E_r are recovered), the ranks' lse_r are all_gathered and combined
         (lse = logsumexp_r lse_r), and sum_r exp(lse_r - lse) E_r is summed at the query's rank
-        (all_to_all). loss = lse - s_pos, grad_x = (sum_r ... - w_pos) / T, as in one process."""
+        (all_to_all). loss = lse - s_pos, grad_x = (sum_r ... - w_pos) / T, as in one process. The
+        proximal term uses the positive's fetched row unrounded, as the fused ops do."""
         memory = self.memory
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         inv_t = 1.0 / temperature
@@ -309,7 +313,12 @@ class ShardedBank(_GroupBank):
         start = sum(sizes[:self.rank])
         loss = lse[start:start + x.shape[0]] - (ops.round_to_precision(x.to(acc), precision) * w_pos).sum(1) * inv_t
         grad_x = (expected_row - w_pos) * inv_t
-        return loss.to(x.dtype), grad_x.to(x.dtype)
+        diff = x.to(acc) - fetched.index_select(0, inverse).to(acc)
+        sq_dist = (diff * diff).sum(1)
+        if proximal:
+            loss = loss + proximal * sq_dist
+            grad_x = grad_x + (2.0 * proximal) * diff
+        return loss.to(x.dtype), grad_x.to(x.dtype), sq_dist
 
 
 class _ShardedFullSoftmax(torch.autograd.Function):
@@ -317,13 +326,14 @@ class _ShardedFullSoftmax(torch.autograd.Function):
     forward (the bank is constant), backward scales the saved grad_x like the fused ops."""
 
     @staticmethod
-    def forward(ctx, x, y, bank, temperature, precision):
+    def forward(ctx, x, y, bank, temperature, precision, proximal):
         with torch.no_grad():
-            loss, grad_x = bank.full_softmax_loss_and_grad(x.detach(), y, temperature, precision)
+            loss, grad_x, sq_dist = bank.full_softmax_loss_and_grad(x.detach(), y, temperature, precision, proximal)
         ctx.save_for_backward(grad_x)
-        return loss
+        ctx.mark_non_differentiable(sq_dist)
+        return loss, sq_dist
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_sq_dist):
         (grad_x,) = ctx.saved_tensors
-        return grad_loss.unsqueeze(1) * grad_x, None, None, None, None
+        return grad_loss.unsqueeze(1) * grad_x, None, None, None, None, None

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no negative equals its sample's own row (per-sample: drawn from the other n-1 rows; "
                         "shared: such a column is replaced for that sample)")
     g.add_argument("--nce-t", type=float, default=0.07, help="temperature T (also the kNN weights' T)")
-    g.add_argument("--nce-m", type=float, default=0.5, help="memory-bank momentum (proximal update)")
+    g.add_argument("--nce-m", type=float, default=0.5,
+                   help="the bank's momentum update: bank[i] <- normalise(m*bank[i] + (1-m)*x) after each step")
+    g.add_argument("--proximal", type=float, default=0.0, metavar="LAMBDA",
+                   help="the paper's proximal regularisation (eq. 10): each sample's loss gains "
+                        "LAMBDA*||x - v||^2, v its bank row before the step's update (the paper: 10, 30, 50; "
+                        "0: off, as lemniscate). Bank losses nce, softmax-ce, softmax only")
     g.add_argument("--z-mode", choices=Z_MODES, default=None,
                    help="NCE's normalisation constant Z: first-batch (lemniscate: estimated once, on the first "
                         "batch), ema (after every step Z <- a*Z + (1-a)*n*mean exp(s/T) over the step's noise "
@@ -291,6 +296,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.z_momentum < 1:
         raise ValueError(f"--z-momentum must be in [0, 1), got {args.z_momentum}")
+    lam = getattr(args, "proximal", 0.0)
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"--proximal (lambda of the proximal term) must be a finite number >= 0, got {lam}")
+    if lam and getattr(args, "loss", None) in BASELINE_LOSSES:
+        raise ValueError(f"--proximal applies to the memory-bank losses (nce, softmax-ce, softmax), not --loss {args.loss}")
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if getattr(args, "loss", None) in BASELINE_LOSSES and several_processes:
         raise ValueError(f"--loss {args.loss} is a single-process baseline")
@@ -443,12 +453,12 @@ def train(args) -> Dict:
                                         bank_dtype=bank_dtype, seed=args.seed, mode=args.bank_mode,
                                         device=device, equal_batches=True, precision=loss_precision,
                                         z_mode=args.z_mode, z_momentum=args.z_momentum, negatives=args.negatives,
-                                        exclude_positive=args.exclude_positive)
+                                        exclude_positive=args.exclude_positive, proximal=args.proximal)
     else:
         criterion = NPIDLoss(n, args.low_dim, args.nce_k, args.nce_t, args.nce_m, loss=args.loss,
                              bank_dtype=bank_dtype, seed=args.seed, device=device, precision=loss_precision,
                              z_mode=args.z_mode, z_momentum=args.z_momentum, negatives=args.negatives,
-                             exclude_positive=args.exclude_positive)
+                             exclude_positive=args.exclude_positive, proximal=args.proximal)
     # The baselines' classifiers learn with the encoder (same lr, momentum, weight decay).
     optimizer = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
@@ -487,7 +497,8 @@ def train(args) -> Dict:
                                             f" K={args.nce_k}" + (" shared" if args.negatives == "shared" else "")
                                             + (" excluding positives" if args.exclude_positive else ""))
         + (f" Z {args.z_mode}" + (f" (a={args.z_momentum})" if args.z_mode == "ema" else "") if args.loss == "nce" else "")
-        + f" T={args.nce_t} m={args.nce_m}, {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
+        + f" T={args.nce_t} m={args.nce_m}" + (f" proximal lambda={args.proximal}" if args.proximal else "")
+        + f", {args.epochs} epochs of {data.steps_per_epoch(batch_size, world)} steps "
         f"(batch {batch_size}" + (f" x {world} processes" if world > 1 else "") + f"), {args.schedule} lr {args.lr}, "
         f"device {device}" + (f"; {args.dataset} defaults: {' '.join(presets)}" if presets else ""), flush=True)
 
@@ -581,6 +592,10 @@ def train(args) -> Dict:
             if main_rank:
                 _append_csv(stats_rows, os.path.join(args.out_dir, "z_stats.csv"), fresh=(epoch == 0))
         step_rows = step_log.rows(epoch, steps_per_epoch, lr, world)  # one host read per epoch
+        for key in step_log.columns[1:]:
+            row[key] = float(np.mean([r[key] for r in step_rows])) if step_rows else float("nan")
+        if args.loss not in BASELINE_LOSSES:
+            row["proximal"] = args.proximal
         row["eval_seconds"] = time.perf_counter() - t0 - seconds
         history.append(row)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  "
@@ -618,6 +633,7 @@ def train(args) -> Dict:
                     "nce_k": None if args.loss in FULL_SCAN_LOSSES else args.nce_k, "low_dim": args.low_dim,
                     "negatives": None if args.loss in FULL_SCAN_LOSSES else args.negatives,
                     "exclude_positive": args.exclude_positive,
+                    "proximal": None if args.loss in BASELINE_LOSSES else args.proximal,
                     "nce_t": args.nce_t, "z_mode": args.z_mode if args.loss == "nce" else None,
                     "z_momentum": args.z_momentum if args.loss == "nce" and args.z_mode == "ema" else None,
                     "z_final": float(criterion.z.item()) if args.loss == "nce" else None,
@@ -702,14 +718,20 @@ class StepLog:
     per step would sync the GPU every step). Several processes: the losses are averaged over the
     ranks (one all_reduce per epoch), like the loss the ranks' gradients average."""
 
+    PARTS = ("instance_loss", "proximal_loss", "positive_sq_dist")  # NPIDLoss.loss_parts
+
     def __init__(self, criterion):
         self.criterion = criterion
+        self.parts = isinstance(getattr(criterion, "loss_parts", None), dict)
         z = getattr(criterion, "z", None)
         self.z = z if getattr(criterion, "loss_type", None) == "nce" else None
+        self.columns = ["loss"] + (list(self.PARTS) if self.parts else [])
         self.values = []
 
     def record(self, loss: torch.Tensor) -> None:
         row = [loss.detach().double().reshape(())]
+        if self.parts:
+            row += [self.criterion.loss_parts[key].reshape(()) for key in self.PARTS]
         if self.z is not None:  # Z after the step: the one the next step is scored with
             row.append(self.z.detach().to(torch.float64, copy=True).reshape(()))
         self.values.append(torch.stack(row))
@@ -718,17 +740,19 @@ class StepLog:
         if not self.values:
             return []
         table = torch.stack(self.values)
+        averaged = len(self.columns)  # the losses and their parts; Z is the same on every rank
         if world > 1:
             import torch.distributed as dist
 
-            loss_mean = table[:, 0] / world
-            dist.all_reduce(loss_mean)
-            table[:, 0] = loss_mean
+            means = table[:, :averaged] / world
+            dist.all_reduce(means)
+            table[:, :averaged] = means
         out = []
         for i, values in enumerate(table.tolist()):
-            row = {"step": epoch * steps_per_epoch + i + 1, "epoch": epoch + 1, "lr": lr, "loss": values[0]}
+            row = {"step": epoch * steps_per_epoch + i + 1, "epoch": epoch + 1, "lr": lr}
+            row.update(zip(self.columns, values))
             if self.z is not None:
-                row["z"] = values[1]
+                row["z"] = values[averaged]
             out.append(row)
         self.values = []
         return out

@@ -14,6 +14,9 @@
 #           4096 (Z per step), NCE m = 512, 4096 with the paper's first-batch Z, softmax-CE
 #           m = 4096, the supervised reference; a second seed for random init, the exact softmax,
 #           NCE 4096 and NCE 1. Weighted kNN (features and bank) and a linear probe per row.
+#   figure3 the paper's Figure 3: NCE m = 4096 (Z per step) with the proximal term, lambda = 10, 30, 50,
+#           the same set-up; lambda = 0 is the table's nce-4096-seed0. The report draws each row's
+#           per-step loss (steps.csv) in OUT_DIR/figure3.png.
 # A finished row (OUT_DIR/<stage>/<row>/results.json) is skipped and an unfinished one continues
 # from its checkpoint (npid-train --resume), so rerunning the same command after an interruption
 # (or with EXTRA="--max-minutes-this-run M" for time-limited pieces) completes the stage. After
@@ -23,7 +26,7 @@
 # set-up stage's choice).
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n '2,17p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
 fi
 DATA=$(realpath -m "$1")
@@ -109,8 +112,15 @@ for stage in $STAGES; do
         row table nce-4096-seed1 "${enc[@]}" --loss nce --nce-k 4096 --z-mode batch --seed 1
         row table nce-1-seed1 "${enc[@]}" --loss nce --nce-k 1 --z-mode batch --seed 1
         ;;
+    figure3)
+        enc=(--arch "$ARCH" --width "$WIDTH" --augment "$AUGMENT" --epochs "$EPOCHS" --schedule cosine --linear-probe)
+        for lam in 10 30 50; do
+            row figure3 "nce-4096-lambda$lam-seed0" "${enc[@]}" --loss nce --nce-k 4096 --z-mode batch --seed 0 \
+                --proximal "$lam"
+        done
+        ;;
     *)
-        echo "cifar10_cpu.sh: unknown stage $stage (known: setup, table)" >&2
+        echo "cifar10_cpu.sh: unknown stage $stage (known: setup, table, figure3)" >&2
         exit 2
         ;;
     esac

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Collects the rows of one stage of scripts/cifar10_cpu.sh into a table.
 
-    python3 scripts/cifar10_report.py results/cifar10-cpu setup|table
+    python3 scripts/cifar10_report.py results/cifar10-cpu setup|table|figure3
 
 reads OUT/<stage>/<row>/results.json and log.csv of every finished row and writes OUT/<stage>.md
 and OUT/<stage>.json. For the set-up stage the evaluation set is 5,000 images held out of the
 training set; each trained row is compared with the random-init row of the same encoder, and with
 the kNN points it gains per minute of training. For the table stage, the rows of one setting run
 with several seeds ("<setting>-seed<N>") are reported as mean and half-range, beside the paper's
-CIFAR-10 number. Rows still running are listed as not finished.
+CIFAR-10 number. For the figure3 stage (the paper's Figure 3: NCE m = 4096 with the proximal term's
+lambda = 0, 10, 30, 50; lambda = 0 is the table stage's nce-4096-seed0) it reads each row's steps.csv
+and draws the per-step NCE part and total loss in OUT/figure3.png, with the standard deviation of the
+per-step NCE loss over the last epoch as the number for the oscillation. Rows still running are
+listed as not finished.
 """
 from __future__ import annotations
 
@@ -117,11 +121,88 @@ def render_table(rows: List[Dict], unfinished: List[str]) -> str:
     return _finish(lines, unfinished)
 
 
+FIGURE3_ROWS = OrderedDict([(0.0, "table/nce-4096-seed0"), (10.0, "figure3/nce-4096-lambda10-seed0"),
+                            (30.0, "figure3/nce-4096-lambda30-seed0"), (50.0, "figure3/nce-4096-lambda50-seed0")])
+
+
+def _std(values: List[float]) -> Optional[float]:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def figure3_rows(out_dir: str) -> List[Dict]:
+    """One entry per finished lambda row: its per-step losses and the last epoch's statistics.
+    instance_loss is the NCE part; a row logged before the parts existed (lambda = 0) has loss only,
+    which then is the NCE part."""
+    rows = []
+    for lam, rel in FIGURE3_ROWS.items():
+        folder = os.path.join(out_dir, rel)
+        res_path, steps_path = os.path.join(folder, "results.json"), os.path.join(folder, "steps.csv")
+        if not (os.path.exists(res_path) and os.path.exists(steps_path)):
+            continue
+        with open(res_path) as f:
+            res = json.load(f)
+        with open(steps_path) as f:
+            steps = list(csv.DictReader(f))
+        total = [float(r["loss"]) for r in steps]
+        nce = [float(r["instance_loss"]) if r.get("instance_loss") else float(r["loss"]) for r in steps]
+        last_epoch = max(int(r["epoch"]) for r in steps)
+        last = [v for v, r in zip(nce, steps) if int(r["epoch"]) == last_epoch]
+        last_total = [v for v, r in zip(total, steps) if int(r["epoch"]) == last_epoch]
+        rows.append({"lambda": lam, "row": rel, "proximal_recorded": res.get("proximal", 0.0),
+                     "steps": [int(r["step"]) for r in steps], "nce_loss": nce, "total_loss": total,
+                     "last_epoch": last_epoch, "nce_std_last_epoch": _std(last),
+                     "nce_mean_last_epoch": sum(last) / len(last), "total_std_last_epoch": _std(last_total),
+                     "total_mean_last_epoch": sum(last_total) / len(last_total),
+                     "knn_features": res.get("knn_top1_features"), "knn_bank": res.get("knn_top1_bank")})
+    return rows
+
+
+def render_figure3(rows: List[Dict], unfinished: List[str]) -> str:
+    lines = ["NCE m = 4096, Z per step, 15 epochs, with the proximal term's lambda: the oscillation of the training "
+             "loss is the standard deviation of the per-step loss over the last epoch (`steps.csv`); weighted kNN "
+             "(k = 200) on the 10,000 test images, %. The curves are in figure3.png.", "",
+             "| lambda | NCE part, last epoch: mean / std | total, last epoch: mean / std | kNN, features | kNN, bank | row |",
+             "|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        lines.append(f"| {r['lambda']:g} | {_f(r['nce_mean_last_epoch'], 3)} / {_f(r['nce_std_last_epoch'], 3)} "
+                     f"| {_f(r['total_mean_last_epoch'], 3)} / {_f(r['total_std_last_epoch'], 3)} "
+                     f"| {_f(r['knn_features'])} | {_f(r['knn_bank'])} | `{r['row']}` |")
+    return _finish(lines, unfinished)
+
+
+def plot_figure3(rows: List[Dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    for r in rows:
+        for ax, key in zip(axes, ("nce_loss", "total_loss")):
+            ax.plot(r["steps"], r[key], linewidth=0.4, label=f"lambda = {r['lambda']:g}")
+    for ax, title in zip(axes, ("NCE part of the training loss", "total training loss (NCE + proximal)")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend()
+    axes[0].set_ylabel("loss per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: List[str]) -> int:
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
     out_dir, stage = argv[1], argv[2]
+    if stage == "figure3":
+        return main_figure3(out_dir)
     rows = collect(out_dir, stage)
     folder = os.path.join(out_dir, stage)
     started = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
@@ -131,6 +212,21 @@ def main(argv: List[str]) -> int:
         f.write(text)
     with open(os.path.join(out_dir, f"{stage}.json"), "w") as f:
         json.dump({"stage": stage, "rows": rows, "unfinished": unfinished}, f, indent=1)
+    print(text)
+    return 0
+
+
+def main_figure3(out_dir: str) -> int:
+    rows = figure3_rows(out_dir)
+    done = {r["row"] for r in rows}
+    unfinished = [rel for rel in FIGURE3_ROWS.values() if rel not in done and os.path.isdir(os.path.join(out_dir, rel))]
+    text = render_figure3(rows, unfinished)
+    if rows and not plot_figure3(rows, os.path.join(out_dir, "figure3.png")):
+        text += "\n(matplotlib is not installed: figure3.png was not drawn)\n"
+    with open(os.path.join(out_dir, "figure3.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "figure3.json"), "w") as f:
+        json.dump({"stage": "figure3", "rows": rows, "unfinished": unfinished}, f, indent=1)
     print(text)
     return 0
 

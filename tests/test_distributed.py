@@ -163,7 +163,8 @@ def _run_steps(crit, batches, steps, rank, dtype):
         loss = crit(x, y)
         loss.backward()
         out.append({"loss": loss.detach().clone(), "grad": x.grad.clone(), "local_memory": crit.memory.clone(),
-                    "full": crit.full_state_dict(rank0_only=False), "rng_used": rng_used})
+                    "full": crit.full_state_dict(rank0_only=False), "rng_used": rng_used,
+                    "parts": {key: value.clone() for key, value in crit.loss_parts.items()}})
     return out
 
 
@@ -317,7 +318,23 @@ def worker_shared(outdir, rank):
     torch.save(results, outdir / f"shared_rank{rank}.pt")
 
 
-WORKERS = {"shared": worker_shared, "z_modes": worker_z_modes, "train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
+PROXIMAL = 3.0
+
+
+def worker_proximal(outdir, rank):
+    """The proximal term in both bank modes, every bank loss (float64)."""
+    cfg = torch.load(outdir / "config.pt", weights_only=True)
+    results = {}
+    for loss in LOSSES:
+        for mode in MODES:
+            crit = DistributedNPIDLoss(N, D, K, T, MOMENTUM, loss=loss, bank_dtype=torch.float64, seed=999,
+                                       mode=mode, proximal=PROXIMAL)
+            crit.load_full_state_dict(cfg["init"][(loss, "float64")] if (rank == 0 or mode == "replicated") else None)
+            results[(loss, mode)] = _run_steps(crit, cfg["batches"], range(len(STEP_SIZES)), rank, torch.float64)
+    torch.save(results, outdir / f"proximal_rank{rank}.pt")
+
+
+WORKERS = {"proximal": worker_proximal, "shared": worker_shared, "z_modes": worker_z_modes, "train": worker_train, "ckpt_save": worker_ckpt_save, "ckpt_resume": worker_ckpt_resume,
            "knn": worker_knn, "nan_z": worker_nan_z}
 
 
@@ -342,6 +359,7 @@ def single_process_run(loss, name, init_sd, batches, steps, offset0=None, **z_ar
     """NPIDLoss fed the concatenated global batches with the ranks' negatives: per step
     (per-rank expected losses, per-rank expected grads, bank after, z)."""
     dtype = DTYPES[name]
+    proximal = z_args.get("proximal", 0.0)
     ref = NPIDLoss(N, D, K, T, MOMENTUM, loss=loss, bank_dtype=dtype, seed=1, **z_args)
     ref.load_state_dict(init_sd)
     seed, offset = (int(v) for v in init_sd["rng_state"])
@@ -359,14 +377,16 @@ def single_process_run(loss, name, init_sd, batches, steps, offset0=None, **z_ar
             ops.nce_estimate_z_(z_used, x_all.to(dtype), bank_before, y_all, idx=idx, temperature=T)
         xs = x_all.to(dtype).clone().requires_grad_(True)
         if loss == "nce":
-            per_sample = ops.nce_loss(xs, bank_before, y_all, z_used, idx=idx, temperature=T)
+            per_sample = ops.nce_loss(xs, bank_before, y_all, z_used, idx=idx, temperature=T, proximal=proximal)
         elif loss == "softmax-ce":
-            per_sample = ops.softmax_ce_loss(xs, bank_before, y_all, idx=idx, temperature=T)
+            per_sample = ops.softmax_ce_loss(xs, bank_before, y_all, idx=idx, temperature=T, proximal=proximal)
         else:
-            per_sample = ops.full_softmax_loss(xs, bank_before, y_all, T)
+            per_sample = ops.full_softmax_loss(xs, bank_before, y_all, T, proximal=proximal)
         rank_losses = [local_part(per_sample, per_sample, sizes, r)[0].mean() for r in range(WORLD)]
         (grad,) = torch.autograd.grad(sum(rank_losses), xs)
+        sq_dist = ((x_all.to(dtype) - bank_before[y_all].to(dtype)) ** 2).sum(1)
         out.append({"losses": [l.detach() for l in rank_losses],
+                    "sq_dists": [local_part(sq_dist, sq_dist, sizes, r)[0].mean() for r in range(WORLD)],
                     "grads": [local_part(grad, grad, sizes, r)[0] for r in range(WORLD)],
                     "bank": ref.memory.clone(), "z": ref.z.clone(), "offset": offset + WORLD * (t - steps[0])})
     return out, ref
@@ -690,3 +710,30 @@ def test_bad_arguments():
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.slow  # two worker processes, torchrun-style
+def test_proximal_term_in_both_modes_equals_single_process(tmp_path):
+    """lambda > 0 with the bank replicated and sharded (the exact softmax's sharded path adds the
+    term from the fetched rows itself): losses, gradients, banks and loss_parts as one process."""
+    cfg = make_config(tmp_path)
+    launch("proximal", tmp_path)
+    ranks = [torch.load(tmp_path / f"proximal_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    tol = TOL["float64"]
+    for loss in LOSSES:
+        expected, _ = single_process_run(loss, "float64", cfg["init"][(loss, "float64")], cfg["batches"],
+                                         list(range(len(STEP_SIZES))), proximal=PROXIMAL)
+        plain, _ = single_process_run(loss, "float64", cfg["init"][(loss, "float64")], cfg["batches"],
+                                      list(range(len(STEP_SIZES))))
+        for mode in MODES:
+            for t, exp in enumerate(expected):
+                assert not close(exp["losses"][0], plain[t]["losses"][0], **tol)  # the term is really there
+                for r in range(WORLD):
+                    step = ranks[r][(loss, mode)][t]
+                    assert close(step["loss"], exp["losses"][r], **tol), (loss, mode, t, r)
+                    assert close(step["grad"], exp["grads"][r], **tol), (loss, mode, t, r)
+                    assert close(step["full"]["bank.memory"], exp["bank"], **tol), (loss, mode, t, r)
+                    parts = step["parts"]
+                    assert close(parts["positive_sq_dist"], exp["sq_dists"][r], **tol), (loss, mode, t, r)
+                    assert close(parts["proximal_loss"], PROXIMAL * exp["sq_dists"][r], **tol)
+                    assert close(parts["instance_loss"], plain[t]["losses"][r], **tol), (loss, mode, t, r)
