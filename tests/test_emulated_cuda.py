@@ -93,6 +93,40 @@ def test_launch_plans_match_reference(emu, monkeypatch, sms, B, K, n, d):
         assert relative_error(zz, z) < tol
 
 
+# The proximal term is formed where each launch plan writes its result (emit_final): by the scan
+# block itself (one split), or by the finalize kernel (splits, and the general kernel's warps).
+PROXIMAL_PLANS = [(sms, *layout) for sms in SM_COUNTS for layout in LAYOUTS]
+if os.environ.get("NPID_SANITIZED_RUN"):  # one case per place the term is formed
+    PROXIMAL_PLANS = [("1", 2, 40, 50, 3), ("65536", 1, 260, 300, 600)]
+
+
+@pytest.mark.parametrize("sms,B,K,n,d", PROXIMAL_PLANS)
+def test_proximal_term_in_every_launch_plan(emu, monkeypatch, sms, B, K, n, d):
+    monkeypatch.setenv("NPID_CUDA_SM_COUNT", sms)
+    x, bank, y, idx = problem(B, K, n, d, bank_dtype=torch.float32, seed=1)
+    z = reference_z(x, bank, idx)
+    lam = 0.75
+    for dtype, bank_dtype, tol in ((torch.float64, torch.float64, 1e-12), (torch.float32, torch.bfloat16, 2e-6)):
+        bs = bank.to(bank_dtype)
+        exact_bank = bs.double()
+        want_sq = R.positive_sq_dist(x, exact_bank, y)
+        for name, args, reference in (
+                ("nce_loss", (x.to(dtype), bs, y, idx, None, z.to(dtype), K, T, -1, False, lam),
+                 lambda xr: R.nce_loss(xr, exact_bank, y, idx, z, T, proximal=lam)),
+                ("softmax_ce_loss", (x.to(dtype), bs, y, idx, None, K, T, False, lam),
+                 lambda xr: R.softmax_ce_loss(xr, exact_bank, y, idx, T, proximal=lam))):
+            out = getattr(emu, name)(*args)
+            loss, grad, sq = out[0], out[1], out[-1]
+            xr = x.clone().requires_grad_()
+            want = reference(xr)
+            want.sum().backward()
+            assert sq.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+            assert relative_error(loss, want) < tol and relative_error(grad, xr.grad) < tol, name
+            assert relative_error(sq, want_sq) < tol, name
+            without = getattr(emu, name)(*args[:-1])  # lambda = 0: only the statistic
+            assert torch.equal(without[-1], sq), name
+
+
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 130])
 @pytest.mark.parametrize("aligned", [True, False])

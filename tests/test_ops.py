@@ -606,6 +606,13 @@ def opcheck_cases(device):
         (ops.npid.full_softmax_loss, (x, bank, y, T, "fp32", False)),
         (ops.npid.knn_topk, (x, bank, 4)),
         (ops.npid.knn_topk, (x, bank, 4, "tf32")),
+        # the proximal term (lambda > 0) of every loss
+        (ops.npid.nce_loss, (xg, bank, y, idx, None, z, 5, T, -1, False, 0.3)),
+        (ops.npid.softmax_ce_loss, (xg, bank, y, None, rng_state, 5, T, True, 0.3)),
+        (ops.npid.shared_nce_loss, (xg, bank, y, None, rng_state, z, 30, T, False, -1, "tf32", -1, 0.3)),
+        (ops.npid.shared_softmax_ce_loss, (xg, bank, y, idx[:, 1:].reshape(-1), None, -1, T, False, "fp32", 7, 0.3)),
+        (ops.npid.full_softmax_loss, (xg, bank, y, T, "bf16", True, 0.3)),
+        (ops.npid.full_softmax_loss, (x, bank, y, T, "fp32", False, 0.3)),
     ]
 
 
