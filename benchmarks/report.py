@@ -7,7 +7,8 @@ With several files, a later file's result replaces an earlier one's for the same
 provider (e.g. a rerun of the cases a busy machine spoiled, selected with -k).
 
 One row per (op, pass, shape, bank dtype): the median milliseconds of each provider
-(torch, torch_compile, npid, npid_insample, and on the CPU npid_sample_order), the speedups torch/npid and torch_compile/npid
+(torch, torch_compile, npid, npid_insample, on the CPU npid_sample_order, and npid_proximal: npid with
+the proximal term), the speedups torch/npid and torch_compile/npid
 (> 1 means npid is faster; for the sampled losses also torch/npid_insample), each provider's
 peak extra memory (see extra_info["peak_memory_method"]) and npid's effective bandwidth
 (extra_info["bytes_moved"] / median). Ends with the geometric-mean speedups per op and pass.
@@ -20,7 +21,7 @@ import math
 import sys
 from collections import OrderedDict, defaultdict
 
-PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample", "npid_sample_order")
+PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample", "npid_sample_order", "npid_proximal")
 OP_ORDER = {"nce": 0, "softmax-ce": 1, "full_softmax": 2, "knn": 3}
 PASS_ORDER = {"forward": 0, "forward_backward": 1, "step": 2}
 FOREIGN_MARGIN = 0.2  # cores
@@ -108,9 +109,9 @@ def render(header, rows) -> str:
                "peak = extra memory allocated during one call, MiB; GB/s = bytes_moved / npid median.")
     out.append("")
     out.append("| op | pass | shape | bank (precision) | torch | compile | npid | npid_insample | npid sample order "
-               "| torch/npid | compile/npid | torch/insample | peak torch | peak compile | peak npid | peak insample "
+               "| npid proximal | torch/npid | compile/npid | torch/insample | peak torch | peak compile | peak npid | peak insample "
                "| npid GB/s |")
-    out.append("|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     speedups = defaultdict(lambda: defaultdict(list))
     flagged = 0
     for key in sorted(rows, key=lambda k: _sort_key(rows[k]["op"], rows[k]["pass"], rows[k]["params"])):
@@ -130,7 +131,7 @@ def render(header, rows) -> str:
         gbps = p.get("npid", {}).get("gbps")
         t = {name: _ms(med[name]) + ("†" if busy[name] else "") for name in PROVIDERS}
         out.append(f"| {op} | {pass_} | {shape} | {dtype} | {t['torch']} | {t['torch_compile']} | "
-                   f"{t['npid']} | {t['npid_insample']} | {t['npid_sample_order']} | {_fmt_ratio(r_torch)} | {_fmt_ratio(r_comp)} | "
+                   f"{t['npid']} | {t['npid_insample']} | {t['npid_sample_order']} | {t['npid_proximal']} | {_fmt_ratio(r_torch)} | {_fmt_ratio(r_comp)} | "
                    f"{_fmt_ratio(r_ins)} | {_mib(peak['torch'])} | {_mib(peak['torch_compile'])} | {_mib(peak['npid'])} | "
                    f"{_mib(peak['npid_insample'])} | {'–' if gbps is None else f'{gbps:.1f}'} |")
     if flagged:

@@ -11,6 +11,8 @@ provider:
                  CPU only: npid with the (sample, row) pairs visited in sample order
                  (ops._cpu_pair_order("sample")), the order without sorting; npid itself
                  uses whichever order csrc/cpu/tile_order.h's use_tile_order() picks
+  npid_proximal  npid with the paper's proximal term (eq. 10) at lambda = PROXIMAL, fused into
+                 the same pass: beside npid (lambda = 0) in each case's group, what the term costs
 pass:
   forward           loss (batch mean) with x requiring grad, as in training
   forward_backward  loss + torch.autograd.grad(loss, x)
@@ -45,7 +47,8 @@ from .bench_common import (
 )
 
 LOSSES = ("nce", "softmax-ce")
-PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample", "npid_sample_order")
+PROVIDERS = ("torch", "torch_compile", "npid", "npid_insample", "npid_sample_order", "npid_proximal")
+PROXIMAL = 0.5  # lambda of npid_proximal
 
 LOSS_TOL = 2e-5  # relative error of the batch-mean loss vs the float64 reference (fp32 paths reach ~1e-7)
 GRAD_TOL = 2e-4  # relative error (norm) of grad_x (fp32 paths reach ~2e-6)
@@ -96,22 +99,23 @@ def get_case(B, K, N, D, bank_dtype, device) -> Case:
     return _CASES[key]
 
 
-def expected(case: Case, loss: str) -> Dict[str, torch.Tensor]:
+def expected(case: Case, loss: str, proximal: float = 0.0) -> Dict[str, torch.Tensor]:
     """float64 reference: batch-mean loss, its grad w.r.t. x, and bank[y] after the update."""
-    if loss not in case.expected:
+    key = f"{loss} proximal={proximal}"
+    if key not in case.expected:
         xd = case.x.double().requires_grad_()
         bd = case.bank.double()
         if loss == "nce":
-            per_sample = ref.nce_loss(xd, bd, case.y, case.idx, case.z.double(), TEMPERATURE)
+            per_sample = ref.nce_loss(xd, bd, case.y, case.idx, case.z.double(), TEMPERATURE, proximal=proximal)
         else:
-            per_sample = ref.softmax_ce_loss(xd, bd, case.y, case.idx, TEMPERATURE)
+            per_sample = ref.softmax_ce_loss(xd, bd, case.y, case.idx, TEMPERATURE, proximal=proximal)
         mean = per_sample.mean()
         (grad,) = torch.autograd.grad(mean, xd)
-        case.expected[loss] = {
+        case.expected[key] = {
             "per_sample": per_sample.detach(), "loss": mean.detach(), "grad": grad,
             "rows": expected_rows(case.bank, case.x, case.y, MOMENTUM),
         }
-    return case.expected[loss]
+    return case.expected[key]
 
 
 def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
@@ -135,6 +139,8 @@ def make_call(provider: str, loss: str, pass_: str, case: Case, K: int):
         sampling = dict(rng_state=case.rng_state, num_negatives=K, temperature=T)
     else:
         sampling = dict(idx=idx, temperature=T)
+    if provider == "npid_proximal":
+        sampling["proximal"] = PROXIMAL
     order = (lambda: ops._cpu_pair_order("sample")) if provider == "npid_sample_order" else contextlib.nullcontext
     if loss == "nce":
         def loss_fn(x, bank):
@@ -161,8 +167,9 @@ def test_nce(benchmark, settings, loss, pass_, B, K, N, D, bank_dtype, provider)
     if provider == "npid_sample_order" and device != "cpu":
         pytest.skip("the pair order is a choice of the CPU kernels")
     case = get_case(B, K, N, D, bank_dtype, device)
-    exp = expected(case, loss)
-    info: Dict[str, object] = {"op": loss, "pass": pass_, "provider": provider}
+    proximal = PROXIMAL if provider == "npid_proximal" else 0.0
+    exp = expected(case, loss, proximal)
+    info: Dict[str, object] = {"op": loss, "pass": pass_, "provider": provider, "proximal": proximal}
     benchmark.group = f"{loss} {pass_} B={B} K={K} N={N} D={D} {bank_dtype}"
 
     loss_fn, step_fn = make_call(provider, loss, pass_, case, K)

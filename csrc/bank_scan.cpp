@@ -233,36 +233,45 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
   return {out_sims, out_idx};
 }
 
-std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x_in,
-                                                         const at::Tensor& bank,
-                                                         const at::Tensor& y_in,
-                                                         double temperature,
-                                                         std::string_view precision,
-                                                         bool compute_grad, int64_t chunk,
-                                                         bool y_checked) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_streamed(
+    const at::Tensor& x_in, const at::Tensor& bank, const at::Tensor& y_in, double temperature,
+    std::string_view precision, bool compute_grad, int64_t chunk, bool y_checked,
+    double proximal) {
   const ScanPrecision scan_precision = parse_precision(precision);
+  check_proximal(proximal);
   const int64_t B = x_in.size(0), n = bank.size(0);
-  if (B == 0) return {at::empty({0}, x_in.options()), at::empty_like(x_in, at::MemoryFormat::Contiguous)};
-  const auto acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = accumulation_type(x_in);
+  if (B == 0) {
+    return {at::empty({0}, x_in.options()), at::empty_like(x_in, at::MemoryFormat::Contiguous),
+            at::empty({0}, x_in.options().dtype(acc_type))};
+  }
   const at::Tensor xa = x_in.to(acc_type).contiguous();
   const at::Tensor y = y_in.contiguous();
   const double inv_t = 1.0 / temperature;
 
   at::Tensor m, l, acc;
   std::tie(m, l, acc) = streamed_logsumexp(xa, bank, inv_t, chunk, scan_precision, compute_grad);
-  // The positive's logit and row with the same rounding as the scan's products.
-  const at::Tensor w_pos = round_to_precision(
-      bank.index_select(0, y_checked ? y : y.clamp(0, n - 1)).to(acc_type), scan_precision);
+  // The positive's logit and row with the same rounding as the scan's products; the proximal
+  // term (schemas.h) from the row as stored.
+  const at::Tensor w_stored = bank.index_select(0, y_checked ? y : y.clamp(0, n - 1)).to(acc_type);
+  const at::Tensor w_pos = round_to_precision(w_stored, scan_precision);
   const at::Tensor s_pos = (round_to_precision(xa, scan_precision) * w_pos).sum(1).mul_(inv_t);
   at::Tensor loss = m + l.log() - s_pos;
   at::Tensor grad_x = compute_grad ? (acc / l.unsqueeze(1) - w_pos).mul_(inv_t) : at::zeros_like(xa);
+  const at::Tensor diff = xa - w_stored;
+  at::Tensor sq_dist = (diff * diff).sum(1);
+  if (proximal != 0) {
+    loss = loss + sq_dist * proximal;
+    if (compute_grad) grad_x = grad_x + diff * (2.0 * proximal);
+  }
   if (!y_checked) {  // rows outside [0, n) give NaN instead of a host sync
     const at::Tensor valid = y.ge(0).logical_and_(y.lt(n));
     const double nan = std::numeric_limits<double>::quiet_NaN();
     loss = at::where(valid, loss, nan);
     grad_x = at::where(valid.unsqueeze(1), grad_x, nan);
+    sq_dist = at::where(valid, sq_dist, nan);
   }
-  return {loss.to(x_in.scalar_type()), grad_x.to(x_in.scalar_type())};
+  return {loss.to(x_in.scalar_type()), grad_x.to(x_in.scalar_type()), sq_dist};
 }
 
 ScanPrecision check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k,

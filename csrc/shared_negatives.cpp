@@ -89,7 +89,7 @@ std::pair<at::Tensor, at::Tensor> replacements(const std::vector<at::Tensor>& pa
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
     const at::Tensor& x_in, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows_in, const c10::optional<at::Tensor>& rng_state,
     const c10::optional<at::Tensor>& z, int64_t num_negatives, const SharedNegativesArgs& args,
@@ -99,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
   check_bank(bank, x_in);
   check_index_vector(y, x_in, "y");
   check_temperature(args.temperature);
+  check_proximal(args.proximal);
   const ScanPrecision precision = parse_precision(args.precision);
   if (nce) {
     TORCH_CHECK(z.has_value(), "the NCE loss needs z");
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
   const at::TensorOptions acc_opts = x_in.options().dtype(acc_type);
   if (B == 0) {
     return {at::empty({0}, x_in.options()), at::empty_like(x_in, at::MemoryFormat::Contiguous),
-            at::empty({0}, x_in.options().dtype(at::kDouble))};
+            at::empty({0}, x_in.options().dtype(at::kDouble)), at::empty({0}, acc_opts)};
   }
   const double inv_t = 1.0 / args.temperature;
   const at::Tensor xa = x_in.to(acc_type).contiguous();
@@ -152,7 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
   const bool fold_scale = precision == ScanPrecision::kFP32;
   const at::Tensor x_op = scan_operand(fold_scale ? xa * inv_t : xa, acc_type, precision);
   const at::Tensor x_rounded = round_to_precision(xa, precision);
-  const at::Tensor w_pos = round_to_precision(bank.index_select(0, y_safe).to(acc_type), precision);
+  // The positive's row as stored (for the proximal term) and as the products see it.
+  const at::Tensor w_stored = bank.index_select(0, y_safe).to(acc_type);
+  const at::Tensor w_pos = round_to_precision(w_stored, precision);
   const at::Tensor s_pos = (x_rounded * w_pos).sum(1).mul_(inv_t);
 
   // NCE: c = m / n (m draws from Pn = 1/n), 1/Z as a device scalar (NaN when Z is unset).
@@ -245,15 +248,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
     loss = run_max + run_sum.log() - s_pos;
     grad_x = run_acc.div_(run_sum.unsqueeze(1)).sub_(w_pos).mul_(inv_t);
   }
+  // The proximal term (schemas.h) from the unrounded row, whatever the precision of the products.
+  const at::Tensor diff = xa - w_stored;
+  at::Tensor sq_dist = (diff * diff).sum(1);
+  if (args.proximal != 0) {
+    loss = loss + sq_dist * args.proximal;
+    grad_x = grad_x + diff * (2.0 * args.proximal);
+  }
   if (!host_checks) {  // rows outside the bank give NaN instead of a host sync
+    const at::Tensor y_valid = y.ge(0).logical_and_(y.lt(n));
     const at::Tensor rows_valid = rows.ge(0).logical_and_(rows.lt(n)).all();
-    const at::Tensor valid = y.ge(0).logical_and_(y.lt(n)).logical_and_(rows_valid);
+    const at::Tensor valid = y_valid.logical_and(rows_valid);
     loss = at::where(valid, loss, kNaN);
     grad_x = at::where(valid.unsqueeze(1), grad_x, kNaN);
     if (nce) exp_sum = at::where(valid, exp_sum, kNaN);
+    sq_dist = at::where(y_valid, sq_dist, kNaN);  // the positive's own row decides it
   }
   return {loss.to(x_in.scalar_type()), grad_x.to(x_in.scalar_type()).contiguous(),
-          nce ? exp_sum : at::Tensor()};
+          nce ? exp_sum : at::Tensor(), sq_dist};
 }
 
 }  // namespace npid

@@ -5,11 +5,15 @@ csrc/include/npid/autograd.h), and thin Python entry points.
 The schemas live in csrc/include/npid/schemas.h. Loss ops return (per-sample loss, grad_x) from one
 pass over the gathered bank rows; their autograd backward only scales the saved grad_x,
 so no (B, K+1, d) tensor exists in forward or backward. The bank never receives a
-gradient (it is a buffer updated by momentum_update_, as in lemniscate).
+gradient (it is a buffer updated by momentum_update_, as in lemniscate). Every loss takes
+`proximal` (the paper's eq. 10: lambda * ||x_b - bank[y_b]||^2 added to each sample's loss)
+and returns, last, positive_sq_dist = ||x_b - bank[y_b]||^2 per sample from the same pass
+(the entry points append it with with_sq_dist=True).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -75,32 +79,40 @@ def _register_python_side(ns: str) -> None:
     def _loss_and_grad_fake(x):
         return x.new_empty((x.shape[0],)), torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def _sq_dist_fake(x):
+        """positive_sq_dist: (B,) in the accumulation dtype (float64 for double x, else float32)."""
+        return (x.new_empty((x.shape[0],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),)
+
+    def _noise_exp_sum_fake(x):
+        return (x.new_empty((x.shape[0],), dtype=torch.float64),)
+
     @torch.library.register_fake(f"{ns}::nce_loss")
-    def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1, exclude_positive=False):
+    def _(x, bank, y, idx, rng_state, z, num_negatives, temperature, n_data=-1, exclude_positive=False,
+          proximal=0.0):
         _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state, z=z)
-        return _loss_and_grad_fake(x) + (x.new_empty((x.shape[0],), dtype=torch.float64),)
+        return _loss_and_grad_fake(x) + _noise_exp_sum_fake(x) + _sq_dist_fake(x)
 
     @torch.library.register_fake(f"{ns}::softmax_ce_loss")
-    def _(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive=False):
+    def _(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive=False, proximal=0.0):
         _same_device(x, bank=bank, y=y, idx=idx, rng_state=rng_state)
-        return _loss_and_grad_fake(x)
+        return _loss_and_grad_fake(x) + _sq_dist_fake(x)
 
     @torch.library.register_fake(f"{ns}::shared_nce_loss")
     def _(x, bank, y, rows, rng_state, z, num_negatives, temperature, exclude_positive=False, n_data=-1,
-          precision="fp32", chunk_rows=-1):
+          precision="fp32", chunk_rows=-1, proximal=0.0):
         _same_device(x, bank=bank, y=y, rows=rows, rng_state=rng_state, z=z)
-        return _loss_and_grad_fake(x) + (x.new_empty((x.shape[0],), dtype=torch.float64),)
+        return _loss_and_grad_fake(x) + _noise_exp_sum_fake(x) + _sq_dist_fake(x)
 
     @torch.library.register_fake(f"{ns}::shared_softmax_ce_loss")
     def _(x, bank, y, rows, rng_state, num_negatives, temperature, exclude_positive=False, precision="fp32",
-          chunk_rows=-1):
+          chunk_rows=-1, proximal=0.0):
         _same_device(x, bank=bank, y=y, rows=rows, rng_state=rng_state)
-        return _loss_and_grad_fake(x)
+        return _loss_and_grad_fake(x) + _sq_dist_fake(x)
 
     @torch.library.register_fake(f"{ns}::full_softmax_loss")
-    def _(x, bank, y, temperature, precision="fp32", compute_grad=True):
+    def _(x, bank, y, temperature, precision="fp32", compute_grad=True, proximal=0.0):
         _same_device(x, bank=bank, y=y)
-        return _loss_and_grad_fake(x)
+        return _loss_and_grad_fake(x) + _sq_dist_fake(x)
 
     @torch.library.register_fake(f"{ns}::momentum_update_")
     def _(bank, x, y, momentum):
@@ -180,6 +192,21 @@ def _finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf")
 
 
+def _check_proximal(proximal) -> float:
+    """The proximal weight lambda as the ops take it: a finite number >= 0."""
+    if isinstance(proximal, bool) or not isinstance(proximal, (int, float)) or not math.isfinite(proximal) \
+            or proximal < 0:
+        raise ValueError(f"proximal must be a finite number >= 0 (the weight of the proximal term), got {proximal!r}")
+    return float(proximal)
+
+
+def _returned(outputs, keep, with_sq_dist: bool):
+    """The entry points' results: the outputs at positions `keep`, plus positive_sq_dist (the ops'
+    last output) when asked for; a single tensor when that is all there is."""
+    picked = tuple(outputs[i] for i in keep) + ((outputs[-1],) if with_sq_dist else ())
+    return picked[0] if len(picked) == 1 else picked
+
+
 def sample_negatives(y: torch.Tensor, rng_state: torch.Tensor, n_data: int, num_negatives: int,
                      exclude_positive: bool = False) -> torch.Tensor:
     """(B, K+1) int64 rows, column 0 = y, the rest uniform in [0, n_data): the same rows the
@@ -216,28 +243,36 @@ def nce_estimate_z_(z, x, bank, y, *, idx=None, rng_state=None, num_negatives: i
 
 def nce_loss(x, bank, y, z, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
              num_negatives: int = -1, temperature: float = 0.07, n_data: Optional[int] = None,
-             exclude_positive: bool = False) -> torch.Tensor:
+             exclude_positive: bool = False, proximal: float = 0.0, with_sq_dist: bool = False):
     """Per-sample NCE loss (lemniscate's NCECriterion times the batch size), one fused pass.
     Rows come from idx (B, K+1) if given, else K = num_negatives are drawn in-kernel
     (exclude_positive: none equal to the sample's own row, see sample_negatives).
     n_data: the bank size n of the noise distribution when `bank` holds only the rows idx
-    points into (a shard's fetched rows); default bank.shape[0]."""
+    points into (a shard's fetched rows); default bank.shape[0].
+    proximal = lambda adds the paper's proximal term lambda * ||x_b - bank[y_b]||^2 (eq. 10; the
+    positive is idx[:, 0] when idx is given). with_sq_dist: return (loss, positive_sq_dist), the
+    latter (B,) ||x_b - bank[y_b]||^2 in float32 (float64 for double x), not differentiable."""
     _finite(x, "x")
-    return npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
-                         -1 if n_data is None else n_data, exclude_positive)[0]
+    proximal = _check_proximal(proximal)
+    out = npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
+                        -1 if n_data is None else n_data, exclude_positive, proximal)
+    return _returned(out, (0,), with_sq_dist)
 
 
 def nce_loss_and_z_stat(x, bank, y, z, *, idx: Optional[torch.Tensor] = None,
                         rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
-                        temperature: float = 0.07, n_data: Optional[int] = None, exclude_positive: bool = False):
+                        temperature: float = 0.07, n_data: Optional[int] = None, exclude_positive: bool = False,
+                        proximal: float = 0.0, with_sq_dist: bool = False):
     """(per-sample NCE loss, noise_exp_sum) from the same fused pass as nce_loss.
     noise_exp_sum (B,) float64, not differentiable: per sample, the sum of exp(s_k) over the
     K noise columns (k >= 1, the positive left out). n * noise_exp_sum.sum() / (B * K) is the
-    step's Monte Carlo estimate of Z = sum_j exp(v_j . x / T) under uniform noise."""
+    step's Monte Carlo estimate of Z = sum_j exp(v_j . x / T) under uniform noise.
+    proximal, with_sq_dist: as nce_loss (positive_sq_dist appended last)."""
     _finite(x, "x")
-    loss, _, noise_exp_sum = npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
-                                           -1 if n_data is None else n_data, exclude_positive)
-    return loss, noise_exp_sum
+    proximal = _check_proximal(proximal)
+    out = npid.nce_loss(x, bank, y, idx, rng_state, z, num_negatives, temperature,
+                        -1 if n_data is None else n_data, exclude_positive, proximal)
+    return _returned(out, (0, 2), with_sq_dist)
 
 
 def z_ema_update_(z: torch.Tensor, noise_exp_sum: torch.Tensor, num_noise, n_data: int, alpha: float) -> None:
@@ -254,17 +289,21 @@ def z_ema_update_(z: torch.Tensor, noise_exp_sum: torch.Tensor, num_noise, n_dat
 
 
 def softmax_ce_loss(x, bank, y, *, idx: Optional[torch.Tensor] = None, rng_state: Optional[torch.Tensor] = None,
-                    num_negatives: int = -1, temperature: float = 0.07, exclude_positive: bool = False) -> torch.Tensor:
-    """Per-sample -log softmax over the positive and K negatives (InfoNCE), one fused pass."""
+                    num_negatives: int = -1, temperature: float = 0.07, exclude_positive: bool = False,
+                    proximal: float = 0.0, with_sq_dist: bool = False):
+    """Per-sample -log softmax over the positive and K negatives (InfoNCE), one fused pass.
+    proximal, with_sq_dist: as nce_loss."""
     _finite(x, "x")
-    return npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive)[0]
+    proximal = _check_proximal(proximal)
+    out = npid.softmax_ce_loss(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive, proximal)
+    return _returned(out, (0,), with_sq_dist)
 
 
 def shared_nce_loss_and_z_stat(x, bank, y, z, *, rows: Optional[torch.Tensor] = None,
                                rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
                                temperature: float = 0.07, exclude_positive: bool = False,
                                n_data: Optional[int] = None, precision: str = "fp32",
-                               chunk_rows: int = -1):
+                               chunk_rows: int = -1, proximal: float = 0.0, with_sq_dist: bool = False):
     """NCE with shared negatives: one set of m = num_negatives noise rows (explicit (m,) `rows`, or
     drawn in-kernel from rng_state, see shared_negative_rows) scored against every sample by a
     GEMM, chunk_rows rows at a time; the positive is each sample's own row y[b]. Pn = 1/n and
@@ -272,28 +311,33 @@ def shared_nce_loss_and_z_stat(x, bank, y, z, *, rows: Optional[torch.Tensor] = 
     float64 sums exp(s) over the m noise columns, so n * noise_exp_sum.sum() / (B * m) estimates Z.
     A noise row equal to a sample's positive stays a negative for it (lemniscate keeps such
     collisions) unless exclude_positive, which replaces that column for that sample by a row
-    uniform over the other n - 1 (Philox, deterministic). precision: as full_softmax_loss."""
+    uniform over the other n - 1 (Philox, deterministic). precision: as full_softmax_loss.
+    proximal, with_sq_dist: as nce_loss (the proximal term uses the stored row, whatever precision)."""
     _finite(x, "x")
-    loss, _, noise_exp_sum = npid.shared_nce_loss(x, bank, y, rows, rng_state, z, num_negatives, temperature,
-                                                  exclude_positive, -1 if n_data is None else n_data, precision,
-                                                  chunk_rows)
-    return loss, noise_exp_sum
+    proximal = _check_proximal(proximal)
+    out = npid.shared_nce_loss(x, bank, y, rows, rng_state, z, num_negatives, temperature, exclude_positive,
+                               -1 if n_data is None else n_data, precision, chunk_rows, proximal)
+    return _returned(out, (0, 2), with_sq_dist)
 
 
-def shared_nce_loss(x, bank, y, z, **kwargs) -> torch.Tensor:
-    """Per-sample NCE loss with shared negatives; arguments as shared_nce_loss_and_z_stat."""
-    return shared_nce_loss_and_z_stat(x, bank, y, z, **kwargs)[0]
+def shared_nce_loss(x, bank, y, z, *, with_sq_dist: bool = False, **kwargs):
+    """Per-sample NCE loss with shared negatives (and positive_sq_dist with with_sq_dist); arguments as
+    shared_nce_loss_and_z_stat."""
+    out = shared_nce_loss_and_z_stat(x, bank, y, z, with_sq_dist=with_sq_dist, **kwargs)
+    return (out[0], out[2]) if with_sq_dist else out[0]
 
 
 def shared_softmax_ce_loss(x, bank, y, *, rows: Optional[torch.Tensor] = None,
                            rng_state: Optional[torch.Tensor] = None, num_negatives: int = -1,
                            temperature: float = 0.07, exclude_positive: bool = False, precision: str = "fp32",
-                           chunk_rows: int = -1) -> torch.Tensor:
+                           chunk_rows: int = -1, proximal: float = 0.0, with_sq_dist: bool = False):
     """Per-sample -log softmax over [own row, the m shared noise rows] (InfoNCE with shared
     negatives, MoCo's form with NPID's bank); arguments as shared_nce_loss_and_z_stat."""
     _finite(x, "x")
-    return npid.shared_softmax_ce_loss(x, bank, y, rows, rng_state, num_negatives, temperature, exclude_positive,
-                                       precision, chunk_rows)[0]
+    proximal = _check_proximal(proximal)
+    out = npid.shared_softmax_ce_loss(x, bank, y, rows, rng_state, num_negatives, temperature, exclude_positive,
+                                      precision, chunk_rows, proximal)
+    return _returned(out, (0,), with_sq_dist)
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -313,23 +357,31 @@ def round_to_precision(t: torch.Tensor, precision: str) -> torch.Tensor:
     return torch.where(f.isnan(), f, bits.view(torch.float32)).to(t.dtype)
 
 
-def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "fp32") -> torch.Tensor:
+def full_softmax_loss(x, bank, y, temperature: float = 0.07, precision: str = "fp32", proximal: float = 0.0, *,
+                      with_sq_dist: bool = False):
     """Per-sample exact non-parametric softmax loss over the whole bank, streamed in chunks.
 
     precision of the x . bank products: "fp32" (exact, also when TF32 is enabled globally),
     "tf32" or "bf16" (both operands rounded to that format, tensor cores on CUDA). Sums and
     the logsumexp stay in float32 (float64 for double x) in every mode. Without autograd
-    (no_grad, or x not requiring grad) the gradient's GEMM is skipped."""
+    (no_grad, or x not requiring grad) the gradient's GEMM is skipped.
+    proximal, with_sq_dist: as nce_loss (the proximal term uses the stored rows, whatever precision)."""
     _finite(x, "x")
+    proximal = _check_proximal(proximal)
     compute_grad = torch.is_grad_enabled() and x.requires_grad
-    return npid.full_softmax_loss(x, bank, y, temperature, precision, compute_grad)[0]
+    out = npid.full_softmax_loss(x, bank, y, temperature, precision, compute_grad, proximal)
+    return _returned(out, (0,), with_sq_dist)
 
 
-def full_softmax_loss_and_grad(x, bank, y, temperature: float = 0.07, precision: str = "fp32"):
+def full_softmax_loss_and_grad(x, bank, y, temperature: float = 0.07, precision: str = "fp32",
+                               proximal: float = 0.0, *, with_sq_dist: bool = False):
     """(per-sample loss, its gradient w.r.t. x) of full_softmax_loss, both from the one pass and
-    outside autograd (a sharded bank combines the shards' gradients itself)."""
+    outside autograd (a sharded bank combines the shards' gradients itself); with_sq_dist appends
+    positive_sq_dist."""
     _finite(x, "x")
-    return npid.full_softmax_loss(x, bank, y, temperature, precision, True)
+    proximal = _check_proximal(proximal)
+    out = npid.full_softmax_loss(x, bank, y, temperature, precision, True, proximal)
+    return _returned(out, (0, 1), with_sq_dist)
 
 
 def momentum_update_(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float = 0.5) -> None:

@@ -3,7 +3,8 @@
 (B, K+1, d) gathered rows, as a straightforward PyTorch implementation would.
 
 Arithmetic follows lemniscate.pytorch's NCEAverage, NCECriterion and LinearAverage; tests run it in
-float64.
+float64. Every loss takes `proximal` = lambda, the paper's proximal term (eq. 10):
+lambda * positive_sq_dist(x, bank, positives) added per sample.
 """
 from __future__ import annotations
 
@@ -123,11 +124,24 @@ def nce_criterion(probs: torch.Tensor, n_data: int) -> torch.Tensor:
     return positive + negatives
 
 
-def nce_loss(x, bank, y, idx, z, temperature, n_data=None):
+def positive_sq_dist(x, bank, positives) -> torch.Tensor:
+    """||x_b - bank[positives_b]||^2 per sample, the row in x's dtype (a 16-bit bank exactly),
+    never rounded to a scan precision; differentiable w.r.t. x (its gradient is 2 (x_b - v))."""
+    v = bank.index_select(0, positives).to(x.dtype)
+    return (x - v).pow(2).sum(1)
+
+
+def with_proximal(loss, x, bank, positives, proximal: float) -> torch.Tensor:
+    """loss + proximal * positive_sq_dist (the paper's eq. 10); the loss itself when proximal is 0."""
+    return loss + proximal * positive_sq_dist(x, bank, positives) if proximal else loss
+
+
+def nce_loss(x, bank, y, idx, z, temperature, n_data=None, proximal=0.0):
     """Per-sample fused NCE loss (autograd gives grad_x); z is the normalisation constant, n_data
-    the n of Pn = 1/n (default: the bank's rows)."""
+    the n of Pn = 1/n (default: the bank's rows). The positive is idx[:, 0]."""
     probs = nce_scores(x, bank, idx, temperature) / z
-    return nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+    loss = nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+    return with_proximal(loss, x, bank, idx[:, 0], proximal)
 
 
 def shared_scores(x, bank, y, rows, temperature):
@@ -139,20 +153,21 @@ def shared_scores(x, bank, y, rows, temperature):
     return torch.cat([positive, noise], dim=1) / temperature
 
 
-def shared_nce_loss(x, bank, y, rows, z, temperature, n_data=None):
+def shared_nce_loss(x, bank, y, rows, z, temperature, n_data=None, proximal=0.0):
     probs = shared_scores(x, bank, y, rows, temperature).exp() / z
-    return nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+    loss = nce_criterion(probs, bank.shape[0] if n_data is None else n_data)
+    return with_proximal(loss, x, bank, y, proximal)
 
 
-def shared_softmax_ce_loss(x, bank, y, rows, temperature):
+def shared_softmax_ce_loss(x, bank, y, rows, temperature, proximal=0.0):
     s = shared_scores(x, bank, y, rows, temperature)
-    return torch.logsumexp(s, dim=1) - s[:, 0]
+    return with_proximal(torch.logsumexp(s, dim=1) - s[:, 0], x, bank, y, proximal)
 
 
-def softmax_ce_loss(x, bank, y, idx, temperature):
+def softmax_ce_loss(x, bank, y, idx, temperature, proximal=0.0):
     """Per-sample -log softmax(s)[0] over the K+1 gathered rows (InfoNCE, positive at column 0)."""
     s = gathered_scores(x, bank, idx, temperature)
-    return torch.logsumexp(s, dim=1) - s[:, 0]
+    return with_proximal(torch.logsumexp(s, dim=1) - s[:, 0], x, bank, idx[:, 0], proximal)
 
 
 def round_to_precision(t: torch.Tensor, precision: str) -> torch.Tensor:
@@ -174,11 +189,13 @@ def round_to_precision(t: torch.Tensor, precision: str) -> torch.Tensor:
     return t + (rounded - v) if t.requires_grad else rounded
 
 
-def full_softmax_loss(x, bank, y, temperature, precision: str = "fp32"):
+def full_softmax_loss(x, bank, y, temperature, precision: str = "fp32", proximal=0.0):
     """Per-sample exact non-parametric softmax: cross_entropy(x @ bank.T / T, y), the
-    products formed from operands rounded to `precision` (the math of a tensor-core GEMM)."""
+    products formed from operands rounded to `precision` (the math of a tensor-core GEMM);
+    the proximal term from the unrounded x and rows."""
     logits = round_to_precision(x, precision) @ round_to_precision(bank.to(x.dtype), precision).t() / temperature
-    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    return with_proximal(loss, x, bank, y, proximal)
 
 
 def momentum_update(bank: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float) -> torch.Tensor:

@@ -48,7 +48,7 @@ assert has_cuda == (sys.argv[2] == "ON"), f"CUDA kernels registered: {has_cuda},
 x = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
 bank = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
 y = torch.tensor([1, 2, 3])
-loss, grad, noise_exp_sum = torch.ops.npid.nce_loss(x, bank, y, None, torch.tensor([1, 0]), torch.tensor([20.0]), 5, 0.07)
+loss, grad, noise_exp_sum, positive_sq_dist = torch.ops.npid.nce_loss(x, bank, y, None, torch.tensor([1, 0]), torch.tensor([20.0]), 5, 0.07)
 assert loss.shape == (3,) and torch.isfinite(loss).all() and grad.shape == (3, 8)
 print("CMake-built", sys.argv[1], "loads and runs: loss", loss.tolist())
 PY

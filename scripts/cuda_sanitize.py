@@ -143,8 +143,8 @@ def case_sampled_row_ops(dev, B, K, d, n, xdt, bdt, gen, tag, misaligned=False, 
             # nce_loss
             z_d = torch.full((1,), z_val, dtype=zdt, device=dev)
             z_c = torch.full((1,), z_val, dtype=zdt)
-            loss, grad, _ = npid.nce_loss(xd, bankd, yd, i_d, r_d, z_d, K, T)
-            loss_c, grad_c, _ = npid.nce_loss(xc, bank, y, i_c, r_c, z_c, K, T)
+            loss, grad, _, _ = npid.nce_loss(xd, bankd, yd, i_d, r_d, z_d, K, T)
+            loss_c, grad_c, _, _ = npid.nce_loss(xc, bank, y, i_c, r_c, z_c, K, T)
             check_close(f"{src} nce_loss loss z={zdt}", loss, back(loss_c, xdt), xdt)
             check_close(f"{src} nce_loss grad z={zdt}", grad, back(grad_c, xdt), xdt)
             if use_idx:  # the sharded mode's call: the noise distribution of a larger bank
@@ -154,14 +154,23 @@ def case_sampled_row_ops(dev, B, K, d, n, xdt, bdt, gen, tag, misaligned=False, 
                 npid.nce_estimate_z_(z_d, xd, bankd, yd, i_d, None, K, T, n_data)
                 npid.nce_estimate_z_(z_c, xc, bank, y, i_c, None, K, T, n_data)
                 check_close(f"{src} nce_estimate_z_ n_data z={zdt}", z_d, z_c, torch.float32)
-                loss, grad, _ = npid.nce_loss(xd, bankd, yd, i_d, None, z_d, K, T, n_data)
-                loss_c, grad_c, _ = npid.nce_loss(xc, bank, y, i_c, None, z_c, K, T, n_data)
+                loss, grad, _, _ = npid.nce_loss(xd, bankd, yd, i_d, None, z_d, K, T, n_data)
+                loss_c, grad_c, _, _ = npid.nce_loss(xc, bank, y, i_c, None, z_c, K, T, n_data)
                 check_close(f"{src} nce_loss n_data loss z={zdt}", loss, back(loss_c, xdt), xdt)
                 check_close(f"{src} nce_loss n_data grad z={zdt}", grad, back(grad_c, xdt), xdt)
-        loss, grad = npid.softmax_ce_loss(xd, bankd, yd, i_d, r_d, K, T)
-        loss_c, grad_c = npid.softmax_ce_loss(xc, bank, y, i_c, r_c, K, T)
+        loss, grad, _ = npid.softmax_ce_loss(xd, bankd, yd, i_d, r_d, K, T)
+        loss_c, grad_c, _ = npid.softmax_ce_loss(xc, bank, y, i_c, r_c, K, T)
         check_close(f"{src} softmax_ce_loss loss", loss, back(loss_c, xdt), xdt)
         check_close(f"{src} softmax_ce_loss grad", grad, back(grad_c, xdt), xdt)
+        # the proximal term (eq. 10) and positive_sq_dist, from the positive's row in emit_final
+        z_d, z_c = torch.full((1,), z_val, device=dev), torch.full((1,), z_val)
+        for op, args_d, args_c in (
+                ("nce_loss", (xd, bankd, yd, i_d, r_d, z_d, K, T, -1, False, 0.3),
+                 (xc, bank, y, i_c, r_c, z_c, K, T, -1, False, 0.3)),
+                ("softmax_ce_loss", (xd, bankd, yd, i_d, r_d, K, T, False, 0.3), (xc, bank, y, i_c, r_c, K, T, False, 0.3))):
+            out_d, out_c = getattr(npid, op)(*args_d), getattr(npid, op)(*args_c)
+            for what, i in (("loss", 0), ("grad", 1), ("positive_sq_dist", -1)):
+                check_close(f"{src} {op} proximal {what}", out_d[i], back(out_c[i], xdt), xdt)
 
     # nce_init_z_ from the scores, in every scores dtype
     for sdt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -213,11 +222,11 @@ def case_bad_indices(dev, gen):
             FAILURES.append(f"{name} nce_estimate_z_ set z despite a bad row")
         yb = y.clone()
         yb[2] = n
-        loss, _ = npid.full_softmax_loss(x, bank, yb, T)
+        loss, _, _ = npid.full_softmax_loss(x, bank, yb, T)
         if not torch.isnan(loss[2]) or torch.isnan(loss[:2]).any():
             FAILURES.append(f"{name} full_softmax_loss: NaN pattern wrong")
         rng = torch.tensor([5, 0], device=dev)
-        loss, _, _ = npid.nce_loss(x, bank, yb, None, rng, z, K, T)
+        loss, _, _, _ = npid.nce_loss(x, bank, yb, None, rng, z, K, T)
         if not torch.isnan(loss[2]) or torch.isnan(loss[:2]).any():
             FAILURES.append(f"{name} nce_loss (philox, bad y): NaN pattern wrong")
         # momentum: bad y and non-finite x skipped, other rows updated
@@ -279,11 +288,11 @@ def case_full_softmax_knn(dev, B, d, n, xdt, bdt, gen, k, precision="fp32"):
     xc = cpu_features(x)
     # tf32 / bf16: tensor cores may round the operands differently from the CPU's emulation
     cmp_dt = xdt if precision == "fp32" else torch.bfloat16
-    loss, grad = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision)
-    loss_c, grad_c = npid.full_softmax_loss(xc, bank, y, T, precision)
+    loss, grad, _ = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision)
+    loss_c, grad_c, _ = npid.full_softmax_loss(xc, bank, y, T, precision)
     check_close(f"{name} full_softmax_loss loss", loss, back(loss_c, xdt), cmp_dt)
     check_close(f"{name} full_softmax_loss grad", grad, back(grad_c, xdt), cmp_dt)
-    loss_only, _ = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision, False)
+    loss_only, _, _ = npid.full_softmax_loss(x.to(dev), bank.to(dev), y.to(dev), T, precision, False)
     check_close(f"{name} full_softmax_loss without grad", loss_only, back(loss_c, xdt), cmp_dt)
     sims, ids = npid.knn_topk(x.to(dev), bank.to(dev), k, precision)
     sims_c, ids_c = npid.knn_topk(xc, bank, k, precision)
@@ -314,18 +323,18 @@ def case_cuda_graph(gen):
     bank_g = bank.clone()
     with torch.cuda.graph(graph):
         npid.nce_estimate_z_(z, x, bank_g, y, None, rng, K, T)
-        loss, grad, _ = npid.nce_loss(x, bank_g, y, None, rng, z, K, T)
-        sloss, sgrad = npid.softmax_ce_loss(x, bank_g, y, None, rng, K, T)
+        loss, grad, _, _ = npid.nce_loss(x, bank_g, y, None, rng, z, K, T)
+        sloss, sgrad, _ = npid.softmax_ce_loss(x, bank_g, y, None, rng, K, T)
         npid.momentum_update_(bank_g, x, y, 0.5)
     graph.replay()
     torch.cuda.synchronize()
     z_c = torch.zeros(1)
     npid.nce_estimate_z_(z_c, x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), K, T)
     check_close("[graph] z", z, z_c, torch.float32)
-    loss_c, grad_c, _ = npid.nce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), z_c, K, T)
+    loss_c, grad_c, _, _ = npid.nce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), z_c, K, T)
     check_close("[graph] nce_loss", loss, loss_c, torch.float32)
     check_close("[graph] nce grad", grad, grad_c, torch.float32)
-    sl_c, _ = npid.softmax_ce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), K, T)
+    sl_c, _, _ = npid.softmax_ce_loss(x.cpu(), bank.cpu(), y.cpu(), None, rng.cpu(), K, T)
     check_close("[graph] softmax_ce_loss", sloss, sl_c, torch.float32)
     bank_c = bank.cpu().clone()
     npid.momentum_update_(bank_c, x.cpu(), y.cpu(), 0.5)
@@ -340,11 +349,11 @@ def case_accuracy(dev, gen):
     y = torch.randint(0, n, (B,), generator=gen)
     rng = torch.tensor([3, 1])
     z64 = torch.full((1,), 1.3 * n, dtype=torch.float64)
-    loss, _ = npid.nce_loss(x.to(dev), bank.to(dev), y.to(dev), None, rng.to(dev), z64.to(dev).float(), K, T)
-    ref, _ = npid.nce_loss(x.double(), bank.double(), y, None, rng, z64, K, T)
+    loss, *_ = npid.nce_loss(x.to(dev), bank.to(dev), y.to(dev), None, rng.to(dev), z64.to(dev).float(), K, T)
+    ref, *_ = npid.nce_loss(x.double(), bank.double(), y, None, rng, z64, K, T)
     rel = ((loss.cpu().double() - ref).abs() / ref.abs()).max().item()
-    sloss, _ = npid.softmax_ce_loss(x.to(dev), bank.to(dev), y.to(dev), None, rng.to(dev), K, T)
-    sref, _ = npid.softmax_ce_loss(x.double(), bank.double(), y, None, rng, K, T)
+    sloss, *_ = npid.softmax_ce_loss(x.to(dev), bank.to(dev), y.to(dev), None, rng.to(dev), K, T)
+    sref, *_ = npid.softmax_ce_loss(x.double(), bank.double(), y, None, rng, K, T)
     srel = ((sloss.cpu().double() - sref).abs() / sref.abs()).max().item()
     print(f"fp32 loss max relative error vs float64: nce {rel:.2e}, softmax-ce {srel:.2e}")
     if rel > 1e-5 or srel > 1e-5:

@@ -434,6 +434,18 @@ OP_CASES = [
     ("knn precision", lambda x, b, y, i, z, r: ops.knn_topk(x, b, 3, "TF32"), r"precision must be .* got 'TF32'"),
     ("sample negatives K = 0", lambda x, b, y, i, z, r: ops.sample_negatives(y, r, 50, 0), r"num_negatives must be >= 1"),
     ("sample negatives y out of range", lambda x, b, y, i, z, r: ops.sample_negatives(y, r, 40, 3), r"y holds row 49"),
+    ("nce proximal negative", lambda x, b, y, i, z, r: ops.npid.nce_loss(x, b, y, i, None, z, 7, T, -1, False, -0.5),
+     r"proximal must be a finite number >= 0 \(the weight of the proximal term\), got -0.5"),
+    ("softmax-ce proximal nan", lambda x, b, y, i, z, r: ops.npid.softmax_ce_loss(x, b, y, i, None, 7, T, False, float("nan")),
+     r"proximal must be a finite number >= 0 .*got nan"),
+    ("shared nce proximal inf", lambda x, b, y, i, z, r: ops.npid.shared_nce_loss(x, b, y, None, r, z, 7, T, False, -1, "fp32", -1,
+                                                                                   float("inf")),
+     r"proximal must be a finite number >= 0 .*got inf"),
+    ("shared softmax-ce proximal -inf",
+     lambda x, b, y, i, z, r: ops.npid.shared_softmax_ce_loss(x, b, y, None, r, 7, T, False, "fp32", -1, float("-inf")),
+     r"proximal must be a finite number >= 0 .*got -inf"),
+    ("full softmax proximal negative", lambda x, b, y, i, z, r: ops.npid.full_softmax_loss(x, b, y, T, "fp32", True, -1e-9),
+     r"proximal must be a finite number >= 0 .*got -1e-09"),
 ]
 
 
@@ -444,6 +456,30 @@ def test_bad_input_clear_error(problem, case):
         fn(*problem)
         if problem[0].is_cuda:
             torch.cuda.synchronize()
+
+
+def proximal_entry_points(x, bank, y, idx, z, rng):
+    """Every entry point of npid_kernels.ops that takes `proximal`, as a function of it."""
+    shared = dict(rng_state=rng, num_negatives=7, temperature=T)
+    return {
+        "nce_loss": lambda p: ops.nce_loss(x, bank, y, z, idx=idx, temperature=T, proximal=p),
+        "nce_loss_and_z_stat": lambda p: ops.nce_loss_and_z_stat(x, bank, y, z, idx=idx, temperature=T, proximal=p),
+        "softmax_ce_loss": lambda p: ops.softmax_ce_loss(x, bank, y, idx=idx, temperature=T, proximal=p),
+        "shared_nce_loss_and_z_stat": lambda p: ops.shared_nce_loss_and_z_stat(x, bank, y, z, proximal=p, **shared),
+        "shared_nce_loss": lambda p: ops.shared_nce_loss(x, bank, y, z, proximal=p, with_sq_dist=True, **shared),
+        "shared_softmax_ce_loss": lambda p: ops.shared_softmax_ce_loss(x, bank, y, proximal=p, **shared),
+        "full_softmax_loss": lambda p: ops.full_softmax_loss(x, bank, y, T, proximal=p),
+        "full_softmax_loss_and_grad": lambda p: ops.full_softmax_loss_and_grad(x, bank, y, T, proximal=p),
+    }
+
+
+@pytest.mark.parametrize("value", [-1.0, -1e-300, float("nan"), float("inf"), float("-inf"), "0.5", None, True])
+def test_proximal_must_be_a_finite_non_negative_number(problem, value):
+    """The entry points refuse a bad proximal before any kernel runs, in their caller's words."""
+    for name, fn in proximal_entry_points(*problem).items():
+        with pytest.raises(ValueError, match=r"proximal must be a finite number >= 0"):
+            fn(value)
+        fn(0.5)  # and accept a good one
 
 
 @pytest.mark.parametrize("bad", ["y out of range", "y negative", "nan features", "inf features", "dim mismatch", "x int"])

@@ -69,14 +69,14 @@ def test_launch_plans_match_reference(emu, monkeypatch, sms, B, K, n, d):
     z = reference_z(x, bank, idx)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         xs, bs, zs = x.to(dtype), bank.to(dtype), z.to(dtype)
-        loss, grad, noise_exp = emu.nce_loss(xs.clone().requires_grad_(), bs, y, idx, None, zs, K, T)
+        loss, grad, noise_exp, _ = emu.nce_loss(xs.clone().requires_grad_(), bs, y, idx, None, zs, K, T)
         xr = x.clone().requires_grad_()
         want = R.nce_loss(xr, bank, y, idx, z, T)
         want.sum().backward()
         assert relative_error(loss, want) < tol and relative_error(grad, xr.grad) < tol
         assert noise_exp.dtype == torch.float64
         assert relative_error(noise_exp, R.noise_exp_sum(x, bank, idx, T)) < tol
-        loss, grad = emu.softmax_ce_loss(xs, bs, y, idx, None, K, T)
+        loss, grad, _ = emu.softmax_ce_loss(xs, bs, y, idx, None, K, T)
         xr = x.clone().requires_grad_()
         want = R.softmax_ce_loss(xr, bank, y, idx, T)
         want.sum().backward()
@@ -93,6 +93,40 @@ def test_launch_plans_match_reference(emu, monkeypatch, sms, B, K, n, d):
         assert relative_error(zz, z) < tol
 
 
+# The proximal term is formed where each launch plan writes its result (emit_final): by the scan
+# block itself (one split), or by the finalize kernel (splits, and the general kernel's warps).
+PROXIMAL_PLANS = [(sms, *layout) for sms in SM_COUNTS for layout in LAYOUTS]
+if os.environ.get("NPID_SANITIZED_RUN"):  # one case per place the term is formed
+    PROXIMAL_PLANS = [("1", 2, 40, 50, 3), ("65536", 1, 260, 300, 600)]
+
+
+@pytest.mark.parametrize("sms,B,K,n,d", PROXIMAL_PLANS)
+def test_proximal_term_in_every_launch_plan(emu, monkeypatch, sms, B, K, n, d):
+    monkeypatch.setenv("NPID_CUDA_SM_COUNT", sms)
+    x, bank, y, idx = problem(B, K, n, d, bank_dtype=torch.float32, seed=1)
+    z = reference_z(x, bank, idx)
+    lam = 0.75
+    for dtype, bank_dtype, tol in ((torch.float64, torch.float64, 1e-12), (torch.float32, torch.bfloat16, 2e-6)):
+        bs = bank.to(bank_dtype)
+        exact_bank = bs.double()
+        want_sq = R.positive_sq_dist(x, exact_bank, y)
+        for name, args, reference in (
+                ("nce_loss", (x.to(dtype), bs, y, idx, None, z.to(dtype), K, T, -1, False, lam),
+                 lambda xr: R.nce_loss(xr, exact_bank, y, idx, z, T, proximal=lam)),
+                ("softmax_ce_loss", (x.to(dtype), bs, y, idx, None, K, T, False, lam),
+                 lambda xr: R.softmax_ce_loss(xr, exact_bank, y, idx, T, proximal=lam))):
+            out = getattr(emu, name)(*args)
+            loss, grad, sq = out[0], out[1], out[-1]
+            xr = x.clone().requires_grad_()
+            want = reference(xr)
+            want.sum().backward()
+            assert sq.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+            assert relative_error(loss, want) < tol and relative_error(grad, xr.grad) < tol, name
+            assert relative_error(sq, want_sq) < tol, name
+            without = getattr(emu, name)(*args[:-1])  # lambda = 0: only the statistic
+            assert torch.equal(without[-1], sq), name
+
+
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 130])
 @pytest.mark.parametrize("aligned", [True, False])
@@ -107,16 +141,16 @@ def test_bank_dtypes_and_views(emu, bank_dtype, d, aligned):
     assert (view.data_ptr() % 16 == 0) == aligned
     exact_bank = view.double()
     z = reference_z(x, exact_bank, idx)
-    loss, grad, noise_exp = emu.nce_loss(x, view, y, idx, None, z.float(), 200, T)
+    loss, grad, noise_exp, _ = emu.nce_loss(x, view, y, idx, None, z.float(), 200, T)
     assert relative_error(loss, R.nce_loss(x.double(), exact_bank, y, idx, z, T)) < 2e-6
     assert relative_error(noise_exp, R.noise_exp_sum(x.double(), exact_bank, idx, T)) < 2e-6
-    loss, grad = emu.softmax_ce_loss(x, view, y, idx, None, 200, T)
+    loss, grad, _ = emu.softmax_ce_loss(x, view, y, idx, None, 200, T)
     assert relative_error(loss, R.softmax_ce_loss(x.double(), exact_bank, y, idx, T)) < 2e-6
 
 
 def test_bfloat16_features(emu):
     x, bank, y, idx = problem(3, 100, 200, 64, dtype=torch.bfloat16)
-    loss, grad = emu.softmax_ce_loss(x, bank, y, idx, None, 100, T)
+    loss, grad, _ = emu.softmax_ce_loss(x, bank, y, idx, None, 100, T)
     assert loss.dtype == torch.bfloat16
     assert relative_error(loss, R.softmax_ce_loss(x.double(), bank.double(), y, idx, T)) < 1e-2
 
@@ -176,11 +210,13 @@ def test_no_sync_out_of_range_rows_give_nan(emu, no_sync_checks):
     bad[1, 5] = 50  # one past the bank
     bad[2, 0] = -1
     z = reference_z(x, bank, idx).float()
-    for loss, grad, *rest in (emu.nce_loss(x, bank, y, bad, None, z, 20, T),
-                              emu.softmax_ce_loss(x, bank, y, bad, None, 20, T)):
+    for loss, grad, *rest, sq_dist in (emu.nce_loss(x, bank, y, bad, None, z, 20, T),
+                                       emu.softmax_ce_loss(x, bank, y, bad, None, 20, T)):
         assert bool(loss[1:3].isnan().all()) and bool(grad[1:3].isnan().all())
         assert all(bool(r[1:3].isnan().all()) and bool(r[[0, 3]].isfinite().all()) for r in rest)
         assert bool(loss[[0, 3]].isfinite().all()) and bool(grad[[0, 3]].isfinite().all())
+        # positive_sq_dist depends on the positive's row alone: NaN only where that is outside the bank
+        assert sq_dist[2].isnan() and bool(sq_dist[[0, 1, 3]].isfinite().all())
     scores = emu.nce_scores(x, bank, bad, T)
     assert scores[1, 5].isnan() and scores[2, 0].isnan() and int(scores.isnan().sum()) == 2
     grad = emu.nce_scores_backward(torch.ones_like(scores), scores.nan_to_num(), x, bank, bad, T)
@@ -188,13 +224,14 @@ def test_no_sync_out_of_range_rows_give_nan(emu, no_sync_checks):
     zz = torch.tensor([-1.0])
     emu.nce_estimate_z_(zz, x, bank, y, bad, None, 20, T)
     assert zz.item() == -1.0  # left unset ...
-    loss, grad, _ = emu.nce_loss(x, bank, y, idx, None, zz, 20, T)
+    loss, grad, *_ = emu.nce_loss(x, bank, y, idx, None, zz, 20, T)
     assert bool(loss.isnan().all())  # ... so the next loss is NaN, not silently wrong
     y_bad = y.clone()
     y_bad[0] = 50
     assert emu.sample_negatives(y_bad, torch.tensor([1, 2]), 50, 5)[0, 0].item() == 50  # copied as given
-    loss, grad = emu.full_softmax_loss(x, bank, y_bad, T, "fp32", True)
+    loss, grad, sq_dist = emu.full_softmax_loss(x, bank, y_bad, T, "fp32", True)
     assert loss[0].isnan() and bool(loss[1:].isfinite().all())
+    assert sq_dist[0].isnan() and bool(sq_dist[1:].isfinite().all())
 
 
 def test_no_sync_nan_features_leave_z_unset(emu, no_sync_checks):

@@ -253,9 +253,9 @@ def test_nce_loss_third_output_is_not_differentiable_and_backward_ignores_it(dev
     x, bank, y, idx, _ = make_problem(3, 7, 50, 16, device)
     z = reference_z(x, bank, idx).reshape(1)
     xs = leaf(x)
-    loss, _, sums = ops.npid.nce_loss(xs, bank, y, idx, None, z, 7, T)
-    assert loss.requires_grad and not sums.requires_grad
-    (loss.sum() + 0 * sums.sum()).backward()
+    loss, _, sums, sq_dist = ops.npid.nce_loss(xs, bank, y, idx, None, z, 7, T)
+    assert loss.requires_grad and not sums.requires_grad and not sq_dist.requires_grad
+    (loss.sum() + 0 * sums.sum() + 0 * sq_dist.sum()).backward()
     _, expected_grad = reference_loss_and_grad("nce", x, bank, y, idx, z)
     assert relative_error(xs.grad, expected_grad) < 1e-12
 
@@ -302,11 +302,11 @@ def test_nce_on_fetched_rows_with_n_data_equals_whole_bank(device, dtype):
     ops.nce_estimate_z_(z_whole, x, bank, y, idx=idx, temperature=T)
     ops.nce_estimate_z_(z_fetched, x, fetched, local[:, 0].contiguous(), idx=local, temperature=T, n_data=n)
     assert relative_error(z_fetched, z_whole) < 1e-12
-    whole, xw, ew = ops.npid.nce_loss(x, bank, y, idx, None, z_whole, K, T)
-    part, xp, ep = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T, n)
+    whole, xw, ew, _ = ops.npid.nce_loss(x, bank, y, idx, None, z_whole, K, T)
+    part, xp, ep, _ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T, n)
     assert relative_error(part, whole) < 1e-12 and relative_error(xp, xw) < 1e-12 and relative_error(ep, ew) < 1e-12
     # Without n_data the fetched rows' count would set c = K / len(rows): a different loss.
-    wrong, _, _ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T)
+    wrong, *_ = ops.npid.nce_loss(x, fetched, local[:, 0].contiguous(), local, None, z_whole, K, T)
     assert relative_error(wrong, whole) > 1e-3
 
 
@@ -339,7 +339,7 @@ def test_full_softmax_loss_forward_only(device, precision):
     expected = R.full_softmax_loss(x.double(), bank.double(), y, T, precision)
     for loss in (loss_nograd, loss_plain, loss_grad):
         assert relative_error(loss, expected) < 1e-5
-    loss_only, grad_x = ops.npid.full_softmax_loss(x, bank, y, T, precision, False)
+    loss_only, grad_x, _ = ops.npid.full_softmax_loss(x, bank, y, T, precision, False)
     assert torch.equal(loss_only, loss_plain) and not grad_x.any()
 
 
@@ -606,6 +606,13 @@ def opcheck_cases(device):
         (ops.npid.full_softmax_loss, (x, bank, y, T, "fp32", False)),
         (ops.npid.knn_topk, (x, bank, 4)),
         (ops.npid.knn_topk, (x, bank, 4, "tf32")),
+        # the proximal term (lambda > 0) of every loss
+        (ops.npid.nce_loss, (xg, bank, y, idx, None, z, 5, T, -1, False, 0.3)),
+        (ops.npid.softmax_ce_loss, (xg, bank, y, None, rng_state, 5, T, True, 0.3)),
+        (ops.npid.shared_nce_loss, (xg, bank, y, None, rng_state, z, 30, T, False, -1, "tf32", -1, 0.3)),
+        (ops.npid.shared_softmax_ce_loss, (xg, bank, y, idx[:, 1:].reshape(-1), None, -1, T, False, "fp32", 7, 0.3)),
+        (ops.npid.full_softmax_loss, (xg, bank, y, T, "bf16", True, 0.3)),
+        (ops.npid.full_softmax_loss, (x, bank, y, T, "fp32", False, 0.3)),
     ]
 
 

@@ -37,7 +37,7 @@ def run_loss(loss_name, x, bank, y, z, **kw):
     """(loss, grad_x, noise_exp_sum or None) of one op call with backward."""
     xs = x.detach().clone().requires_grad_(True)
     if loss_name == "nce":
-        loss, _, sums = ops.npid.nce_loss(xs, bank, y, kw.get("idx"), kw.get("rng_state"), z,
+        loss, _, sums, _ = ops.npid.nce_loss(xs, bank, y, kw.get("idx"), kw.get("rng_state"), z,
                                           kw.get("num_negatives", -1), T, -1, kw.get("exclude_positive", False))
     else:
         loss = ops.softmax_ce_loss(xs, bank, y, temperature=T, **kw)

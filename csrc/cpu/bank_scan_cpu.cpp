@@ -33,16 +33,17 @@ void check_rows_in_range(const at::Tensor& y, int64_t n, const char* name) {
               n, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
-                                                     const at::Tensor& y, double temperature,
-                                                     c10::string_view precision, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y, double temperature,
+    c10::string_view precision, bool compute_grad, double proximal) {
   check_features(x, "x");
   check_bank(bank, x);
   check_index_vector(y, x, "y");
   check_temperature(temperature);
+  check_proximal(proximal);
   check_rows_in_range(y, bank.size(0), "y");
   return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad, kBankChunk,
-                               /*y_checked=*/true);
+                               /*y_checked=*/true, proximal);
 }
 
 // A neighbour candidate (similarity, bank row) and the order of the result: larger similarity

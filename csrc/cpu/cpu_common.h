@@ -301,6 +301,24 @@ NPID_ALWAYS_INLINE void axpy_row(acc_t a, const bank_t* __restrict__ row, acc_t*
   }
 }
 
+// The proximal term of a sample's positive row v (the paper's eq. 10), from the features x and
+// the row the fused pass already holds: returns sum_j (x_j - v_j)^2 in acc_t and, when
+// two_lambda != 0, adds two_lambda * (x_j - v_j) into grad. A plain loop in a fixed order: d
+// operations per sample next to the pass's K * d, and the same sum on every ISA path.
+template <typename acc_t, typename x_t, typename row_t>
+NPID_ALWAYS_INLINE acc_t positive_proximal(const x_t* __restrict__ x, const row_t* __restrict__ v,
+                                           int64_t d, acc_t two_lambda, acc_t* __restrict__ grad) {
+  acc_t sq = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t diff = static_cast<acc_t>(x[j]) - static_cast<acc_t>(v[j]);
+    sq += diff * diff;
+  }
+  if (two_lambda != acc_t(0)) {
+    for (int64_t j = 0; j < d; ++j)
+      grad[j] += two_lambda * (static_cast<acc_t>(x[j]) - static_cast<acc_t>(v[j]));
+  }
+  return sq;
+}
 
 // Per-sample work is ~K*d multiply-adds; one sample per grain keeps both cores busy at B=1..4.
 constexpr int64_t kSampleGrain = 1;

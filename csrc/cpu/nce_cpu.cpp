@@ -332,14 +332,13 @@ void score_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, B
                                        accumulator);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
-                                            const at::Tensor& y,
-                                            const c10::optional<at::Tensor>& idx,
-                                            const c10::optional<at::Tensor>& rng_state,
-                                            const at::Tensor& z, int64_t num_negatives,
-                                            double temperature, int64_t n_data,
-                                            bool exclude_positive) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
+    const at::Tensor& z, int64_t num_negatives, double temperature, int64_t n_data,
+    bool exclude_positive, double proximal) {
   check_z(z, x);
+  check_proximal(proximal);
   FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature,
                               exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
@@ -353,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
   // estimate of Z / n that the "ema" Z mode averages (noise rows only: the positive is not
   // a draw from Pn and would bias the estimate up by up to exp(1/T) / K).
   at::Tensor noise_exp_sum = at::empty({B}, a.x.options().dtype(at::kDouble));
+  at::Tensor positive_sq_dist = at::zeros({B}, a.x.options().dtype(accumulation_type(a.x)));
   BadIndexFlag bad;
   const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_loss",
@@ -373,12 +373,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     const int64_t chunks = plan.chunks, slots = plan.slots(), stride = plan.slot_stride;
     AlignedVector<acc_t> grad(slots * d, acc_t(0));
     AlignedVector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
+    // The proximal term from the positive's row when its pair is scored: sq_dist[b], and with
+    // lambda > 0 its gradient 2 lambda (x_b - v) added into the pair's slot (the slot is one
+    // thread's, like the row that follows it into the same accumulator).
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    acc_t* sq_dist = positive_sq_dist.data_ptr<acc_t>();
+    const acc_t two_lambda = static_cast<acc_t>(2.0 * proximal);
     // The epilogue captures values and raw pointers, so that each thread's copy of it (see
     // score_tiles_in_chunks) reads nothing from the calling thread's stack.
     score_pairs<scalar_t, bank_t>(
         a, plan, temperature, bad,
         [=, slot_loss = slot_loss.data(), negatives_product = negatives_product.data(),
-         exp_sum = exp_sum.data()](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
+         exp_sum = exp_sum.data(), grad_slots = grad.data()](auto& block) NPID_ALWAYS_INLINE_LAMBDA {
           const int64_t count = block.count;
           acc_t e[kPairBlock], coef[kPairBlock];
           double factor[kPairBlock];
@@ -404,6 +410,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
                 nce_term_of_exp<acc_t>(e[i], true, inv_z, c, l, dl_ds);
                 run_loss += l;
                 block.s[i] = dl_ds * inv_t;
+                const int64_t b = slot % stride;
+                sq_dist[b] = positive_proximal(xp + b * d, block.row[i], d, two_lambda,
+                                               grad_slots + slot * d);
                 continue;
               }
               run_exp_sum += static_cast<double>(e[i]);
@@ -441,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
           if (ch > 0)
             for (int64_t j = 0; j < d; ++j) grad[b * d + j] += grad[slot * d + j];
         }
+        if (proximal != 0) l += proximal * static_cast<double>(sq_dist[b]);
         lp[b] = static_cast<scalar_t>(l);
         ep[b] = e;
         for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(grad[b * d + j]);
@@ -448,20 +458,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, con
     });
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
-  return {loss, grad_x, noise_exp_sum};
+  return {loss, grad_x, noise_exp_sum, positive_sq_dist};
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,
-                                                   const at::Tensor& y,
-                                                   const c10::optional<at::Tensor>& idx,
-                                                   const c10::optional<at::Tensor>& rng_state,
-                                                   int64_t num_negatives, double temperature,
-                                                   bool exclude_positive) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
+    int64_t num_negatives, double temperature, bool exclude_positive, double proximal) {
+  check_proximal(proximal);
   FusedArgs a =
       prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
   at::Tensor loss = at::empty({B}, a.x.options());
   at::Tensor grad_x = at::empty_like(a.x);
+  at::Tensor positive_sq_dist = at::empty({B}, a.x.options().dtype(accumulation_type(a.x)));
   BadIndexFlag bad;
   const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "softmax_ce_loss",
@@ -519,6 +529,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
           }
         },
         acc.data());
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    acc_t* sq_dist = positive_sq_dist.data_ptr<acc_t>();
+    const acc_t two_lambda = static_cast<acc_t>(2.0 * proximal);
     at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         acc_t mb = m[b];
@@ -536,15 +549,27 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at
             for (int64_t j = 0; j < d; ++j) ab[j] += acc[slot * d + j] * scale;
           }
         }
-        lp[b] = static_cast<scalar_t>(mb + std::log(lb) - s0[b]);
+        // The proximal term from w0, the positive's row as the pass converted it.
+        const scalar_t* xb = xp + b * d;
+        const acc_t* wb = w0.data() + b * d;
+        sq_dist[b] = positive_proximal(xb, wb, d, acc_t(0), static_cast<acc_t*>(nullptr));
         const acc_t inv_l = acc_t(1) / lb;
-        for (int64_t j = 0; j < d; ++j)
-          gp[b * d + j] = static_cast<scalar_t>((ab[j] * inv_l - w0[b * d + j]) * inv_t);
+        if (proximal == 0) {
+          lp[b] = static_cast<scalar_t>(mb + std::log(lb) - s0[b]);
+          for (int64_t j = 0; j < d; ++j)
+            gp[b * d + j] = static_cast<scalar_t>((ab[j] * inv_l - w0[b * d + j]) * inv_t);
+        } else {
+          lp[b] = static_cast<scalar_t>(mb + std::log(lb) - s0[b] +
+                                        static_cast<acc_t>(proximal) * sq_dist[b]);
+          for (int64_t j = 0; j < d; ++j)
+            gp[b * d + j] = static_cast<scalar_t>((ab[j] * inv_l - wb[j]) * inv_t +
+                                                  two_lambda * (static_cast<acc_t>(xb[j]) - wb[j]));
+        }
       }
     });
   });
   report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
-  return {loss, grad_x};
+  return {loss, grad_x, positive_sq_dist};
 }
 
 // Shared negatives: B x 8192 fp32 scores per GEMM (2 MiB at B = 64, cache-resident between
@@ -554,33 +579,35 @@ int64_t shared_chunk_rows(int64_t B) {
 }
 
 SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
-                                int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
+                                int64_t n_data, c10::string_view precision, int64_t chunk_rows,
+                                double proximal) {
   // The CPU reads rows, y and z on the host.
   return shared_negatives_args(loss, temperature, exclude_positive, n_data, precision, chunk_rows,
-                               /*rows_checked=*/true);
+                               /*rows_checked=*/true, proximal);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
     const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
-    int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
-  return shared_negatives_loss(
-      x, bank, y, rows, rng_state, z, num_negatives,
-      shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data, precision, chunk_rows),
-      &sample_negatives, shared_chunk_rows(x.size(0)));
+    int64_t n_data, c10::string_view precision, int64_t chunk_rows, double proximal) {
+  return shared_negatives_loss(x, bank, y, rows, rng_state, z, num_negatives,
+                               shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data,
+                                           precision, chunk_rows, proximal),
+                               &sample_negatives, shared_chunk_rows(x.size(0)));
 }
 
-std::tuple<at::Tensor, at::Tensor> shared_softmax_ce_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_softmax_ce_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
     int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
-    int64_t chunk_rows) {
-  auto out = shared_negatives_loss(
-      x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
-      shared_args(SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1, precision, chunk_rows),
-      &sample_negatives, shared_chunk_rows(x.size(0)));
-  return {std::get<0>(out), std::get<1>(out)};
+    int64_t chunk_rows, double proximal) {
+  auto out = shared_negatives_loss(x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
+                                   shared_args(SharedLoss::kSoftmaxCe, temperature,
+                                               exclude_positive, -1, precision, chunk_rows,
+                                               proximal),
+                                   &sample_negatives, shared_chunk_rows(x.size(0)));
+  return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
 }
 
 }  // namespace

@@ -103,18 +103,20 @@ inline int64_t bank_chunk_rows(int64_t B, int64_t n, int64_t d) {
 }
 
 // Positions of y outside [0, n) become NaN (no host sync); rows are read clamped.
-inline std::tuple<at::Tensor, at::Tensor> full_softmax_loss(const at::Tensor& x, const at::Tensor& bank,
-                                                     const at::Tensor& y, double temperature,
-                                                     c10::string_view precision, bool compute_grad) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y, double temperature,
+    c10::string_view precision, bool compute_grad, double proximal) {
   check_features(x, "x", /*allow_bf16=*/true);
   check_bank(bank, x);
   check_index_vector(y, x, "y");
   check_temperature(temperature);
+  check_proximal(proximal);
   const gpu::DeviceGuard guard(x.device());
   const int64_t n = bank.size(0);
   if (sync_checks_enabled()) sync_check_rows(y, n, "y");
   return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad,
-                               bank_chunk_rows(x.size(0), n, x.size(1)), /*y_checked=*/false);
+                               bank_chunk_rows(x.size(0), n, x.size(1)), /*y_checked=*/false,
+                               proximal);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> knn_topk(const at::Tensor& query, const at::Tensor& bank,

@@ -10,8 +10,10 @@
 //  * a row index outside [0, n_data) is skipped (never dereferenced); the affected
 //    sample's loss and grad_x (nce_loss, softmax_ce_loss, nce_scores_backward, and every
 //    sample of full_softmax_loss whose y is out of range) or the score entry (nce_scores)
-//    become NaN; nce_estimate_z_ leaves z unset (as it does for NaN / inf features), so a
-//    following nce_loss returns NaN; sample_negatives copies y into column 0 as given;
+//    become NaN (positive_sq_dist only where the sample's positive row itself is outside
+//    the bank: it reads no other row); nce_estimate_z_ leaves z unset (as it does for NaN /
+//    inf features), so a following nce_loss returns NaN; sample_negatives copies y into
+//    column 0 as given;
 //  * nce_loss with z <= 0 or non-finite gives NaN losses and gradients;
 //  * momentum_update_ skips a sample whose row is out of range, whose features are not
 //    finite, or whose updated row cannot be normalised (zero / infinite norm): the bank

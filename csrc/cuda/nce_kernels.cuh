@@ -83,6 +83,8 @@ struct ScanArgs {
   scalar_t* loss = nullptr;            // (B,)
   scalar_t* grad = nullptr;            // (B, d)
   double* noise_exp = nullptr;         // kNce: (B,) sum of exp(s_k) over the noise columns k >= 1
+  acc_t* sq_dist = nullptr;            // kNce / kSoftmax: (B,) positive_sq_dist (schemas.h)
+  double proximal = 0.0;               // kNce / kSoftmax: lambda of the proximal term
   // Workspace (partial states), P per sample.
   double* ws_lsum = nullptr;  // (B, P)
   double* ws_esum = nullptr;  // (B, P) kNce: noise_exp partial sums
@@ -201,7 +203,32 @@ __device__ __forceinline__ acc_t merge_elem(const PartialList<acc_t>& p, acc_t m
   return v;
 }
 
-// Whole block: merge the partial states of sample b and write its loss / grad_x.
+// Deterministic block sum of doubles (blockDim.x a multiple of 32, <= 1024); every thread of
+// the block calls it once per kernel and gets the total.
+__device__ inline double block_sum(double v) {
+  NPID_SHARED_ARRAY(double, warp_sums, 32);
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  v = group_sum(v, 32);
+  if (lane == 0) warp_sums[w] = v;
+  __syncthreads();
+  double total = 0.0;
+  const int nw = blockDim.x >> 5;
+  for (int i = 0; i < nw; ++i) total += warp_sums[i];
+  return total;
+}
+
+// Element j of sample b's positive row bank[r0] in acc_t (NaN when r0 is outside the bank).
+template <typename scalar_t, typename bank_t>
+__device__ __forceinline__ acc_type_t<scalar_t> positive_elem(const ScanArgs<scalar_t, bank_t>& a,
+                                                              int64_t r0, bool ok, int64_t j) {
+  using acc_t = acc_type_t<scalar_t>;
+  return ok ? to_acc<acc_t>(a.bank[r0 * a.d + j]) : quiet_nan<acc_t>();
+}
+
+// Whole block: merge the partial states of sample b and write its loss / grad_x. The losses'
+// proximal term (schemas.h) is formed here from the positive's row, which the softmax's
+// gradient reads here anyway: its squared distance to x_b summed over the block, written as
+// positive_sq_dist, and with lambda > 0 added to the loss and (2 lambda (x_b - v)) to grad_x.
 template <Mode M, typename scalar_t, typename bank_t>
 __device__ void emit_final(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
                            const PartialList<acc_type_t<scalar_t>>& p, acc_type_t<scalar_t> s0) {
@@ -210,26 +237,47 @@ __device__ void emit_final(const ScanArgs<scalar_t, bank_t>& a, int64_t b,
   double lsum, esum;
   acc_t m_max, l_sum;
   merge_scalars<M>(p, lsum, esum, m_max, l_sum);
-  if constexpr (M == Mode::kNce) {
-    if (threadIdx.x == 0) {
-      a.loss[b] = static_cast<scalar_t>(lsum);
-      a.noise_exp[b] = esum;
-    }
+  if constexpr (M == Mode::kScoresBwd) {
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
       a.grad[b * d + j] = static_cast<scalar_t>(merge_elem<M>(p, m_max, j));
-  } else if constexpr (M == Mode::kScoresBwd) {
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
-      a.grad[b * d + j] = static_cast<scalar_t>(merge_elem<M>(p, m_max, j));
-  } else if constexpr (M == Mode::kSoftmax) {
-    // loss = logsumexp - s0; grad = (softmax-weighted mean of the rows - w0) / T.
-    if (threadIdx.x == 0) a.loss[b] = static_cast<scalar_t>(m_max + math::log(l_sum) - s0);
-    const acc_t inv_l = acc_t(1) / l_sum;
-    const acc_t inv_t = static_cast<acc_t>(a.inv_t);
+  } else if constexpr (M == Mode::kNce || M == Mode::kSoftmax) {
     const int64_t r0 = a.idx != nullptr ? a.idx[b * a.cols] : a.y[b];
     const bool ok = r0 >= 0 && r0 < a.n;
+    const scalar_t* xb = a.x + b * d;
+    acc_t part = acc_t(0);
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-      const acc_t w0 = ok ? to_acc<acc_t>(a.bank[r0 * d + j]) : quiet_nan<acc_t>();
-      a.grad[b * d + j] = static_cast<scalar_t>((merge_elem<M>(p, m_max, j) * inv_l - w0) * inv_t);
+      const acc_t diff = to_acc<acc_t>(xb[j]) - positive_elem(a, r0, ok, j);
+      part += diff * diff;
+    }
+    const acc_t sq = static_cast<acc_t>(block_sum(static_cast<double>(part)));
+    const bool proximal = a.proximal != 0.0;
+    const acc_t two_lambda = static_cast<acc_t>(2.0 * a.proximal);
+    if constexpr (M == Mode::kNce) {
+      if (threadIdx.x == 0) {
+        a.loss[b] = static_cast<scalar_t>(proximal ? lsum + a.proximal * static_cast<double>(sq) : lsum);
+        a.noise_exp[b] = esum;
+        a.sq_dist[b] = sq;
+      }
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        acc_t g = merge_elem<M>(p, m_max, j);
+        if (proximal) g += two_lambda * (to_acc<acc_t>(xb[j]) - positive_elem(a, r0, ok, j));
+        a.grad[b * d + j] = static_cast<scalar_t>(g);
+      }
+    } else {
+      // loss = logsumexp - s0; grad = (softmax-weighted mean of the rows - w0) / T.
+      if (threadIdx.x == 0) {
+        const acc_t loss = m_max + math::log(l_sum) - s0;
+        a.loss[b] = static_cast<scalar_t>(proximal ? loss + static_cast<acc_t>(a.proximal) * sq : loss);
+        a.sq_dist[b] = sq;
+      }
+      const acc_t inv_l = acc_t(1) / l_sum;
+      const acc_t inv_t = static_cast<acc_t>(a.inv_t);
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t w0 = positive_elem(a, r0, ok, j);
+        acc_t g = (merge_elem<M>(p, m_max, j) * inv_l - w0) * inv_t;
+        if (proximal) g += two_lambda * (to_acc<acc_t>(xb[j]) - w0);
+        a.grad[b * d + j] = static_cast<scalar_t>(g);
+      }
     }
   }
 }
@@ -614,19 +662,6 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                                  a.ws_acc != nullptr ? a.ws_acc + b * a.P * a.d : nullptr,
                                  a.d, a.P};
   emit_final<M>(a, b, parts, M == Mode::kSoftmax ? a.ws_s0[b] : acc_t(0));
-}
-
-// Deterministic block sum of doubles (blockDim.x a multiple of 32, <= 1024).
-__device__ inline double block_sum(double v) {
-  NPID_SHARED_ARRAY(double, warp_sums, 32);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  v = group_sum(v, 32);
-  if (lane == 0) warp_sums[w] = v;
-  __syncthreads();
-  double total = 0.0;
-  const int nw = blockDim.x >> 5;
-  for (int i = 0; i < nw; ++i) total += warp_sums[i];
-  return total;
 }
 
 __device__ inline void write_z(void* z, bool z_double, double value) {

@@ -308,14 +308,13 @@ inline void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor
   }
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor& x, const at::Tensor& bank,
-                                            const at::Tensor& y,
-                                            const c10::optional<at::Tensor>& idx,
-                                            const c10::optional<at::Tensor>& rng_state,
-                                            const at::Tensor& z, int64_t num_negatives,
-                                            double temperature, int64_t n_data,
-                                            bool exclude_positive) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
+    const at::Tensor& z, int64_t num_negatives, double temperature, int64_t n_data,
+    bool exclude_positive, double proximal) {
   check_z(z, x);
+  check_proximal(proximal);
   Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const int64_t n_noise = noise_rows(n_data, bank, idx);
   const gpu::DeviceGuard guard(x.device());
@@ -331,6 +330,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor&
   // Per sample, sum over the K noise columns of exp(s_k) in float64 (the Z statistic of the
   // "ema" / "batch" Z modes; the positive is not a draw from Pn), from the same pass.
   at::Tensor noise_exp_sum = at::empty({f.x.size(0)}, f.x.options().dtype(at::kDouble));
+  at::Tensor positive_sq_dist = at::empty({f.x.size(0)}, f.x.options().dtype(accumulation_type(f.x)));
   dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_loss",
                          [&](auto xt, auto bt) {
     using scalar_t = decltype(xt);
@@ -343,22 +343,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_loss(const at::Tensor&
     a.loss = loss.data_ptr<scalar_t>();
     a.grad = grad_x.data_ptr<scalar_t>();
     a.noise_exp = noise_exp_sum.data_ptr<double>();
+    a.sq_dist = positive_sq_dist.data_ptr<acc_type_t<scalar_t>>();
+    a.proximal = proximal;
     run_scan<Mode::kNce>(a, f.x.options());
   });
-  return {loss, grad_x, noise_exp_sum};
+  return {loss, grad_x, noise_exp_sum, positive_sq_dist};
 }
 
-inline std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, const at::Tensor& bank,
-                                                   const at::Tensor& y,
-                                                   const c10::optional<at::Tensor>& idx,
-                                                   const c10::optional<at::Tensor>& rng_state,
-                                                   int64_t num_negatives, double temperature,
-                                                   bool exclude_positive) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_loss(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
+    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
+    int64_t num_negatives, double temperature, bool exclude_positive, double proximal) {
+  check_proximal(proximal);
   Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
   const gpu::DeviceGuard guard(x.device());
   if (sync_checks_enabled()) sync_check_fused_rows(f);
   at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
   at::Tensor grad_x = at::empty_like(f.x);
+  at::Tensor positive_sq_dist = at::empty({f.x.size(0)}, f.x.options().dtype(accumulation_type(f.x)));
   dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "softmax_ce_loss",
                          [&](auto xt, auto bt) {
     using scalar_t = decltype(xt);
@@ -366,9 +368,11 @@ inline std::tuple<at::Tensor, at::Tensor> softmax_ce_loss(const at::Tensor& x, c
     auto a = make_args<scalar_t, bank_t>(f, temperature);
     a.loss = loss.data_ptr<scalar_t>();
     a.grad = grad_x.data_ptr<scalar_t>();
+    a.sq_dist = positive_sq_dist.data_ptr<acc_type_t<scalar_t>>();
+    a.proximal = proximal;
     run_scan<Mode::kSoftmax>(a, f.x.options());
   });
-  return {loss, grad_x};
+  return {loss, grad_x, positive_sq_dist};
 }
 
 // Shared negatives: about 2^24 fp32 scores (64 MiB) per GEMM tile, at least 8192 rows.
@@ -378,35 +382,36 @@ inline int64_t shared_chunk_rows(int64_t B) {
 
 inline SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
                                        int64_t n_data, c10::string_view precision,
-                                       int64_t chunk_rows) {
+                                       int64_t chunk_rows, double proximal) {
   // No host sync unless NPID_CUDA_SYNC_CHECKS asks for the CPU's checks and messages.
   return shared_negatives_args(loss, temperature, exclude_positive, n_data, precision, chunk_rows,
-                               /*rows_checked=*/sync_checks_enabled());
+                               /*rows_checked=*/sync_checks_enabled(), proximal);
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
     const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
-    int64_t n_data, c10::string_view precision, int64_t chunk_rows) {
+    int64_t n_data, c10::string_view precision, int64_t chunk_rows, double proximal) {
   const gpu::DeviceGuard guard(x.device());
-  return shared_negatives_loss(
-      x, bank, y, rows, rng_state, z, num_negatives,
-      shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data, precision, chunk_rows),
-      &sample_negatives, shared_chunk_rows(x.size(0)));
+  return shared_negatives_loss(x, bank, y, rows, rng_state, z, num_negatives,
+                               shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data,
+                                           precision, chunk_rows, proximal),
+                               &sample_negatives, shared_chunk_rows(x.size(0)));
 }
 
-inline std::tuple<at::Tensor, at::Tensor> shared_softmax_ce_loss(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_softmax_ce_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
     int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, double proximal) {
   const gpu::DeviceGuard guard(x.device());
-  auto out = shared_negatives_loss(
-      x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
-      shared_args(SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1, precision, chunk_rows),
-      &sample_negatives, shared_chunk_rows(x.size(0)));
-  return {std::get<0>(out), std::get<1>(out)};
+  auto out = shared_negatives_loss(x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
+                                   shared_args(SharedLoss::kSoftmaxCe, temperature,
+                                               exclude_positive, -1, precision, chunk_rows,
+                                               proximal),
+                                   &sample_negatives, shared_chunk_rows(x.size(0)));
+  return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
 }
 
 inline void register_nce_ops(torch::Library& m) {

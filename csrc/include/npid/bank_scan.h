@@ -50,16 +50,16 @@ std::tuple<at::Tensor, at::Tensor> streamed_topk(const at::Tensor& query, const 
                                                  int64_t k, int64_t query_chunk,
                                                  int64_t bank_chunk, ScanPrecision precision);
 
-// The full_softmax_loss op's computation for any device, arguments already checked: per-sample
-// loss and grad_x in x's dtype, the bank streamed `chunk` rows at a time. compute_grad false:
-// grad_x is zeros and each chunk costs one GEMM instead of two. y_checked: y is known to lie in
-// [0, n) (the CPU checks it on the host); otherwise rows outside give NaN (the CUDA path, which
-// must not sync).
-std::tuple<at::Tensor, at::Tensor> full_softmax_streamed(const at::Tensor& x, const at::Tensor& bank,
-                                                         const at::Tensor& y, double temperature,
-                                                         std::string_view precision,
-                                                         bool compute_grad, int64_t chunk,
-                                                         bool y_checked);
+// The full_softmax_loss op's computation for any device, tensor arguments already checked:
+// per-sample loss and grad_x in x's dtype and positive_sq_dist in the accumulation dtype, the
+// bank streamed `chunk` rows at a time; proximal: lambda of the proximal term (schemas.h),
+// checked here. compute_grad false: grad_x is zeros and each chunk costs one GEMM instead of
+// two. y_checked: y is known to lie in [0, n) (the CPU checks it on the host); otherwise rows
+// outside give NaN (the CUDA path, which must not sync).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_streamed(
+    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y, double temperature,
+    std::string_view precision, bool compute_grad, int64_t chunk, bool y_checked,
+    double proximal);
 
 // knn_topk's argument checks (query, bank, 1 <= k <= n); returns the parsed precision.
 ScanPrecision check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k,

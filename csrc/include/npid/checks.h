@@ -65,6 +65,19 @@ inline void check_temperature(double t) {
   TORCH_CHECK(t > 0 && std::isfinite(t), "temperature must be positive and finite, got ", t);
 }
 
+// The proximal weight lambda of the loss ops (schemas.h): a finite number >= 0 (NaN fails too).
+inline void check_proximal(double proximal) {
+  TORCH_CHECK(proximal >= 0 && std::isfinite(proximal),
+              "proximal must be a finite number >= 0 (the weight of the proximal term), got ",
+              proximal);
+}
+
+// The dtype sums run in for features x: float64 for double x, float32 otherwise (the dtype of
+// positive_sq_dist).
+inline at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Either an explicit (B, K+1) idx, or in-kernel sampling from rng_state with K
 // negatives (exclude_positive: none equal to the sample's positive); returns K + 1.
 inline int64_t check_rows_source(const at::Tensor& x, const at::Tensor& bank,

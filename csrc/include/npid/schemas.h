@@ -12,6 +12,13 @@
 //  * Loss ops return (per-sample loss (B,), grad_x (B, d) = d loss_b / d x_b):
 //    one pass over the gathered rows; backward only scales grad_x. nce_loss adds a third,
 //    non-differentiable output (the noise columns' exp-score sums, for the Z estimate).
+//  * Proximal regularisation (the paper's eq. 10): every loss op takes `proximal` = lambda >= 0
+//    (last argument) and returns, last, positive_sq_dist (B,) = sum_i (x_b,i - v_i)^2 with
+//    v = bank[y_b] (column 0 of an explicit idx) converted to the accumulation dtype (float32,
+//    float64 for double x), never rounded by a precision mode. It is computed from the positive
+//    row the pass reads anyway, whatever lambda (a statistic of how far the bank lags the
+//    features), and is not differentiable. lambda > 0 adds lambda * positive_sq_dist_b to
+//    loss_b and 2 lambda (x_b - v) to grad_x; lambda = 0 leaves both bit for bit as without it.
 #pragma once
 #include <torch/library.h>
 
@@ -38,9 +45,9 @@ inline void define_schemas(torch::Library& m) {
   //    exp(s_k) (s_k = bank[row_k] . x_b / T, the positive column 0 excluded), computed in the
   //    same pass; n * mean(noise_exp_sum) / K estimates Z = sum_j exp(s_j) (the "ema" Z mode).
   //    Not differentiable.
-  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1, bool exclude_positive=False) -> (Tensor, Tensor, Tensor)");
+  m.def("nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, Tensor z, int num_negatives, float temperature, int n_data=-1, bool exclude_positive=False, float proximal=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
   // 3. Fused softmax cross-entropy (InfoNCE) over the same rows, positive at column 0.
-  m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False) -> (Tensor, Tensor)");
+  m.def("softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? idx, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False, float proximal=0.0) -> (Tensor, Tensor, Tensor)");
   // 8. Shared negatives: one set of m = num_negatives noise rows for the whole batch, scored
   //    against every sample by a GEMM, chunk_rows rows at a time (never a B x m tensor beyond
   //    one chunk); each sample's positive is its own row y[b]. rows: an explicit (m,) int64
@@ -51,8 +58,8 @@ inline void define_schemas(torch::Library& m) {
   //    by a row uniform over the other n - 1 (Philox, the stream [seed, offset | 2^63], element b).
   //    precision of the products as in full_softmax_loss. Outputs as nce_loss / softmax_ce_loss
   //    with K = m: NCE's c = m / n and noise_exp_sum over the m noise columns.
-  m.def("shared_nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, Tensor z, int num_negatives, float temperature, bool exclude_positive=False, int n_data=-1, str precision=\"fp32\", int chunk_rows=-1) -> (Tensor, Tensor, Tensor)");
-  m.def("shared_softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False, str precision=\"fp32\", int chunk_rows=-1) -> (Tensor, Tensor)");
+  m.def("shared_nce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, Tensor z, int num_negatives, float temperature, bool exclude_positive=False, int n_data=-1, str precision=\"fp32\", int chunk_rows=-1, float proximal=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("shared_softmax_ce_loss(Tensor x, Tensor bank, Tensor y, Tensor? rows, Tensor? rng_state, int num_negatives, float temperature, bool exclude_positive=False, str precision=\"fp32\", int chunk_rows=-1, float proximal=0.0) -> (Tensor, Tensor, Tensor)");
   // 4. bank[y[b]] <- normalise(momentum * bank[y[b]] + (1 - momentum) * x[b]), in place.
   //    Duplicates in y: the LAST occurrence wins, computed from the row as it was before
   //    the call (what lemniscate's sequential index_copy_ does on the CPU).
@@ -62,7 +69,7 @@ inline void define_schemas(torch::Library& m) {
   //    precision of the products: "fp32" (exact), "tf32" or "bf16" (operands rounded to that
   //    format, tensor cores on CUDA); accumulation in fp32 (fp64 for double x) always.
   //    compute_grad=False (x needs no gradient): grad_x is zeros, one GEMM per chunk, not two.
-  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\", bool compute_grad=True) -> (Tensor, Tensor)");
+  m.def("full_softmax_loss(Tensor x, Tensor bank, Tensor y, float temperature, str precision=\"fp32\", bool compute_grad=True, float proximal=0.0) -> (Tensor, Tensor, Tensor)");
   // 6. k largest dot products query . bank[j], sorted descending: (similarities, indices),
   //    streaming the bank in chunks with a running top-k (no Q x n matrix); precision as above.
   m.def("knn_topk(Tensor query, Tensor bank, int k, str precision=\"fp32\") -> (Tensor, Tensor)");

@@ -30,12 +30,13 @@ struct SharedNegativesArgs {
   // Rows known to lie in the bank (checked on the host, the CPU); otherwise rows outside give
   // NaN losses instead of a host sync (CUDA).
   bool rows_checked = false;
+  double proximal = 0.0;  // lambda of the proximal term (schemas.h)
 };
 
 inline SharedNegativesArgs shared_negatives_args(SharedLoss loss, double temperature,
                                                  bool exclude_positive, int64_t n_data,
                                                  std::string_view precision, int64_t chunk_rows,
-                                                 bool rows_checked) {
+                                                 bool rows_checked, double proximal) {
   SharedNegativesArgs args;
   args.loss = loss;
   args.temperature = temperature;
@@ -44,13 +45,15 @@ inline SharedNegativesArgs shared_negatives_args(SharedLoss loss, double tempera
   args.precision = precision;
   args.chunk_rows = chunk_rows;
   args.rows_checked = rows_checked;
+  args.proximal = proximal;
   return args;
 }
 
 // Checks every argument, draws the noise rows (rows == None) with `sample`, and returns
-// (per-sample loss, grad_x, noise_exp_sum) in x's dtype (noise_exp_sum: float64; undefined for
-// softmax-CE). `default_chunk` applies when args.chunk_rows is -1.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
+// (per-sample loss, grad_x, noise_exp_sum, positive_sq_dist): loss and grad_x in x's dtype,
+// noise_exp_sum float64 (undefined for softmax-CE), positive_sq_dist in the accumulation dtype.
+// `default_chunk` applies when args.chunk_rows is -1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
     const c10::optional<at::Tensor>& z, int64_t num_negatives, const SharedNegativesArgs& args,
