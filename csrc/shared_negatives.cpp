@@ -30,13 +30,6 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-void check_host_rows(const at::Tensor& rows, int64_t n, const char* name) {
-  if (rows.numel() == 0) return;
-  const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, name, " holds row ", lo < 0 ? lo : hi, ", outside the bank [0, ",
-              n, ")");
-}
-
 // The m noise rows: the caller's (checked) or drawn in-kernel as sample 0 of a B = 1 draw.
 at::Tensor noise_rows_of(const at::Tensor& x, const at::Tensor& y,
                          const c10::optional<at::Tensor>& rows,
@@ -129,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss
   }
   const bool host_checks = args.rows_checked;
   if (host_checks) {
-    check_host_rows(y, n, "y");
-    if (rows_in.has_value()) check_host_rows(rows, n, "rows");
+    check_rows_in_bank(y, n, "y");
+    if (rows_in.has_value()) check_rows_in_bank(rows, n, "rows");
     if (nce) {
       const double zv = z->item<double>();
       TORCH_CHECK(zv > 0 && std::isfinite(zv),

@@ -26,13 +26,6 @@ constexpr int64_t kBankChunk = 8192;
 constexpr int64_t kKnnQueryRows = 256;
 constexpr int64_t kKnnBankChunk = 16384;
 
-void check_rows_in_range(const at::Tensor& y, int64_t n, const char* name) {
-  if (y.numel() == 0) return;
-  const int64_t lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, name, " holds row ", lo < 0 ? lo : hi, ", outside the bank [0, ",
-              n, ")");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_loss(
     const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y, double temperature,
     c10::string_view precision, bool compute_grad, double proximal) {
@@ -41,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_loss(
   check_index_vector(y, x, "y");
   check_temperature(temperature);
   check_proximal(proximal);
-  check_rows_in_range(y, bank.size(0), "y");
+  check_rows_in_bank(y, bank.size(0), "y");
   return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad, kBankChunk,
                                /*y_checked=*/true, proximal);
 }

@@ -23,8 +23,7 @@ namespace cpu {
 namespace {
 
 void report_bad_index(const BadIndexFlag& bad, const char* name, int64_t n_data) {
-  TORCH_CHECK(!bad.set.load(), name, " holds row ", bad.value, ", outside the bank [0, ", n_data,
-              ")");
+  if (bad.set.load()) fail_row_outside_bank(name, bad.value, n_data);
 }
 
 at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,

@@ -113,7 +113,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> full_softmax_loss(
   check_proximal(proximal);
   const gpu::DeviceGuard guard(x.device());
   const int64_t n = bank.size(0);
-  if (sync_checks_enabled()) sync_check_rows(y, n, "y");
+  if (sync_checks_enabled()) check_rows_in_bank(y, n, "y");
   return full_softmax_streamed(x, bank, y, temperature, precision, compute_grad,
                                bank_chunk_rows(x.size(0), n, x.size(1)), /*y_checked=*/false,
                                proximal);

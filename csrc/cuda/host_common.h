@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "gpu_platform.h"
+#include "npid/checks.h"
 
 namespace npid {
 namespace cuda {
@@ -40,17 +41,6 @@ inline bool sync_checks_enabled() {
   const char* v = std::getenv("NPID_CUDA_SYNC_CHECKS");
   if (v == nullptr || v[0] == '\0' || (v[0] == '0' && v[1] == '\0')) return false;
   return !gpu::stream_is_capturing();
-}
-
-// Debug path only (syncs): raise the CPU message if `rows` holds an index outside [0, n).
-inline void sync_check_rows(const at::Tensor& rows, int64_t n, const char* name) {
-  if (rows.numel() == 0) return;
-  const at::Tensor flat = rows.reshape(-1);
-  const at::Tensor bad = flat.lt(0).logical_or_(flat.ge(n));
-  if (!bad.any().item<bool>()) return;
-  const int64_t first = bad.to(at::kInt).argmax().item<int64_t>();
-  TORCH_CHECK(false, name, " holds row ", flat[first].item<int64_t>(), ", outside the bank [0, ",
-              n, ")");
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

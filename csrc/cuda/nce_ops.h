@@ -170,9 +170,9 @@ ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
 
 inline void sync_check_fused_rows(const Fused& f) {
   if (f.idx.defined()) {
-    sync_check_rows(f.idx, f.bank.size(0), "idx");
+    check_rows_in_bank(f.idx, f.bank.size(0), "idx");
   } else {
-    sync_check_rows(f.y, f.bank.size(0), "y");
+    check_rows_in_bank(f.y, f.bank.size(0), "y");
   }
 }
 
@@ -186,7 +186,7 @@ inline at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_st
   TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
   TORCH_CHECK(!exclude_positive || n_data >= 2, "exclude_positive needs n_data >= 2, got ", n_data);
   const gpu::DeviceGuard guard(y.device());
-  if (sync_checks_enabled()) sync_check_rows(y, n_data, "y");
+  if (sync_checks_enabled()) check_rows_in_bank(y, n_data, "y");
   const at::Tensor yc = y.contiguous(), rc = rng_state.contiguous();
   const int64_t B = y.size(0), columns = num_negatives + 1;
   at::Tensor out = at::empty({B, columns}, y.options());
@@ -212,7 +212,7 @@ inline at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, 
   f.bank = bank_in.contiguous();
   f.idx = idx.contiguous();
   f.columns = idx.size(1);
-  if (sync_checks_enabled()) sync_check_rows(f.idx, f.bank.size(0), "idx");
+  if (sync_checks_enabled()) check_rows_in_bank(f.idx, f.bank.size(0), "idx");
   at::Tensor out = at::empty({f.x.size(0), f.columns}, f.x.options());
   dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_scores",
                          [&](auto xt, auto bt) {
@@ -244,7 +244,7 @@ inline at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tens
   f.bank = bank_in.contiguous();
   f.idx = idx.contiguous();
   f.columns = idx.size(1);
-  if (sync_checks_enabled()) sync_check_rows(f.idx, f.bank.size(0), "idx");
+  if (sync_checks_enabled()) check_rows_in_bank(f.idx, f.bank.size(0), "idx");
   const at::Tensor go = grad_out.to(f.x.scalar_type()).contiguous();
   const at::Tensor oc = out.to(f.x.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty_like(f.x);

@@ -61,6 +61,20 @@ inline void check_z(const at::Tensor& z, const at::Tensor& x) {
   TORCH_CHECK(z.device() == x.device(), "z is on ", z.device(), " but x is on ", x.device());
 }
 
+// The message of a row index outside the bank, the same from every op and device.
+inline void fail_row_outside_bank(const char* name, int64_t row, int64_t n) {
+  TORCH_CHECK(false, name, " holds row ", row, ", outside the bank [0, ", n, ")");
+}
+
+// Raises (naming the smallest row when one is negative, else the largest) if `rows` holds an
+// index outside [0, n). Reads two values on the host: the CPU ops, and the CUDA ops only on
+// their synchronous debug path (host_common.h).
+inline void check_rows_in_bank(const at::Tensor& rows, int64_t n, const char* name) {
+  if (rows.numel() == 0) return;
+  const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
+  if (lo < 0 || hi >= n) fail_row_outside_bank(name, lo < 0 ? lo : hi, n);
+}
+
 inline void check_temperature(double t) {
   TORCH_CHECK(t > 0 && std::isfinite(t), "temperature must be positive and finite, got ", t);
 }
