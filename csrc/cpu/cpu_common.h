@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "npid/philox.h"
+#include "npid/sampled_row_ops.h"
 #include "scratch.h"
 
 namespace npid {
@@ -43,24 +44,19 @@ struct RowSource {
   }
 };
 
-// `idx_storage` keeps a contiguous copy alive while the RowSource points into it.
-inline RowSource make_row_source(const at::Tensor& bank, const at::Tensor& y,
-                                 const c10::optional<at::Tensor>& idx,
-                                 const c10::optional<at::Tensor>& rng_state, int64_t columns,
-                                 at::Tensor& idx_storage, at::Tensor& y_storage) {
+// The rows of the checked inputs f (which must outlive the RowSource).
+inline RowSource row_source(const FusedInputs& f) {
   RowSource src;
-  src.columns = columns;
-  src.n_data = bank.size(0);
-  y_storage = y.contiguous();
-  src.y = y_storage.data_ptr<int64_t>();
-  if (idx.has_value()) {
-    idx_storage = idx->contiguous();
-    src.idx = idx_storage.data_ptr<int64_t>();
+  src.columns = f.columns;
+  src.n_data = f.bank.size(0);
+  src.exclude_positive = f.exclude_positive;
+  if (f.y.defined()) src.y = f.y.data_ptr<int64_t>();
+  if (f.idx.defined()) {
+    src.idx = f.idx.data_ptr<int64_t>();
   } else {
-    // Through the stride: a strided (2,) view holds [seed, offset] at 0 and stride(0).
-    const int64_t* state = rng_state->data_ptr<int64_t>();
+    const int64_t* state = f.rng.data_ptr<int64_t>();
     src.seed = static_cast<uint64_t>(state[0]);
-    src.offset = static_cast<uint64_t>(state[rng_state->stride(0)]);
+    src.offset = static_cast<uint64_t>(state[1]);
   }
   return src;
 }

@@ -15,34 +15,53 @@
 #include "npid/checks.h"
 #include "npid/dispatch.h"
 #include "npid/loss_terms.h"
-#include "npid/shared_negatives.h"
+#include "npid/sampled_row_ops.h"
 #include "tile_order.h"
 
 namespace npid {
 namespace cpu {
 namespace {
 
+// The kernels behind the fronts of include/npid/sampled_row_ops.h. Rows outside the bank are
+// recorded during the pass and raised after it.
+struct CpuEngine {
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+  static constexpr bool kBf16Features = false;
+  static bool host_checks() { return true; }
+  // Shared negatives: B x 8192 fp32 scores per GEMM (2 MiB at B = 64, cache-resident between
+  // the two GEMMs and the elementwise pass).
+  static int64_t shared_chunk_rows(int64_t B) {
+    return std::max<int64_t>(1024,
+                             std::min<int64_t>(8192, (int64_t(1) << 19) / std::max<int64_t>(B, 1)));
+  }
+  static void sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
+                               int64_t num_negatives, bool exclude_positive, at::Tensor& out);
+  static void nce_scores(const FusedInputs& f, double temperature, at::Tensor& out);
+  static void nce_scores_backward(const FusedInputs& f, const at::Tensor& grad_out,
+                                  const at::Tensor& out, double temperature, at::Tensor& grad_x);
+  static void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data);
+  static void nce_estimate_z_(at::Tensor& z, const FusedInputs& f, double temperature,
+                              int64_t n_noise);
+  static void nce_loss(const FusedInputs& f, const at::Tensor& z, double temperature,
+                       int64_t n_noise, double proximal, NceLossOutputs& out);
+  static void softmax_ce_loss(const FusedInputs& f, double temperature, double proximal,
+                              at::Tensor& loss, at::Tensor& grad_x, at::Tensor& positive_sq_dist);
+};
+
 void report_bad_index(const BadIndexFlag& bad, const char* name, int64_t n_data) {
   if (bad.set.load()) fail_row_outside_bank(name, bad.value, n_data);
 }
 
-at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
-                            int64_t num_negatives, bool exclude_positive) {
-  TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
-              y.scalar_type(), " of shape ", y.sizes());
-  check_rng_state(rng_state, y);
-  TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
-              n_data);
-  TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
-  TORCH_CHECK(!exclude_positive || n_data >= 2, "exclude_positive needs n_data >= 2, got ", n_data);
-  const at::Tensor yc = y.contiguous();
+void CpuEngine::sample_negatives(const at::Tensor& y, const at::Tensor& rng_state,
+                                 int64_t n_data, int64_t num_negatives, bool exclude_positive,
+                                 at::Tensor& out) {
   const int64_t B = y.size(0), columns = num_negatives + 1;
-  at::Tensor out = at::empty({B, columns}, y.options());
-  const int64_t* yp = yc.data_ptr<int64_t>();
+  const int64_t* yp = y.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  // A strided (2,) view is read through its stride, as the CUDA path reads a contiguous copy.
   const int64_t* state = rng_state.data_ptr<int64_t>();
-  const uint64_t seed = state[0], offset = state[rng_state.stride(0)];
+  const uint64_t seed = state[0], offset = state[1];
   BadIndexFlag bad;
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -52,24 +71,13 @@ at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, in
     }
   });
   report_bad_index(bad, "y", n_data);
-  return out;
 }
 
-at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                               const at::Tensor& x_in, const at::Tensor& bank_in,
-                               const at::Tensor& idx, double temperature) {
-  check_features(x_in, "x");
-  check_bank(bank_in, x_in);
-  check_idx_matrix(idx, x_in);
-  check_temperature(temperature);
-  TORCH_CHECK(grad_out.sizes() == idx.sizes() && out.sizes() == idx.sizes(),
-              "grad_out and out must have idx's shape ", idx.sizes(), ", got ", grad_out.sizes(),
-              " and ", out.sizes());
-  const at::Tensor x = x_in.contiguous(), bank = bank_in.contiguous(), idxc = idx.contiguous();
-  const at::Tensor go = grad_out.to(x.scalar_type()).contiguous();
-  const at::Tensor oc = out.to(x.scalar_type()).contiguous();
-  const int64_t B = x.size(0), d = x.size(1), columns = idx.size(1), n = bank.size(0);
-  at::Tensor grad_x = at::empty_like(x);
+void CpuEngine::nce_scores_backward(const FusedInputs& f, const at::Tensor& go,
+                                    const at::Tensor& oc, double temperature,
+                                    at::Tensor& grad_x) {
+  const at::Tensor &x = f.x, &bank = f.bank, &idxc = f.idx;
+  const int64_t B = x.size(0), d = x.size(1), columns = f.columns, n = bank.size(0);
   BadIndexFlag bad;
   dispatch_features_bank(x.scalar_type(), bank.scalar_type(), "nce_scores_backward",
                          [&](auto xt, auto bt) {
@@ -101,40 +109,23 @@ at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out
     });
   });
   report_bad_index(bad, "idx", n);
-  return grad_x;
 }
 
-void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
-  check_z(z, scores);
-  TORCH_CHECK(scores.is_floating_point() && scores.numel() > 0,
-              "scores must be a non-empty floating tensor");
-  TORCH_CHECK(n_data >= 1, "n_data must be >= 1, got ", n_data);
+void CpuEngine::nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
   if (z.item<double>() > 0) return;  // already estimated: Z is fixed after the first batch
   const double mean = scores.to(at::kDouble).mean().item<double>();
   z.fill_(mean * static_cast<double>(n_data));
 }
 
+// The fused passes' view of their inputs: the rows of each sample from its RowSource.
 struct FusedArgs {
-  at::Tensor x, bank, idx_storage, y_storage;
+  at::Tensor x, bank;
   RowSource rows;
   int64_t columns;
 };
 
-FusedArgs prepare_fused(const at::Tensor& x_in, const at::Tensor& bank_in,
-                        const at::Tensor& y, const c10::optional<at::Tensor>& idx,
-                        const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                        double temperature, bool exclude_positive) {
-  check_features(x_in, "x");
-  check_bank(bank_in, x_in);
-  check_index_vector(y, x_in, "y");
-  check_temperature(temperature);
-  FusedArgs a;
-  a.columns = check_rows_source(x_in, bank_in, idx, rng_state, num_negatives, exclude_positive);
-  a.x = x_in.contiguous();
-  a.bank = bank_in.contiguous();
-  a.rows = make_row_source(a.bank, y, idx, rng_state, a.columns, a.idx_storage, a.y_storage);
-  a.rows.exclude_positive = exclude_positive;
-  return a;
+FusedArgs fused_args(const FusedInputs& f) {
+  return {f.x, f.bank, row_source(f), f.columns};
 }
 
 // Scores every gathered row of samples [lo, hi): `visit(b, k, row_ptr, s)` with
@@ -211,19 +202,8 @@ void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad, Begin 
   });
 }
 
-at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
-                      double temperature) {
-  check_features(x_in, "x");
-  check_bank(bank_in, x_in);
-  check_idx_matrix(idx, x_in);
-  check_temperature(temperature);
-  FusedArgs a;
-  a.columns = idx.size(1);
-  a.x = x_in.contiguous();
-  a.bank = bank_in.contiguous();
-  a.rows = make_row_source(a.bank, idx.select(1, 0), idx, c10::nullopt, a.columns, a.idx_storage,
-                           a.y_storage);
-  at::Tensor out = at::full(idx.sizes(), std::numeric_limits<double>::quiet_NaN(), a.x.options());
+void CpuEngine::nce_scores(const FusedInputs& f, double temperature, at::Tensor& out) {
+  const FusedArgs a = fused_args(f);
   BadIndexFlag bad;
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_scores",
                          [&](auto xt, auto bt) {
@@ -239,19 +219,12 @@ at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const a
         nothing);
   });
   report_bad_index(bad, "idx", a.bank.size(0));
-  return out;
 }
 
-void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
-                     const at::Tensor& y, const c10::optional<at::Tensor>& idx,
-                     const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature, int64_t n_data, bool exclude_positive) {
-  check_z(z, x);
-  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives,
-                              temperature, exclude_positive);
-  const int64_t n_noise = noise_rows(n_data, bank, idx);
-  TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
+void CpuEngine::nce_estimate_z_(at::Tensor& z, const FusedInputs& f, double temperature,
+                                int64_t n_noise) {
   if (z.item<double>() > 0) return;
+  const FusedArgs a = fused_args(f);
   const int64_t B = a.x.size(0);
   ScratchVector<double> per_sample(B, 0.0);
   BadIndexFlag bad;
@@ -264,7 +237,7 @@ void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
         [&](int64_t b, int64_t, const bank_t*, auto s) NPID_ALWAYS_INLINE_LAMBDA { per_sample[b] += std::exp(double(s)); },
         [](int64_t) {});
   });
-  report_bad_index(bad, idx.has_value() ? "idx" : "y", a.bank.size(0));
+  report_bad_index(bad, f.rows_name(), a.bank.size(0));
   double total = 0;
   for (double v : per_sample) total += v;
   TORCH_CHECK(std::isfinite(total),
@@ -331,27 +304,13 @@ void score_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, B
                                        accumulator);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
-    const at::Tensor& z, int64_t num_negatives, double temperature, int64_t n_data,
-    bool exclude_positive, double proximal) {
-  check_z(z, x);
-  check_proximal(proximal);
-  FusedArgs a = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature,
-                              exclude_positive);
-  const int64_t n_noise = noise_rows(n_data, bank, idx);
+void CpuEngine::nce_loss(const FusedInputs& f, const at::Tensor& z, double temperature,
+                         int64_t n_noise, double proximal, NceLossOutputs& out) {
+  const FusedArgs a = fused_args(f);
   const double zv = z.item<double>();
-  TORCH_CHECK(zv > 0 && std::isfinite(zv),
-              "z must be set (positive) before nce_loss; estimate it with nce_estimate_z_, got ", zv);
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
-  at::Tensor loss = at::empty({B}, a.x.options());
-  at::Tensor grad_x = at::empty_like(a.x);
-  // Per sample, sum_{k >= 1} exp(s_k) over the K noise columns, in float64: the Monte Carlo
-  // estimate of Z / n that the "ema" Z mode averages (noise rows only: the positive is not
-  // a draw from Pn and would bias the estimate up by up to exp(1/T) / K).
-  at::Tensor noise_exp_sum = at::empty({B}, a.x.options().dtype(at::kDouble));
-  at::Tensor positive_sq_dist = at::zeros({B}, a.x.options().dtype(accumulation_type(a.x)));
+  at::Tensor &loss = out.loss, &grad_x = out.grad_x, &noise_exp_sum = out.noise_exp_sum;
+  at::Tensor& positive_sq_dist = out.positive_sq_dist;
   BadIndexFlag bad;
   const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "nce_loss",
@@ -456,21 +415,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_loss(
       }
     });
   });
-  report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
-  return {loss, grad_x, noise_exp_sum, positive_sq_dist};
+  report_bad_index(bad, f.rows_name(), n);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
-    int64_t num_negatives, double temperature, bool exclude_positive, double proximal) {
-  check_proximal(proximal);
-  FusedArgs a =
-      prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
+void CpuEngine::softmax_ce_loss(const FusedInputs& f, double temperature, double proximal,
+                                at::Tensor& loss, at::Tensor& grad_x,
+                                at::Tensor& positive_sq_dist) {
+  const FusedArgs a = fused_args(f);
   const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
-  at::Tensor loss = at::empty({B}, a.x.options());
-  at::Tensor grad_x = at::empty_like(a.x);
-  at::Tensor positive_sq_dist = at::empty({B}, a.x.options().dtype(accumulation_type(a.x)));
   BadIndexFlag bad;
   const PairPlan plan = plan_pairs(a, bad);
   dispatch_features_bank(a.x.scalar_type(), a.bank.scalar_type(), "softmax_ce_loss",
@@ -567,61 +519,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_loss(
       }
     });
   });
-  report_bad_index(bad, idx.has_value() ? "idx" : "y", n);
-  return {loss, grad_x, positive_sq_dist};
-}
-
-// Shared negatives: B x 8192 fp32 scores per GEMM (2 MiB at B = 64, cache-resident between
-// the two GEMMs and the elementwise pass).
-int64_t shared_chunk_rows(int64_t B) {
-  return std::max<int64_t>(1024, std::min<int64_t>(8192, (int64_t(1) << 19) / std::max<int64_t>(B, 1)));
-}
-
-SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
-                                int64_t n_data, c10::string_view precision, int64_t chunk_rows,
-                                double proximal) {
-  // The CPU reads rows, y and z on the host.
-  return shared_negatives_args(loss, temperature, exclude_positive, n_data, precision, chunk_rows,
-                               /*rows_checked=*/true, proximal);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
-    const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
-    int64_t n_data, c10::string_view precision, int64_t chunk_rows, double proximal) {
-  return shared_negatives_loss(x, bank, y, rows, rng_state, z, num_negatives,
-                               shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data,
-                                           precision, chunk_rows, proximal),
-                               &sample_negatives, shared_chunk_rows(x.size(0)));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_softmax_ce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
-    int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
-    int64_t chunk_rows, double proximal) {
-  auto out = shared_negatives_loss(x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
-                                   shared_args(SharedLoss::kSoftmaxCe, temperature,
-                                               exclude_positive, -1, precision, chunk_rows,
-                                               proximal),
-                                   &sample_negatives, shared_chunk_rows(x.size(0)));
-  return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
+  report_bad_index(bad, f.rows_name(), n);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(npid, CPU, m) {
-  m.impl("sample_negatives", &sample_negatives);
-  m.impl("nce_scores", &nce_scores);
-  m.impl("nce_scores_backward", &nce_scores_backward);
-  m.impl("nce_init_z_", &nce_init_z_);
-  m.impl("nce_estimate_z_", &nce_estimate_z_);
-  m.impl("nce_loss", &nce_loss);
-  m.impl("softmax_ce_loss", &softmax_ce_loss);
-  m.impl("shared_nce_loss", &shared_nce_loss);
-  m.impl("shared_softmax_ce_loss", &shared_softmax_ce_loss);
-}
+TORCH_LIBRARY_IMPL(npid, CPU, m) { SampledRowOps<CpuEngine>::register_ops(m); }
 
 }  // namespace cpu
 }  // namespace npid

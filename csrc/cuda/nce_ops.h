@@ -1,6 +1,7 @@
-// Launch planning and the operator entry points of the sampled-row ops (host code), shared by
-// the CUDA build (nce_cuda.cu) and the emulated build (csrc/emu/): register_nce_ops() binds
-// them to a library's dispatch key. See nce_kernels.cuh for the kernel design.
+// Launch planning and the CUDA engine of the sampled-row ops (host code), shared by the CUDA
+// build (nce_cuda.cu) and the emulated build (csrc/emu/): register_nce_ops() binds their fronts
+// (include/npid/sampled_row_ops.h) to a library's dispatch key. See nce_kernels.cuh for the
+// kernel design.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,7 +15,7 @@
 #include "nce_kernels.cuh"
 #include "npid/checks.h"
 #include "npid/dispatch.h"
-#include "npid/shared_negatives.h"
+#include "npid/sampled_row_ops.h"
 
 namespace npid {
 namespace cuda {
@@ -121,37 +122,8 @@ void run_scan(ScanArgs<scalar_t, bank_t> a, const at::TensorOptions& opts) {
   }
 }
 
-// Validated, contiguous inputs of the fused ops.
-struct Fused {
-  at::Tensor x, bank, y, idx, rng;
-  int64_t columns = 0;
-  bool exclude_positive = false;
-};
-
-inline Fused prepare_fused(const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-                    const c10::optional<at::Tensor>& idx,
-                    const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                    double temperature, bool exclude_positive) {
-  check_features(x, "x", /*allow_bf16=*/true);
-  check_bank(bank, x);
-  check_index_vector(y, x, "y");
-  check_temperature(temperature);
-  Fused f;
-  f.columns = check_rows_source(x, bank, idx, rng_state, num_negatives, exclude_positive);
-  f.exclude_positive = exclude_positive;
-  f.x = x.contiguous();
-  f.bank = bank.contiguous();
-  f.y = y.contiguous();
-  if (idx.has_value()) {
-    f.idx = idx->contiguous();
-  } else {
-    f.rng = rng_state->contiguous();
-  }
-  return f;
-}
-
 template <typename scalar_t, typename bank_t>
-ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
+ScanArgs<scalar_t, bank_t> make_args(const FusedInputs& f, double temperature) {
   ScanArgs<scalar_t, bank_t> a;
   a.x = f.x.data_ptr<scalar_t>();
   a.bank = f.bank.data_ptr<bank_t>();
@@ -168,263 +140,125 @@ ScanArgs<scalar_t, bank_t> make_args(const Fused& f, double temperature) {
   return a;
 }
 
-inline void sync_check_fused_rows(const Fused& f) {
-  if (f.idx.defined()) {
-    check_rows_in_bank(f.idx, f.bank.size(0), "idx");
-  } else {
-    check_rows_in_bank(f.y, f.bank.size(0), "y");
-  }
-}
-
-inline at::Tensor sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
-                            int64_t num_negatives, bool exclude_positive) {
-  TORCH_CHECK(y.dim() == 1 && y.scalar_type() == at::kLong, "y must be a 1-D int64 tensor, got ",
-              y.scalar_type(), " of shape ", y.sizes());
-  check_rng_state(rng_state, y);
-  TORCH_CHECK(n_data >= 1 && n_data < (int64_t(1) << 31), "n_data must be in [1, 2^31), got ",
-              n_data);
-  TORCH_CHECK(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
-  TORCH_CHECK(!exclude_positive || n_data >= 2, "exclude_positive needs n_data >= 2, got ", n_data);
-  const gpu::DeviceGuard guard(y.device());
-  if (sync_checks_enabled()) check_rows_in_bank(y, n_data, "y");
-  const at::Tensor yc = y.contiguous(), rc = rng_state.contiguous();
-  const int64_t B = y.size(0), columns = num_negatives + 1;
-  at::Tensor out = at::empty({B, columns}, y.options());
-  const int64_t total = B * columns;
-  if (total == 0) return out;
-  const int64_t blocks = std::min<int64_t>((total + kSampleThreads - 1) / kSampleThreads, 32LL * num_sms());
-  gpu::launch(sample_negatives_kernel,
-              {"sample_negatives_kernel", kSampleThreads, static_cast<unsigned>(blocks), kSampleThreads},
-              yc.const_data_ptr<int64_t>(), rc.const_data_ptr<int64_t>(), B, num_negatives, n_data,
-              exclude_positive, out.data_ptr<int64_t>());
-  return out;
-}
-
-inline at::Tensor nce_scores(const at::Tensor& x_in, const at::Tensor& bank_in, const at::Tensor& idx,
-                      double temperature) {
-  check_features(x_in, "x", /*allow_bf16=*/true);
-  check_bank(bank_in, x_in);
-  check_idx_matrix(idx, x_in);
-  check_temperature(temperature);
-  const gpu::DeviceGuard guard(x_in.device());
-  Fused f;
-  f.x = x_in.contiguous();
-  f.bank = bank_in.contiguous();
-  f.idx = idx.contiguous();
-  f.columns = idx.size(1);
-  if (sync_checks_enabled()) check_rows_in_bank(f.idx, f.bank.size(0), "idx");
-  at::Tensor out = at::empty({f.x.size(0), f.columns}, f.x.options());
-  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_scores",
-                         [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    auto a = make_args<scalar_t, bank_t>(f, temperature);
-    a.scores = out.data_ptr<scalar_t>();
-    run_scan<Mode::kScores>(a, f.x.options());
-  });
-  return out;
-}
-
-inline at::Tensor nce_scores_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                               const at::Tensor& x_in, const at::Tensor& bank_in,
-                               const at::Tensor& idx, double temperature) {
-  check_features(x_in, "x", /*allow_bf16=*/true);
-  check_bank(bank_in, x_in);
-  check_idx_matrix(idx, x_in);
-  check_temperature(temperature);
-  TORCH_CHECK(grad_out.sizes() == idx.sizes() && out.sizes() == idx.sizes(),
-              "grad_out and out must have idx's shape ", idx.sizes(), ", got ", grad_out.sizes(),
-              " and ", out.sizes());
-  TORCH_CHECK(grad_out.device() == x_in.device() && out.device() == x_in.device(),
-              "grad_out and out must be on ", x_in.device(), ", got ", grad_out.device(), " and ",
-              out.device());
-  const gpu::DeviceGuard guard(x_in.device());
-  Fused f;
-  f.x = x_in.contiguous();
-  f.bank = bank_in.contiguous();
-  f.idx = idx.contiguous();
-  f.columns = idx.size(1);
-  if (sync_checks_enabled()) check_rows_in_bank(f.idx, f.bank.size(0), "idx");
-  const at::Tensor go = grad_out.to(f.x.scalar_type()).contiguous();
-  const at::Tensor oc = out.to(f.x.scalar_type()).contiguous();
-  at::Tensor grad_x = at::empty_like(f.x);
-  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_scores_backward",
-                         [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    auto a = make_args<scalar_t, bank_t>(f, temperature);
-    a.go = go.data_ptr<scalar_t>();
-    a.so = oc.data_ptr<scalar_t>();
-    a.grad = grad_x.data_ptr<scalar_t>();
-    run_scan<Mode::kScoresBwd>(a, f.x.options());
-  });
-  return grad_x;
-}
-
-inline void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
-  check_z(z, scores);
-  TORCH_CHECK(scores.is_floating_point() && scores.numel() > 0,
-              "scores must be a non-empty floating tensor");
-  TORCH_CHECK(n_data >= 1, "n_data must be >= 1, got ", n_data);
-  const gpu::DeviceGuard guard(z.device());
-  const at::Tensor sc = scores.contiguous();
-  const bool z_double = z.scalar_type() == at::kDouble;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "nce_init_z_", [&] {
-    gpu::launch(set_z_kernel<scalar_t>, {"set_z_kernel", kReduceThreads, 1, kReduceThreads},
-                sc.const_data_ptr<scalar_t>(), sc.numel(), z.data_ptr(), z_double,
-                static_cast<double>(sc.numel()), static_cast<double>(n_data), /*only_finite=*/false);
-  });
-}
-
-inline void nce_estimate_z_(at::Tensor& z, const at::Tensor& x, const at::Tensor& bank,
-                     const at::Tensor& y, const c10::optional<at::Tensor>& idx,
-                     const c10::optional<at::Tensor>& rng_state, int64_t num_negatives,
-                     double temperature, int64_t n_data, bool exclude_positive) {
-  check_z(z, x);
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
-  const int64_t n_noise = noise_rows(n_data, bank, idx);
-  TORCH_CHECK(x.size(0) > 0, "x must hold at least one sample to estimate Z");
-  const gpu::DeviceGuard guard(x.device());
-  const bool sync_checks = sync_checks_enabled();
-  if (sync_checks) {
-    if (z.item<double>() > 0) return;
-    sync_check_fused_rows(f);
-  }
-  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_estimate_z_",
-                         [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    auto a = make_args<scalar_t, bank_t>(f, temperature);
-    a.n_noise = n_noise;
-    a.z = z.data_ptr();
-    a.z_double = z.scalar_type() == at::kDouble;
-    run_scan<Mode::kEstZ>(a, f.x.options());
-  });
-  if (sync_checks) {
-    const double zv = z.item<double>();
-    TORCH_CHECK(zv > 0 && std::isfinite(zv),
-                "x (or bank) holds NaN or inf features: the first batch's mean score is not "
-                "finite (or zero); z left unset");
-  }
-}
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
-    const at::Tensor& z, int64_t num_negatives, double temperature, int64_t n_data,
-    bool exclude_positive, double proximal) {
-  check_z(z, x);
-  check_proximal(proximal);
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
-  const int64_t n_noise = noise_rows(n_data, bank, idx);
-  const gpu::DeviceGuard guard(x.device());
-  if (sync_checks_enabled()) {
-    const double zv = z.item<double>();
-    TORCH_CHECK(zv > 0 && std::isfinite(zv),
-                "z must be set (positive) before nce_loss; estimate it with nce_estimate_z_, got ",
-                zv);
-    sync_check_fused_rows(f);
-  }
-  at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
-  at::Tensor grad_x = at::empty_like(f.x);
-  // Per sample, sum over the K noise columns of exp(s_k) in float64 (the Z statistic of the
-  // "ema" / "batch" Z modes; the positive is not a draw from Pn), from the same pass.
-  at::Tensor noise_exp_sum = at::empty({f.x.size(0)}, f.x.options().dtype(at::kDouble));
-  at::Tensor positive_sq_dist = at::empty({f.x.size(0)}, f.x.options().dtype(accumulation_type(f.x)));
-  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "nce_loss",
-                         [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    auto a = make_args<scalar_t, bank_t>(f, temperature);
-    a.z = z.data_ptr();
-    a.z_double = z.scalar_type() == at::kDouble;
-    a.n_noise = n_noise;
-    a.c = static_cast<double>(f.columns - 1) / static_cast<double>(n_noise);
-    a.loss = loss.data_ptr<scalar_t>();
-    a.grad = grad_x.data_ptr<scalar_t>();
-    a.noise_exp = noise_exp_sum.data_ptr<double>();
-    a.sq_dist = positive_sq_dist.data_ptr<acc_type_t<scalar_t>>();
-    a.proximal = proximal;
-    run_scan<Mode::kNce>(a, f.x.options());
-  });
-  return {loss, grad_x, noise_exp_sum, positive_sq_dist};
-}
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& rng_state,
-    int64_t num_negatives, double temperature, bool exclude_positive, double proximal) {
-  check_proximal(proximal);
-  Fused f = prepare_fused(x, bank, y, idx, rng_state, num_negatives, temperature, exclude_positive);
-  const gpu::DeviceGuard guard(x.device());
-  if (sync_checks_enabled()) sync_check_fused_rows(f);
-  at::Tensor loss = at::empty({f.x.size(0)}, f.x.options());
-  at::Tensor grad_x = at::empty_like(f.x);
-  at::Tensor positive_sq_dist = at::empty({f.x.size(0)}, f.x.options().dtype(accumulation_type(f.x)));
-  dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), "softmax_ce_loss",
-                         [&](auto xt, auto bt) {
-    using scalar_t = decltype(xt);
-    using bank_t = decltype(bt);
-    auto a = make_args<scalar_t, bank_t>(f, temperature);
-    a.loss = loss.data_ptr<scalar_t>();
-    a.grad = grad_x.data_ptr<scalar_t>();
-    a.sq_dist = positive_sq_dist.data_ptr<acc_type_t<scalar_t>>();
-    a.proximal = proximal;
-    run_scan<Mode::kSoftmax>(a, f.x.options());
-  });
-  return {loss, grad_x, positive_sq_dist};
-}
-
-// Shared negatives: about 2^24 fp32 scores (64 MiB) per GEMM tile, at least 8192 rows.
-inline int64_t shared_chunk_rows(int64_t B) {
-  return std::max<int64_t>(8192, (int64_t(1) << 24) / std::max<int64_t>(B, 1));
-}
-
-inline SharedNegativesArgs shared_args(SharedLoss loss, double temperature, bool exclude_positive,
-                                       int64_t n_data, c10::string_view precision,
-                                       int64_t chunk_rows, double proximal) {
+// The kernels behind the fronts of include/npid/sampled_row_ops.h.
+struct CudaEngine {
+  using Guard = gpu::DeviceGuard;
+  static constexpr bool kBf16Features = true;
   // No host sync unless NPID_CUDA_SYNC_CHECKS asks for the CPU's checks and messages.
-  return shared_negatives_args(loss, temperature, exclude_positive, n_data, precision, chunk_rows,
-                               /*rows_checked=*/sync_checks_enabled(), proximal);
-}
+  static bool host_checks() { return sync_checks_enabled(); }
+  // Shared negatives: about 2^24 fp32 scores (64 MiB) per GEMM tile, at least 8192 rows.
+  static int64_t shared_chunk_rows(int64_t B) {
+    return std::max<int64_t>(8192, (int64_t(1) << 24) / std::max<int64_t>(B, 1));
+  }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_nce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
-    const at::Tensor& z, int64_t num_negatives, double temperature, bool exclude_positive,
-    int64_t n_data, c10::string_view precision, int64_t chunk_rows, double proximal) {
-  const gpu::DeviceGuard guard(x.device());
-  return shared_negatives_loss(x, bank, y, rows, rng_state, z, num_negatives,
-                               shared_args(SharedLoss::kNce, temperature, exclude_positive, n_data,
-                                           precision, chunk_rows, proximal),
-                               &sample_negatives, shared_chunk_rows(x.size(0)));
-}
+  static void check_fused_rows(const FusedInputs& f) {
+    check_rows_in_bank(f.idx.defined() ? f.idx : f.y, f.bank.size(0), f.rows_name());
+  }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_softmax_ce_loss(
-    const at::Tensor& x, const at::Tensor& bank, const at::Tensor& y,
-    const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& rng_state,
-    int64_t num_negatives, double temperature, bool exclude_positive, c10::string_view precision,
-    int64_t chunk_rows, double proximal) {
-  const gpu::DeviceGuard guard(x.device());
-  auto out = shared_negatives_loss(x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
-                                   shared_args(SharedLoss::kSoftmaxCe, temperature,
-                                               exclude_positive, -1, precision, chunk_rows,
-                                               proximal),
-                                   &sample_negatives, shared_chunk_rows(x.size(0)));
-  return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
-}
+  static void sample_negatives(const at::Tensor& y, const at::Tensor& rng_state, int64_t n_data,
+                               int64_t num_negatives, bool exclude_positive, at::Tensor& out) {
+    if (host_checks()) check_rows_in_bank(y, n_data, "y");
+    const int64_t total = out.numel();
+    if (total == 0) return;
+    const int64_t blocks =
+        std::min<int64_t>((total + kSampleThreads - 1) / kSampleThreads, 32LL * num_sms());
+    gpu::launch(sample_negatives_kernel,
+                {"sample_negatives_kernel", kSampleThreads, static_cast<unsigned>(blocks),
+                 kSampleThreads},
+                y.const_data_ptr<int64_t>(), rng_state.const_data_ptr<int64_t>(), y.size(0),
+                num_negatives, n_data, exclude_positive, out.data_ptr<int64_t>());
+  }
 
-inline void register_nce_ops(torch::Library& m) {
-  m.impl("sample_negatives", &sample_negatives);
-  m.impl("nce_scores", &nce_scores);
-  m.impl("nce_scores_backward", &nce_scores_backward);
-  m.impl("nce_init_z_", &nce_init_z_);
-  m.impl("nce_estimate_z_", &nce_estimate_z_);
-  m.impl("nce_loss", &nce_loss);
-  m.impl("softmax_ce_loss", &softmax_ce_loss);
-  m.impl("shared_nce_loss", &shared_nce_loss);
-  m.impl("shared_softmax_ce_loss", &shared_softmax_ce_loss);
-}
+  // run_scan<M> over f, with set(a) pointing the ScanArgs at the op's outputs.
+  template <Mode M, typename Set>
+  static void scan(const FusedInputs& f, double temperature, const char* name, Set set) {
+    dispatch_features_bank(f.x.scalar_type(), f.bank.scalar_type(), name, [&](auto xt, auto bt) {
+      auto a = make_args<decltype(xt), decltype(bt)>(f, temperature);
+      set(a);
+      run_scan<M>(a, f.x.options());
+    });
+  }
+
+  template <typename T>
+  static void point(T*& field, const at::Tensor& t) {
+    field = static_cast<T*>(t.data_ptr());
+  }
+
+  static void nce_scores(const FusedInputs& f, double temperature, at::Tensor& out) {
+    if (host_checks()) check_fused_rows(f);
+    scan<Mode::kScores>(f, temperature, "nce_scores", [&](auto& a) { point(a.scores, out); });
+  }
+
+  static void nce_scores_backward(const FusedInputs& f, const at::Tensor& grad_out,
+                                  const at::Tensor& out, double temperature, at::Tensor& grad_x) {
+    if (host_checks()) check_fused_rows(f);
+    scan<Mode::kScoresBwd>(f, temperature, "nce_scores_backward", [&](auto& a) {
+      point(a.go, grad_out);
+      point(a.so, out);
+      point(a.grad, grad_x);
+    });
+  }
+
+  static void nce_init_z_(at::Tensor& z, const at::Tensor& scores, int64_t n_data) {
+    const bool z_double = z.scalar_type() == at::kDouble;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nce_init_z_",
+                                    [&] {
+      gpu::launch(set_z_kernel<scalar_t>, {"set_z_kernel", kReduceThreads, 1, kReduceThreads},
+                  scores.const_data_ptr<scalar_t>(), scores.numel(), z.data_ptr(), z_double,
+                  static_cast<double>(scores.numel()), static_cast<double>(n_data),
+                  /*only_finite=*/false);
+    });
+  }
+
+  static void nce_estimate_z_(at::Tensor& z, const FusedInputs& f, double temperature,
+                              int64_t n_noise) {
+    const bool sync_checks = host_checks();
+    if (sync_checks) {
+      if (z.item<double>() > 0) return;
+      check_fused_rows(f);
+    }
+    scan<Mode::kEstZ>(f, temperature, "nce_estimate_z_", [&](auto& a) {
+      a.n_noise = n_noise;
+      a.z = z.data_ptr();
+      a.z_double = z.scalar_type() == at::kDouble;
+    });
+    if (sync_checks) {
+      const double zv = z.item<double>();
+      TORCH_CHECK(zv > 0 && std::isfinite(zv),
+                  "x (or bank) holds NaN or inf features: the first batch's mean score is not "
+                  "finite (or zero); z left unset");
+    }
+  }
+
+  static void nce_loss(const FusedInputs& f, const at::Tensor& z, double temperature,
+                       int64_t n_noise, double proximal, NceLossOutputs& out) {
+    if (host_checks()) check_fused_rows(f);
+    scan<Mode::kNce>(f, temperature, "nce_loss", [&](auto& a) {
+      a.z = z.data_ptr();
+      a.z_double = z.scalar_type() == at::kDouble;
+      a.n_noise = n_noise;
+      a.c = static_cast<double>(f.columns - 1) / static_cast<double>(n_noise);
+      point(a.loss, out.loss);
+      point(a.grad, out.grad_x);
+      point(a.noise_exp, out.noise_exp_sum);
+      point(a.sq_dist, out.positive_sq_dist);
+      a.proximal = proximal;
+    });
+  }
+
+  static void softmax_ce_loss(const FusedInputs& f, double temperature, double proximal,
+                              at::Tensor& loss, at::Tensor& grad_x, at::Tensor& positive_sq_dist) {
+    if (host_checks()) check_fused_rows(f);
+    scan<Mode::kSoftmax>(f, temperature, "softmax_ce_loss", [&](auto& a) {
+      point(a.loss, loss);
+      point(a.grad, grad_x);
+      point(a.sq_dist, positive_sq_dist);
+      a.proximal = proximal;
+    });
+  }
+};
+
+inline void register_nce_ops(torch::Library& m) { SampledRowOps<CudaEngine>::register_ops(m); }
 
 }  // namespace cuda
 }  // namespace npid
