@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss
   const at::Tensor s_pos = (x_rounded * w_pos).sum(1).mul_(inv_t);
 
   // NCE: c = m / n (m draws from Pn = 1/n), 1/Z as a device scalar (NaN when Z is unset).
-  const double c = static_cast<double>(m) / static_cast<double>(n_noise), eps = kNceEps;
+  const NceTensorTerms nce_terms{static_cast<double>(m) / static_cast<double>(n_noise)};
   at::Tensor inv_z, loss_neg, exp_sum, grad_sum;
   // softmax-CE: online logsumexp over [s_pos, s_1..s_m], started from the positive.
   at::Tensor run_max, run_sum, run_acc;
@@ -188,11 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss
       if (own.defined()) p.masked_fill_(own, 0);
       exp_sum.add_(p.sum(0, /*keepdim=*/false, at::kDouble));
       p.mul_(inv_z);
-      // Terms log1p((P + eps) / c) and derivatives P / (P + c + eps), as loss_terms.h.
-      at::Tensor terms = (p + eps).div_(c).log1p_();
+      at::Tensor terms = nce_terms.negative_loss(p);
       if (own.defined()) terms.masked_fill_(own, 0);
       loss_neg.add_(terms.sum(0, /*keepdim=*/false, at::kDouble));
-      const at::Tensor dl_ds = p.div_(p + (c + eps));  // 0 where P was masked
+      const at::Tensor dl_ds = nce_terms.negative_dloss_ds_(p);  // 0 where P was masked
       grad_sum.add_(scan_mm(scan_operand(dl_ds.t(), acc_type, precision), w, precision));
     } else {
       if (own.defined()) s.masked_fill_(own, -std::numeric_limits<double>::infinity());
@@ -215,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss
       if (nce) {
         const at::Tensor e = s_r.exp();
         exp_sum.index_add_(0, who, e.to(at::kDouble));
-        const at::Tensor p = e * inv_z;
-        loss_neg.index_add_(0, who, (p + eps).div_(c).log1p_().to(at::kDouble));
-        grad_sum.index_add_(0, who, (p / (p + (c + eps))).unsqueeze(1) * w_r);
+        at::Tensor p = e * inv_z;
+        loss_neg.index_add_(0, who, nce_terms.negative_loss(p).to(at::kDouble));
+        grad_sum.index_add_(0, who, nce_terms.negative_dloss_ds_(p).unsqueeze(1) * w_r);
       } else {
         const at::Tensor max_new = run_max.scatter_reduce(0, who, s_r, "amax", /*include_self=*/true);
         const at::Tensor scale = (run_max - max_new).exp_();
@@ -234,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shared_negatives_loss
   at::Tensor loss, grad_x;
   if (nce) {
     const at::Tensor p0 = s_pos.exp() * inv_z;
-    loss = (p0.reciprocal() * (c + eps)).log1p_().to(at::kDouble).add_(loss_neg);
-    const at::Tensor dl_ds0 = (p0 + (c + eps)).reciprocal_().mul_(-(c + eps));
+    loss = nce_terms.positive_loss(p0).to(at::kDouble).add_(loss_neg);
+    const at::Tensor dl_ds0 = nce_terms.positive_dloss_ds(p0);
     grad_x = grad_sum.add_(dl_ds0.unsqueeze(1) * w_pos).mul_(inv_t);
   } else {
     loss = run_max + run_sum.log() - s_pos;

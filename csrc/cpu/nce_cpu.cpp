@@ -323,11 +323,11 @@ void CpuEngine::nce_loss(const FusedInputs& f, const at::Tensor& z, double tempe
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     scalar_t* lp = loss.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
-    const double inv_c = double(n_noise) / double(a.columns - 1), eps = kNceEps;
+    const double inv_c = double(n_noise) / double(a.columns - 1);
     // One accumulator set per slot (threads own disjoint slots).
-    // The negatives' terms log1p((P + eps) / c) are summed as the log of a running
-    // double-precision product of (1 + (P + eps) / c): one log per slot instead of one
-    // log1p per row (the transcendental was a third of the loop), accurate to ~K * 1e-16.
+    // The negatives' terms are summed as the log of a running double-precision product of
+    // nce_negative_factor()s: one log per slot instead of one log1p per row (the
+    // transcendental was a third of the loop).
     const int64_t chunks = plan.chunks, slots = plan.slots(), stride = plan.slot_stride;
     AlignedVector<acc_t> grad(slots * d, acc_t(0));
     AlignedVector<double> slot_loss(slots, 0.0), negatives_product(slots, 1.0), exp_sum(slots, 0.0);
@@ -352,8 +352,8 @@ void CpuEngine::nce_loss(const FusedInputs& f, const at::Tensor& z, double tempe
 #pragma omp simd
           for (int64_t i = 0; i < count; ++i) {
             const acc_t p = e[i] * inv_z;
-            coef[i] = p / (p + c + static_cast<acc_t>(eps)) * inv_t;
-            factor[i] = 1.0 + (static_cast<double>(p) + eps) * inv_c;
+            coef[i] = nce_negative_dloss_ds(p, c) * inv_t;
+            factor[i] = nce_negative_factor(static_cast<double>(p), inv_c);
           }
           // Per run of pairs of one slot (tile order's blocks are one run, sample order's one
           // pair): the exp sum and the product in registers, written to the slot once. Through
