@@ -10,7 +10,7 @@ provider:
   npid_sample_order
                  CPU only: npid with the (sample, row) pairs visited in sample order
                  (ops._cpu_pair_order("sample")), the order without sorting; npid itself
-                 uses whichever order csrc/cpu/tile_order.h's use_tile_order() picks
+                 uses whichever order csrc/cpu/pair_order.h's use_tile_order() picks
   npid_proximal  npid with the paper's proximal term (eq. 10) at lambda = PROXIMAL, fused into
                  the same pass: beside npid (lambda = 0) in each case's group, what the term costs
 pass:

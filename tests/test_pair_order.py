@@ -1,5 +1,5 @@
 """The CPU fused losses visit their (sample, row) pairs in sample order or by tiles of bank rows
-(csrc/cpu/tile_order.h), chosen by problem size or forced with ops._cpu_pair_order. Both orders
+(csrc/cpu/pair_order.h), chosen by problem size or forced with ops._cpu_pair_order. Both orders
 must give the float64 reference's loss and gradient; tile order must not depend on the thread
 count, and must merge per-chunk partial sums right, also for samples with no pairs in a chunk."""
 import pytest

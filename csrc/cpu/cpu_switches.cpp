@@ -1,5 +1,5 @@
 // The CPU kernels' process-wide state, reached through private ops: the run-time switches (the
-// vector ISA of the hot loops, cpu_common.h, and the fused losses' pair order, tile_order.h) and
+// vector ISA of the hot loops, simd.h, and the fused losses' pair order, pair_order.h) and
 // the scratch-memory counters (scratch.h). Each switch is one atomic the kernels read once per
 // call (relaxed: a switch only changes between calls). npid::_set_cpu_isa / _cpu_isa and
 // npid::_set_cpu_pair_order / _cpu_pair_order set and read the switches, which tests and
@@ -16,7 +16,7 @@
 
 #include "cpu_common.h"
 #include "scratch.h"
-#include "tile_order.h"
+#include "pair_order.h"
 
 namespace npid {
 namespace cpu {

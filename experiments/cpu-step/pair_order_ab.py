@@ -1,4 +1,4 @@
-"""Sample order vs tile order of the CPU fused losses (csrc/cpu/tile_order.h), timed interleaved.
+"""Sample order vs tile order of the CPU fused losses (csrc/cpu/pair_order.h), timed interleaved.
 
     python experiments/cpu-step/pair_order_ab.py OUT.json [REPS]
 

@@ -1,6 +1,9 @@
-// The gathered set of the fused CPU losses visited by tiles of bank rows instead of in sample
-// order.
+// How the fused CPU passes visit their gathered (sample, row) pairs: in sample order
+// (scan_rows: each sample's rows in column order, the rows prefetched ahead) or by tiles of bank
+// rows (tile order, below), and the plan that picks one (plan_pairs) for score_pairs, which hands
+// the scored pairs to a loss epilogue (loss_epilogues.h).
 //
+// Tile order.
 // In sample order each of the B * (K+1) (sample, row) pairs reads its bank row from a random
 // address: at B = 64, K = 4096, n = 50,000 that is 134 MB of cache misses per step for a
 // 25.6 MB bank, every row fetched ~5 times, and the step is bound by memory latency. Tile order
@@ -26,9 +29,101 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "npid/dispatch.h"
+#include "npid/sampled_row_ops.h"
 
 namespace npid {
 namespace cpu {
+
+// Rows are visited in random order; fetch this many rows ahead, enough to cover a row's memory
+// latency at the scan's pace (fewer rows ahead leave it waiting; experiments/cpu-step/README.md).
+constexpr int64_t kPrefetchDistance = 10;
+
+// The fused passes' view of their inputs: the rows of each sample from its RowSource.
+struct FusedArgs {
+  at::Tensor x, bank;
+  RowSource rows;
+  int64_t columns;
+};
+
+inline FusedArgs fused_args(const FusedInputs& f) {
+  return {f.x, f.bank, row_source(f), f.columns};
+}
+
+// Scores every gathered row of samples [lo, hi): `visit(b, k, row_ptr, s)` with
+// s = row . x_b / T, between begin_sample(b) and end_sample(b). Out-of-range rows are
+// recorded in `bad` and skipped. A sample's rows are resolved first (Philox or idx) so
+// the loop can prefetch the row kPrefetchDistance ahead: the rows are random, so the
+// hardware prefetcher cannot guess them and each one would otherwise stall on the cache.
+template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
+NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIndexFlag& bad,
+                                   int64_t lo, int64_t hi, Begin& begin_sample, Visit& visit,
+                                   End& end_sample) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t d = a.x.size(1), n = a.bank.size(0), columns = a.columns;
+  const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+  const bank_t* bp = a.bank.const_data_ptr<bank_t>();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(bank_t));
+  AlignedVector<acc_t> xb(d);
+  ScratchVector<int64_t> rows(columns);
+  for (int64_t b = lo; b < hi; ++b) {
+    for (int64_t j = 0; j < d; ++j) xb[j] = static_cast<acc_t>(xp[b * d + j]);
+    a.rows.fill(b, rows.data());
+    for (int64_t k = 0; k < columns; ++k) {
+      const int64_t r = rows[k];
+      if (r < 0 || r >= n) {
+        bad.record(r);
+        rows[k] = -1;
+      }
+    }
+    begin_sample(b);
+    for (int64_t k = 0; k < columns; ++k) {
+      if (k + kPrefetchDistance < columns && rows[k + kPrefetchDistance] >= 0)
+        prefetch_row(bp + rows[k + kPrefetchDistance] * d, row_bytes);
+      if (rows[k] < 0) continue;
+      const bank_t* row = bp + rows[k] * d;
+      visit(b, k, row, dot_row(row, xb.data(), d) * inv_t);
+    }
+    end_sample(b);
+  }
+}
+
+// scan_range compiled for AVX-512 and AVX2 (picked at run time, see cpu_isa()) and for
+// the baseline ISA: the extension is built without -march flags so one wheel runs anywhere.
+#define NPID_DEFINE_SCAN_VARIANT(NAME, TARGET)                                              \
+  template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End> \
+  TARGET void NAME(const FusedArgs& a, double temperature, BadIndexFlag& bad, int64_t lo,    \
+                   int64_t hi, Begin& begin_sample, Visit& visit, End& end_sample) {          \
+    scan_range<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,           \
+                                 end_sample);                                                \
+  }
+NPID_DEFINE_SCAN_VARIANT(scan_range_avx512, NPID_TARGET_AVX512)
+NPID_DEFINE_SCAN_VARIANT(scan_range_avx2, NPID_TARGET_AVX2)
+NPID_DEFINE_SCAN_VARIANT(scan_range_baseline, )
+#undef NPID_DEFINE_SCAN_VARIANT
+
+template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
+inline void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad, Begin begin_sample,
+               Visit visit, End end_sample) {
+  const CpuIsa isa = cpu_isa();
+  at::parallel_for(0, a.x.size(0), kSampleGrain, [&](int64_t lo, int64_t hi) {
+    switch (isa) {
+      case CpuIsa::kAvx512:
+        scan_range_avx512<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                            end_sample);
+        break;
+      case CpuIsa::kAvx2:
+        scan_range_avx2<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                          end_sample);
+        break;
+      default:
+        scan_range_baseline<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
+                                              end_sample);
+    }
+  });
+}
+
 
 // One (sample, row) pair in tile order: the sample is implied by where the code sits
 // (TileOrder's per-sample regions), the code holds the row and whether the pair is the
@@ -196,43 +291,6 @@ NPID_ALWAYS_INLINE void finish_block(PairBlock<acc_t, row_t>& block, Epilogue& e
   block.count = 0;
 }
 
-// out += sum_i coef[i] * rows[i], i in [0, count), with out held in vector registers: eight
-// vectors of out at a time (half of AVX2's sixteen registers at d = 128 fp32), every row's
-// eight vectors added in, then stored. Each element gets its terms in the order i = 0, 1, ...,
-// as count one-row axpys would add them, but out is loaded and stored once instead of count
-// times: a one-row axpy is bound by its stores, even with the row in L1.
-template <typename acc_t>
-NPID_ALWAYS_INLINE void add_rows_in_registers(const acc_t* __restrict__ coef,
-                                              const acc_t* const* __restrict__ rows,
-                                              int64_t count, acc_t* __restrict__ out, int64_t d) {
-  using V = typename VectorOf<acc_t>::type;
-  constexpr int64_t L = VectorOf<acc_t>::kLanes, kHeld = 8;
-  int64_t j = 0;
-  for (; j + kHeld * L <= d; j += kHeld * L) {
-    V held[kHeld];
-#pragma GCC unroll 8
-    for (int64_t q = 0; q < kHeld; ++q) held[q] = load_vector<V>(out + j + q * L);
-    for (int64_t i = 0; i < count; ++i) {
-      const acc_t c = coef[i];
-      const acc_t* row = rows[i] + j;
-#pragma GCC unroll 8
-      for (int64_t q = 0; q < kHeld; ++q) held[q] += c * load_vector<V>(row + q * L);
-    }
-#pragma GCC unroll 8
-    for (int64_t q = 0; q < kHeld; ++q) store_vector(out + j + q * L, held[q]);
-  }
-  for (; j + L <= d; j += L) {
-    V held = load_vector<V>(out + j);
-    for (int64_t i = 0; i < count; ++i) held += coef[i] * load_vector<V>(rows[i] + j);
-    store_vector(out + j, held);
-  }
-  for (; j < d; ++j) {
-    acc_t held = out[j];
-    for (int64_t i = 0; i < count; ++i) held += coef[i] * rows[i][j];
-    out[j] = held;
-  }
-}
-
 // Scores the tiles [t0, t1) of one chunk (slot = slot_base + b) and adds their rows into the
 // slots' accumulators. `xa` is x in the accumulation dtype, B x d. Each sample's run of pairs
 // in a tile is cut into blocks of up to kPairBlock: the block's rows scored kRowsTogether at a
@@ -356,6 +414,64 @@ void score_tiles_in_chunks(const TileOrder& order, int64_t chunks, int64_t B, in
       }
     }
   });
+}
+
+// How the fused losses visit their gathered pairs: in sample order (scan_rows), or by tiles of
+// bank rows (above) when use_tile_order() picks it. Accumulators are indexed by slot =
+// chunk * slot_stride + b; sample order has one chunk.
+struct PairPlan {
+  bool by_tile = false;
+  TileOrder order;
+  int64_t chunks = 1;
+  int64_t slot_stride = 0;  // chunk_slot_stride(B)
+  int64_t slots() const { return chunks * slot_stride; }
+};
+
+inline PairPlan plan_pairs(const FusedArgs& a, BadIndexFlag& bad) {
+  const int64_t B = a.x.size(0), d = a.x.size(1), n = a.bank.size(0);
+  PairPlan plan;
+  plan.slot_stride = chunk_slot_stride(B);
+  plan.by_tile = use_tile_order(B, a.columns, n);
+  if (plan.by_tile) {
+    const int64_t row_bytes = d * static_cast<int64_t>(a.bank.element_size());
+    plan.order = sort_pairs_by_tile(a.rows, B, n, tile_shift_for(row_bytes), bad);
+    plan.chunks = tile_order_chunks(plan.order.pairs, plan.order.tiles, B, d);
+  }
+  return plan;
+}
+
+// Scores every in-range pair of the plan and hands them to the loss in PairBlocks:
+// epilogue(block) turns block.s[i] (the score of pair i, in slot block.slot[i]) into the
+// coefficient with which its row block.row[i] is added to accumulator[slot * d .. + d). Tile
+// order hands blocks of up to kPairBlock pairs of one slot, rows in the accumulation dtype; sample order one
+// pair at a time, rows in the bank's dtype (epilogues take `auto& block`). Both orders give the
+// same sums up to rounding.
+template <typename scalar_t, typename bank_t, typename Epilogue>
+void score_pairs(const FusedArgs& a, const PairPlan& plan, double temperature, BadIndexFlag& bad,
+                 Epilogue epilogue, acc_type_t<scalar_t>* accumulator) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t B = a.x.size(0), d = a.x.size(1);
+  if (!plan.by_tile) {
+    scan_rows<scalar_t, bank_t>(
+        a, temperature, bad, [](int64_t) {},
+        [&](int64_t b, int64_t k, const bank_t* row, acc_t s) NPID_ALWAYS_INLINE_LAMBDA {
+          PairBlock<acc_t, bank_t> pair;
+          std::fill(pair.s, pair.s + VectorOf<acc_t>::kLanes, acc_t(0));  // the exp's whole vector
+          pair.count = 1;
+          pair.slot[0] = b;
+          pair.positive[0] = k == 0;
+          pair.s[0] = s;
+          pair.row[0] = row;
+          finish_block(pair, epilogue, accumulator, d);
+        },
+        [](int64_t) {});
+    return;
+  }
+  const at::Tensor xa = a.x.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  score_tiles_in_chunks<acc_t, bank_t>(plan.order, plan.chunks, B, a.bank.size(0),
+                                       xa.const_data_ptr<acc_t>(),
+                                       a.bank.const_data_ptr<bank_t>(), d, temperature, epilogue,
+                                       accumulator);
 }
 
 }  // namespace cpu
