@@ -89,38 +89,14 @@ NPID_ALWAYS_INLINE void scan_range(const FusedArgs& a, double temperature, BadIn
   }
 }
 
-// scan_range compiled for AVX-512 and AVX2 (picked at run time, see cpu_isa()) and for
-// the baseline ISA: the extension is built without -march flags so one wheel runs anywhere.
-#define NPID_DEFINE_SCAN_VARIANT(NAME, TARGET)                                              \
-  template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End> \
-  TARGET void NAME(const FusedArgs& a, double temperature, BadIndexFlag& bad, int64_t lo,    \
-                   int64_t hi, Begin& begin_sample, Visit& visit, End& end_sample) {          \
-    scan_range<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,           \
-                                 end_sample);                                                \
-  }
-NPID_DEFINE_SCAN_VARIANT(scan_range_avx512, NPID_TARGET_AVX512)
-NPID_DEFINE_SCAN_VARIANT(scan_range_avx2, NPID_TARGET_AVX2)
-NPID_DEFINE_SCAN_VARIANT(scan_range_baseline, )
-#undef NPID_DEFINE_SCAN_VARIANT
-
 template <typename scalar_t, typename bank_t, typename Begin, typename Visit, typename End>
 inline void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad, Begin begin_sample,
                Visit visit, End end_sample) {
   const CpuIsa isa = cpu_isa();
   at::parallel_for(0, a.x.size(0), kSampleGrain, [&](int64_t lo, int64_t hi) {
-    switch (isa) {
-      case CpuIsa::kAvx512:
-        scan_range_avx512<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
-                                            end_sample);
-        break;
-      case CpuIsa::kAvx2:
-        scan_range_avx2<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
-                                          end_sample);
-        break;
-      default:
-        scan_range_baseline<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit,
-                                              end_sample);
-    }
+    run_for_isa(isa, [&]() NPID_ALWAYS_INLINE_LAMBDA {
+      scan_range<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit, end_sample);
+    });
   });
 }
 
@@ -363,19 +339,6 @@ NPID_ALWAYS_INLINE void score_tiles(const TileOrder& order, int64_t t0, int64_t 
   }
 }
 
-#define NPID_DEFINE_TILES_VARIANT(NAME, TARGET)                                              \
-  template <typename acc_t, typename bank_t, typename Epilogue>                             \
-  TARGET void NAME(const TileOrder& order, int64_t t0, int64_t t1, int64_t B, int64_t n,    \
-                   int64_t slot_base, const acc_t* xa, const bank_t* bank, int64_t d,       \
-                   acc_t inv_t, Epilogue& epilogue, acc_t* accumulator) {                   \
-    score_tiles<acc_t, bank_t>(order, t0, t1, B, n, slot_base, xa, bank, d, inv_t, epilogue, \
-                               accumulator);                                                 \
-  }
-NPID_DEFINE_TILES_VARIANT(score_tiles_avx512, NPID_TARGET_AVX512)
-NPID_DEFINE_TILES_VARIANT(score_tiles_avx2, NPID_TARGET_AVX2)
-NPID_DEFINE_TILES_VARIANT(score_tiles_baseline, )
-#undef NPID_DEFINE_TILES_VARIANT
-
 // Runs the chunks of tiles in parallel, chunk c's pairs into the slots
 // c * chunk_slot_stride(B) + b of `accumulator` (chunks * chunk_slot_stride(B) x d). The chunks
 // are fixed by the problem's size, so their sums do not depend on the thread count; each thread
@@ -399,19 +362,10 @@ void score_tiles_in_chunks(const TileOrder& order, int64_t chunks, int64_t B, in
     for (int64_t c = chunks * task_begin / tasks; c < chunks * task_end / tasks; ++c) {
       const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
       const int64_t base = c * chunk_slot_stride(B);
-      switch (isa) {
-        case CpuIsa::kAvx512:
-          score_tiles_avx512<acc_t, bank_t>(order, t0, t1, B, n, base, xa, bank, d, inv_t,
-                                            thread_epilogue, accumulator);
-          break;
-        case CpuIsa::kAvx2:
-          score_tiles_avx2<acc_t, bank_t>(order, t0, t1, B, n, base, xa, bank, d, inv_t,
-                                          thread_epilogue, accumulator);
-          break;
-        default:
-          score_tiles_baseline<acc_t, bank_t>(order, t0, t1, B, n, base, xa, bank, d, inv_t,
-                                              thread_epilogue, accumulator);
-      }
+      run_for_isa(isa, [&]() NPID_ALWAYS_INLINE_LAMBDA {
+        score_tiles<acc_t, bank_t>(order, t0, t1, B, n, base, xa, bank, d, inv_t,
+                                   thread_epilogue, accumulator);
+      });
     }
   });
 }

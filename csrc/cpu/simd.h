@@ -30,6 +30,24 @@ namespace cpu {
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 CpuIsa cpu_isa();
 
+// f() compiled for the ISA (picked at run time, cpu_isa()): f is an NPID_ALWAYS_INLINE_LAMBDA
+// calling always-inline code, which all takes the target of the variant it is inlined into. The
+// extension is built without -march flags so one wheel runs anywhere.
+template <typename F>
+NPID_TARGET_AVX512 void run_avx512(F& f) { f(); }
+template <typename F>
+NPID_TARGET_AVX2 void run_avx2(F& f) { f(); }
+template <typename F>
+void run_baseline(F& f) { f(); }
+template <typename F>
+NPID_ALWAYS_INLINE void run_for_isa(CpuIsa isa, F&& f) {
+  switch (isa) {
+    case CpuIsa::kAvx512: run_avx512(f); break;
+    case CpuIsa::kAvx2: run_avx2(f); break;
+    default: run_baseline(f);
+  }
+}
+
 NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);

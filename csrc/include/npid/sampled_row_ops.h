@@ -1,17 +1,9 @@
-// The sampled-row ops' fronts (schemas.h ops 1, 2, 3, 7 and 8), one per op for every device:
-// argument checks, contiguous inputs, output allocation and the registration list. The
-// device's Engine runs the kernels behind them: cpu::CpuEngine (csrc/cpu/nce_cpu.cpp) and
-// cuda::CudaEngine (csrc/cuda/nce_ops.h, also built for the emulator).
-//
-// An Engine provides
-//   Guard                     constructed from x's device around the kernels
-//   kBf16Features             whether x may be bfloat16
-//   host_checks()             whether values on the device may be read on the host (z, rows):
-//                             always on the CPU; on CUDA only with NPID_CUDA_SYNC_CHECKS
-//   shared_chunk_rows(B)      the default noise rows per GEMM of the shared-negative losses
-// and one kernel entry per op below, called with checked arguments and allocated outputs. Rows
-// outside the bank are the engine's to report: the CPU raises from its pass, CUDA gives NaN
-// (or, with host checks, raises before its kernels).
+// The sampled-row ops' fronts (schemas.h ops 1, 2, 3, 7, 8), one per op for every device: checks,
+// contiguous inputs, outputs, registration. The device's Engine (cpu::CpuEngine, nce_cpu.cpp;
+// cuda::CudaEngine, nce_ops.h) gives its Guard, kBf16Features (may x be bfloat16),
+// host_checks() (may z and rows be read on the host: always on the CPU, on CUDA only with
+// NPID_CUDA_SYNC_CHECKS), shared_chunk_rows(B) and one kernel entry per op. Rows outside the bank
+// are the engine's to report: the CPU raises from its pass, CUDA gives NaN (or raises first).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
@@ -206,8 +198,8 @@ struct SampledRowOps {
     const Guard guard(x.device());
     return shared_negatives_loss(
         x, bank, y, rows, rng_state, z, num_negatives,
-        shared_negatives_args(SharedLoss::kNce, temperature, exclude_positive, n_data, precision,
-                              chunk_rows, Engine::host_checks(), proximal),
+        SharedNegativesArgs{SharedLoss::kNce, temperature, exclude_positive, n_data, precision,
+                            chunk_rows, Engine::host_checks(), proximal},
         &sample_negatives, Engine::shared_chunk_rows(x.size(0)));
   }
 
@@ -219,8 +211,8 @@ struct SampledRowOps {
     const Guard guard(x.device());
     auto out = shared_negatives_loss(
         x, bank, y, rows, rng_state, c10::nullopt, num_negatives,
-        shared_negatives_args(SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1,
-                              precision, chunk_rows, Engine::host_checks(), proximal),
+        SharedNegativesArgs{SharedLoss::kSoftmaxCe, temperature, exclude_positive, -1, precision,
+                            chunk_rows, Engine::host_checks(), proximal},
         &sample_negatives, Engine::shared_chunk_rows(x.size(0)));
     return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
   }

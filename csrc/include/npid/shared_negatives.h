@@ -33,22 +33,6 @@ struct SharedNegativesArgs {
   double proximal = 0.0;  // lambda of the proximal term (schemas.h)
 };
 
-inline SharedNegativesArgs shared_negatives_args(SharedLoss loss, double temperature,
-                                                 bool exclude_positive, int64_t n_data,
-                                                 std::string_view precision, int64_t chunk_rows,
-                                                 bool rows_checked, double proximal) {
-  SharedNegativesArgs args;
-  args.loss = loss;
-  args.temperature = temperature;
-  args.exclude_positive = exclude_positive;
-  args.n_data = n_data;
-  args.precision = precision;
-  args.chunk_rows = chunk_rows;
-  args.rows_checked = rows_checked;
-  args.proximal = proximal;
-  return args;
-}
-
 // Checks every argument, draws the noise rows (rows == None) with `sample`, and returns
 // (per-sample loss, grad_x, noise_exp_sum, positive_sq_dist): loss and grad_x in x's dtype,
 // noise_exp_sum float64 (undefined for softmax-CE), positive_sq_dist in the accumulation dtype.
