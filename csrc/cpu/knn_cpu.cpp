@@ -152,7 +152,9 @@ struct TopkLists {
     std::fill(thresholds.begin(), thresholds.begin() + queries, std::numeric_limits<acc_t>::quiet_NaN());
   }
 
-  void offer(int64_t q, acc_t v, int64_t row) {
+  // Inlined into the kernels (a few offers per tile on average at k = 200, n = 50,000); the
+  // rare compaction is a call.
+  NPID_ALWAYS_INLINE void offer(int64_t q, acc_t v, int64_t row) {
     if (v <= thresholds[q]) return;
     Neighbour<acc_t>* buf = buffers.data() + q * cap;
     int64_t& count = counts[q];
@@ -165,7 +167,7 @@ struct TopkLists {
   // (nth_element over the pairs, with their NaN-aware compare and a mispredict per element,
   // took a fifth of the kNN's time: NOTES.md); the list then keeps what is above it and, of the
   // rows equal to it, the first ones, i.e. the smaller rows.
-  acc_t compact(Neighbour<acc_t>* buf, int64_t& count) {
+  __attribute__((noinline)) acc_t compact(Neighbour<acc_t>* buf, int64_t& count) {
     bool any_nan = false;
     for (int64_t i = 0; i < count; ++i) {
       values[i] = buf[i].first;
