@@ -1,3 +1,8 @@
+// One core's FMA rate of register-tile shapes for the fused CPU kNN kernel (csrc/cpu/knn_cpu.cpp
+// scan_panel): <vector bytes, query vectors, bank rows> per tile, d = 128, a 512-row block of
+// rows (256 KiB) and 4 query panels, thresholds that nothing passes (the products alone).
+//   g++ -O3 -std=c++20 -o /tmp/kernel_shapes experiments/knn-faiss/kernel_shapes.cpp && taskset -c 1 /tmp/kernel_shapes
+// NOTES.md has the numbers (256-bit vectors beat 512-bit ones on the Zen 4 VM).
 #include <cstdint>
 #include <cstring>
 #include <cstdio>
