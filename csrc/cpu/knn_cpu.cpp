@@ -471,8 +471,8 @@ std::tuple<at::Tensor, at::Tensor> register_topk(const at::Tensor& query, const 
 
   // Panels: the widest shape for all but the last few queries, then the narrowest shape that
   // holds the rest. Items: runs of panels of up to kItemQueries queries.
-  std::vector<Panel> panels;
-  std::vector<std::pair<int64_t, int64_t>> item_panels;  // [first, last) panel of each item
+  ScratchVector<Panel> panels;
+  ScratchVector<std::pair<int64_t, int64_t>> item_panels;  // [first, last) panel of each item
   int64_t offset = 0;
   {
     const int64_t widths[3] = {panel_width<acc_t>(shapes[0]), panel_width<acc_t>(shapes[1]),
