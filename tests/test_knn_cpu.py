@@ -75,12 +75,10 @@ def test_knn_exact_order_with_many_equal_values(isa, Q):
     k = 300
     sims, idx = ops.knn_topk(q, bank, k)
     exact = q.double() @ bank.double().t()
-    rows = torch.arange(bank.shape[0], dtype=torch.float64)
     order = torch.stack([torch.tensor(sorted(range(bank.shape[0]), key=lambda j: (-e[j].item(), j)))
                          for e in exact])[:, :k]
     assert torch.equal(idx, order)
     assert torch.equal(sims.double(), exact.gather(1, order))
-    del rows
 
 
 @pytest.mark.parametrize("Q", [1, 20])
