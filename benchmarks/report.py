@@ -11,7 +11,10 @@ One row per (op, pass, shape, bank dtype): the median milliseconds of each provi
 the proximal term), the speedups torch/npid and torch_compile/npid
 (> 1 means npid is faster; for the sampled losses also torch/npid_insample), each provider's
 peak extra memory (see extra_info["peak_memory_method"]) and npid's effective bandwidth
-(extra_info["bytes_moved"] / median). Ends with the geometric-mean speedups per op and pass.
+(extra_info["bytes_moved"] / median). Ends with the geometric-mean speedups per op and pass,
+and, where the file has faiss kNN results, a kNN table of torch, faiss and npid side by side
+with their peak resident memory (extra_info["peak_rss_extra_bytes"], the one measure that sees
+faiss's buffers).
 """
 from __future__ import annotations
 
@@ -87,6 +90,7 @@ def load(paths):
             row["providers"][provider] = {
                 "median_ms": bench["stats"]["median"] * 1e3,
                 "peak": info.get("peak_extra_bytes"),
+                "peak_rss": info.get("peak_rss_extra_bytes"),
                 "gbps": info.get("effective_GBps"),
                 "rounds": bench["stats"].get("rounds"),
                 "contended": _contended(info),
@@ -150,6 +154,33 @@ def render(header, rows) -> str:
             gm = {name: (math.exp(sum(map(math.log, v)) / len(v)) if v else None) for name, v in s.items()}
             out.append(f"| {op} | {pass_} | {_fmt_ratio(gm.get('torch/npid'))} | {_fmt_ratio(gm.get('compile/npid'))} | "
                        f"{_fmt_ratio(gm.get('torch/insample'))} |")
+    knn = render_knn_faiss(rows)
+    if knn:
+        out.append("")
+        out.append(knn)
+    return "\n".join(out)
+
+
+def render_knn_faiss(rows) -> str:
+    """kNN cases with a faiss result: torch, faiss and npid medians, faiss/npid and torch/npid, and
+    each provider's peak resident memory above the call's start (MiB)."""
+    keys = [key for key in rows if rows[key]["op"] == "knn" and "faiss" in rows[key]["providers"]]
+    if not keys:
+        return ""
+    names = ("torch", "faiss", "npid")
+    out = ["kNN top-k against faiss-cpu IndexFlatIP (same thread count), median ms; peak = resident memory "
+           "above the call's start, MiB (extra_info peak_rss_extra_bytes):", "",
+           "| shape | bank (precision) | torch | faiss | npid | faiss/npid | torch/npid | peak torch | peak faiss | peak npid |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for key in sorted(keys, key=lambda k: (rows[k]["params"].get("N", 0), rows[k]["params"].get("Q", 0))):
+        _, _, shape, dtype = key
+        p = rows[key]["providers"]
+        med = {name: p[name]["median_ms"] if name in p else None for name in names}
+        t = {name: _ms(med[name]) + ("†" if name in p and p[name]["contended"] else "") for name in names}
+        peak = {name: p[name].get("peak_rss") if name in p else None for name in names}
+        out.append(f"| {shape} | {dtype} | {t['torch']} | {t['faiss']} | {t['npid']} | "
+                   f"{_fmt_ratio(_ratio(med['faiss'], med['npid']))} | {_fmt_ratio(_ratio(med['torch'], med['npid']))} | "
+                   f"{_mib(peak['torch'])} | {_mib(peak['faiss'])} | {_mib(peak['npid'])} |")
     return "\n".join(out)
 
 

@@ -15,10 +15,18 @@ exact float64 answer with a tolerance per precision.
 
 kNN top-k (test_knn, inference only, pass "forward"), providers:
   torch          chunked: for every 1,000 queries, (q @ bank.T).topk(k) (bench_common style,
-                 the bank converted to the query dtype once per call)
+                 the bank converted to the query dtype once per call); fewer queries a chunk
+                 when 1,000 x N similarities would pass 2^28 (1 GiB of fp32)
   torch_compile  the same loop with the per-chunk matmul + topk compiled
+  faiss          faiss-cpu IndexFlatIP.search (exact inner product), the CPU, an fp32 bank and
+                 fp32 products only; the index (a copy of the bank) is built before timing, at
+                 torch's thread count (faiss.omp_set_num_threads). Skipped, with the reason,
+                 where faiss is not installed (pip install faiss-cpu; an optional benchmark
+                 dependency, never npid_kernels')
   npid           ops.knn_topk
-Queries are fp32 (ops.knn_topk takes fp32/fp64 queries with any bank dtype).
+Queries are fp32 (ops.knn_topk takes fp32/fp64 queries with any bank dtype). Every kNN case also
+records peak_rss_extra_bytes (bench_common.measure_peak_rss_bytes), which sees faiss's own
+buffers; faiss's peak_extra_bytes is that measure, since the torch allocator sees none of them.
 
 Every case is checked once against float64 before timing: loss/grad/bank rows for the
 softmax; for kNN the top-k similarities of the first 256 queries and, for those, that the
@@ -30,6 +38,7 @@ import dataclasses
 import time
 from typing import Dict
 
+import pytest
 import torch
 
 from npid_kernels import ops
@@ -37,15 +46,16 @@ from npid_kernels import reference as ref
 
 from .bench_common import (
     make_pass,
-    DTYPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled, elem_size,
-    expected_rows, full_softmax_shapes, full_softmax_step, knn_shapes, make_generator, require_compile,
-    run_benchmark, scan_precisions, settings_from_config, sync, torch_full_softmax_loss,
-    torch_matmul_precision, unit_rows,
+    DTYPES, KNN_FAISS_SHAPES, MOMENTUM, PASSES, TEMPERATURE, check_bank_update, check_close, compiled,
+    elem_size, expected_rows, full_softmax_shapes, full_softmax_step, knn_shapes, make_generator,
+    measure_peak_rss_bytes, require_compile, run_benchmark, scan_precisions, settings_from_config, sync,
+    torch_full_softmax_loss, torch_matmul_precision, unit_rows,
 )
 
 FS_PROVIDERS = ("torch", "torch_compile", "npid")
-KNN_PROVIDERS = ("torch", "torch_compile", "npid")
+KNN_PROVIDERS = ("torch", "torch_compile", "faiss", "npid")
 KNN_CHUNK = 1000          # queries per chunk for the torch providers
+KNN_CHUNK_VALUES = 1 << 28  # ... at most this many similarities per chunk
 KNN_CHECK_QUERIES = 256   # queries checked against the float64 reference
 # vs the exact float64 answer; tf32 / bf16 round the operands (and torch's bf16 matmul its output)
 LOSS_TOL = {"fp32": 2e-5, "tf32": 2e-3, "bf16": 1e-2}
@@ -172,8 +182,10 @@ def knn_chunk_topk(q: torch.Tensor, bank_t: torch.Tensor, k: int):
 
 def torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, chunk_fn=knn_chunk_topk, chunk: int = KNN_CHUNK,
               precision: str = "fp32"):
-    """Pure-PyTorch chunked kNN top-k: never more than chunk x N similarities at once; bf16:
-    the bank and each query chunk cast to bf16 (bf16 similarities)."""
+    """Pure-PyTorch chunked kNN top-k: never more than chunk x N similarities at once (chunk
+    lowered so that they stay within KNN_CHUNK_VALUES); bf16: the bank and each query chunk cast
+    to bf16 (bf16 similarities)."""
+    chunk = max(1, min(chunk, KNN_CHUNK_VALUES // bank.shape[0]))
     bank_t = bank.to(torch.bfloat16 if precision == "bf16" else query.dtype).t()
     sims, idx = [], []
     for q in query.split(chunk):
@@ -203,22 +215,61 @@ def get_knn_case(Q, N, D, bank_dtype, topk, device) -> KnnCase:
         query = torch.nn.functional.normalize(bank32[near] + 0.7 * torch.randn(Q, D, generator=g), dim=1)
         bank, query = bank32.to(DTYPES[bank_dtype]).to(device), query.to(device)
         m = min(Q, KNN_CHECK_QUERIES)
-        sims, _ = ref.knn_topk(query[:m].double(), bank.double(), topk)
+        sims = reference_knn_sims(query[:m], bank, topk)
         _KNN[key] = KnnCase(bank, query, sims)
     return _KNN[key]
 
 
+def reference_knn_sims(query: torch.Tensor, bank: torch.Tensor, k: int, rows: int = 1 << 16) -> torch.Tensor:
+    """reference.knn_topk's similarities in float64, the bank taken `rows` at a time (an
+    ImageNet-sized bank in float64 with 256 queries' similarities would be ~4 GB at once)."""
+    best = None
+    for start in range(0, bank.shape[0], rows):
+        sims, _ = ref.knn_topk(query.double(), bank[start:start + rows].double(), min(k, min(rows, bank.shape[0] - start)))
+        best = sims if best is None else torch.cat([best, sims], 1).topk(min(k, best.shape[1] + sims.shape[1]), dim=1).values
+    return best
+
+
+def faiss_or_skip(settings, precision: str, bank_dtype: str):
+    """The faiss module, or a pytest.skip saying why this case has no faiss provider."""
+    if settings.device != "cpu":
+        pytest.skip("faiss provider: faiss-cpu, CPU runs only")
+    if precision != "fp32" or bank_dtype != "float32":
+        pytest.skip("faiss provider: IndexFlatIP keeps a float32 bank and forms fp32 products only")
+    try:
+        import faiss
+    except ImportError as exc:
+        pytest.skip(f"faiss provider: faiss is not installed ({exc}); pip install faiss-cpu to compare with it")
+    return faiss
+
+
 def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, precision, provider):
     device = settings.device
+    if device == "cpu" and (Q, N) in KNN_FAISS_SHAPES and precision != "fp32":
+        pytest.skip("the faiss comparison shapes run at fp32 only")
     if provider == "torch_compile":
         require_compile(settings)
+    faiss = faiss_or_skip(settings, precision, bank_dtype) if provider == "faiss" else None
     case = get_knn_case(Q, N, D, bank_dtype, topk, device)
     info: Dict[str, object] = {"op": "knn", "pass": "forward", "provider": provider, "precision": precision}
     benchmark.group = f"knn Q={Q} N={N} D={D} {bank_dtype} k={topk} {precision}"
 
+    index = None
     if provider == "npid":
         def call():
             return ops.knn_topk(case.query, case.bank, topk, precision)
+    elif provider == "faiss":
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        t0 = time.perf_counter()
+        index = faiss.IndexFlatIP(D)
+        index.add(case.bank.numpy())
+        info["index_build_s"] = time.perf_counter() - t0
+        info["faiss_version"] = faiss.__version__
+        query_np = case.query.numpy()
+
+        def call():
+            sims, idx = index.search(query_np, topk)
+            return torch.from_numpy(sims), torch.from_numpy(idx)
     else:
         chunk_fn = compiled(knn_chunk_topk) if provider == "torch_compile" else knn_chunk_topk
 
@@ -241,7 +292,7 @@ def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, precision, provider
     info["check_sims_max_abs_err"] = err
     tol = KNN_ABS_TOL[precision]
     assert err <= tol, f"top-k similarities off by {err:.3g} (> {tol:g}) vs float64"
-    recomputed = torch.einsum("qd,qkd->qk", case.query[:m].double(), case.bank.double()[idx[:m]])
+    recomputed = torch.einsum("qd,qkd->qk", case.query[:m].double(), case.bank[idx[:m]].double())
     err = (recomputed - case.expected_sims).abs().max().item()
     info["check_index_sims_max_abs_err"] = err
     assert err <= tol, f"the returned indices' similarities are off by {err:.3g} vs float64"
@@ -254,4 +305,8 @@ def test_knn(benchmark, settings, Q, N, D, bank_dtype, topk, precision, provider
     eb = elem_size(case.bank.dtype)
     bytes_moved = N * D * eb + Q * D * case.query.element_size()
     formula = "N*D*bank_elem_size + Q*D*4 (one read of the bank and the queries)"
-    run_benchmark(benchmark, timed, settings, info, bytes_moved, formula)
+    if device == "cpu":
+        info["peak_rss_extra_bytes"] = measure_peak_rss_bytes(timed)[0]
+    run_benchmark(benchmark, timed, settings, info, bytes_moved, formula,
+                  measure_peak=measure_peak_rss_bytes if provider == "faiss" else None)
+    del index

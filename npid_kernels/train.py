@@ -769,33 +769,43 @@ def _truncate_steps(path: str, epochs_done: int) -> None:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, kept = reader.fieldnames, [row for row in reader if int(row["epoch"]) <= epochs_done]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
-    os.replace(tmp, path)
+    _write_rows_atomic(kept, fields, path)
 
 
 def _append_csv(rows, path, fresh: bool):
+    """Append rows to a CSV file (write it anew when fresh). A file with other columns (written by
+    another version of the driver before a resume) is rewritten once with the union of both, so
+    every line keeps matching the header."""
     if not rows:
         return
-    mode = "w" if fresh or not os.path.exists(path) else "a"
-    with open(path, mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if mode == "w":
-            writer.writeheader()
+    fields = list(rows[0])
+    if not fresh and os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = reader.fieldnames or []
+            if old_fields != fields:
+                earlier = list(reader)
+        if old_fields != fields:
+            union = old_fields + [k for k in fields if k not in old_fields]
+            _write_rows_atomic(earlier + rows, union, path)
+            return
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerows(rows)
+        return
+    _write_rows_atomic(rows, fields, path)
+
+
+def _write_rows_atomic(rows, fields, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _write_csv(history, path):
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    _write_rows_atomic(history, sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k)), path)
 
 
 def evaluate(model, bank: torch.Tensor, data: DataModule, args) -> Dict:

@@ -489,3 +489,19 @@ def test_steps_csv_logs_every_step_and_survives_a_resume(tmp_path):
     assert len({r["z"] for r in rows}) > 1  # batch mode: a new Z every step
     run(common[:-2] + ["--epochs", "1", "--out-dir", str(tmp_path)])
     assert len(list(csv.DictReader(steps_file.open()))) == per_epoch
+
+
+def test_a_resume_by_a_driver_with_more_columns_keeps_the_csv_consistent(tmp_path):
+    """steps.csv begun by a driver that logged fewer columns (before the loss parts existed) and
+    continued by one that logs more: the file is rewritten once with the union of the columns."""
+    from npid_kernels.train import _append_csv
+
+    path = tmp_path / "steps.csv"
+    _append_csv([{"step": 1, "epoch": 1, "loss": 2.0}], str(path), fresh=True)
+    _append_csv([{"step": 2, "epoch": 1, "loss": 1.5}], str(path), fresh=False)
+    _append_csv([{"step": 3, "epoch": 2, "loss": 1.0, "proximal_loss": 0.25}], str(path), fresh=False)
+    _append_csv([{"step": 4, "epoch": 2, "loss": 0.5, "proximal_loss": 0.125}], str(path), fresh=False)
+    rows = list(csv.DictReader(path.open()))
+    assert path.read_text().splitlines()[0] == "step,epoch,loss,proximal_loss"
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["proximal_loss"] for r in rows] == ["", "", "0.25", "0.125"]
