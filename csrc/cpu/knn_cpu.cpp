@@ -220,13 +220,6 @@ struct Panel {
   int64_t offset;  // where its d x width values start in the packed buffer
 };
 
-// A GCC vector of kBytes bytes of T (a typedef with a vector_size that depends on a template
-// parameter must sit in a template of its element type too, or GCC drops the attribute).
-template <typename T, int kBytes>
-struct VectorOfBytes {
-  typedef T type __attribute__((vector_size(kBytes)));
-};
-
 // Bit l set where lane l of the compare result m is true (all ones), for 16- and 32-byte
 // vectors of 4- or 8-byte lanes: one movmsk instruction on x86.
 template <int kVecBytes, typename M>
@@ -234,11 +227,11 @@ NPID_ALWAYS_INLINE uint32_t sign_bits(const M& m) {
   static_assert(kVecBytes == 16 || kVecBytes == 32, "sign_bits: 16- or 32-byte vectors");
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   if constexpr (sizeof(m[0]) == 4) {
-    using F = typename VectorOfBytes<float, kVecBytes>::type;
+    using F = typename VectorOf<float, kVecBytes>::type;
     if constexpr (kVecBytes == 32) return __builtin_ia32_movmskps256(reinterpret_cast<const F&>(m));
     else return __builtin_ia32_movmskps(reinterpret_cast<const F&>(m));
   } else {
-    using F = typename VectorOfBytes<double, kVecBytes>::type;
+    using F = typename VectorOf<double, kVecBytes>::type;
     if constexpr (kVecBytes == 32) return __builtin_ia32_movmskpd256(reinterpret_cast<const F&>(m));
     else return __builtin_ia32_movmskpd(reinterpret_cast<const F&>(m));
   }
@@ -265,8 +258,8 @@ NPID_ALWAYS_INLINE void scan_panel(const acc_t* __restrict__ panel, int64_t d,
                                    const acc_t* __restrict__ rows, int64_t row_stride, int64_t r_begin,
                                    int64_t r_end, int64_t first_row_index, TopkLists<acc_t>& lists,
                                    int64_t lane0, int64_t valid_lanes) {
-  using V = typename VectorOfBytes<acc_t, kVecBytes>::type;
-  using M = typename VectorOfBytes<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, kVecBytes>::type;
+  using V = typename VectorOf<acc_t, kVecBytes>::type;
+  using M = typename VectorOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, kVecBytes>::type;
   constexpr int64_t L = kVecBytes / sizeof(acc_t);
   constexpr int64_t W = L * kVecs;
   V thr[kVecs];
@@ -331,7 +324,7 @@ NPID_ALWAYS_INLINE void scan_dot(const acc_t* __restrict__ queries, int64_t nq, 
                                  const acc_t* __restrict__ rows, int64_t row_stride, int64_t r_end,
                                  int64_t first_row_index, TopkLists<acc_t>& lists, int64_t lane0) {
   using V = typename VectorOf<acc_t>::type;
-  using M = typename VectorOfBytes<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, sizeof(V)>::type;
+  using M = typename VectorOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, sizeof(V)>::type;
   constexpr int64_t L = VectorOf<acc_t>::kLanes;
   for (int64_t r0 = 0; r0 < r_end; r0 += L) {
     const acc_t* rp[L];
@@ -368,7 +361,7 @@ constexpr PanelShape kAvx512Shapes[3] = {{32, 2, 8}, {32, 1, 8}, {16, 1, 8}};
 constexpr PanelShape kAvx2Shapes[3] = {{32, 2, 6}, {32, 1, 8}, {16, 1, 8}};
 constexpr PanelShape kBaselineShapes[3] = {{16, 2, 6}, {16, 1, 8}, {16, 1, 8}};
 
-const PanelShape* shapes_for(CpuIsa isa) {
+constexpr const PanelShape* shapes_for(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAvx512:
       return kAvx512Shapes;
@@ -441,19 +434,6 @@ NPID_ALWAYS_INLINE void scan_item(const ItemArgs<acc_t>& a) {
       }
     }
   }
-}
-
-template <typename acc_t>
-NPID_TARGET_AVX512 void scan_item_avx512(const ItemArgs<acc_t>& a) {
-  scan_item<acc_t, kAvx512Shapes>(a);
-}
-template <typename acc_t>
-NPID_TARGET_AVX2 void scan_item_avx2(const ItemArgs<acc_t>& a) {
-  scan_item<acc_t, kAvx2Shapes>(a);
-}
-template <typename acc_t>
-void scan_item_baseline(const ItemArgs<acc_t>& a) {
-  scan_item<acc_t, kBaselineShapes>(a);
 }
 
 template <typename acc_t>
@@ -565,17 +545,9 @@ std::tuple<at::Tensor, at::Tensor> register_topk(const at::Tensor& query, const 
       ItemArgs<acc_t> args{panels.data(), p_begin, p_end, packed.data(), d,
                            direct ? bank.const_data_ptr<acc_t>() : nullptr, bank.stride(0), &bank,
                            precision, r_begin, r_end, block_rows, &lists, valid_here};
-      switch (isa) {
-        case CpuIsa::kAvx512:
-          scan_item_avx512<acc_t>(args);
-          break;
-        case CpuIsa::kAvx2:
-          scan_item_avx2<acc_t>(args);
-          break;
-        default:
-          scan_item_baseline<acc_t>(args);
-          break;
-      }
+      run_for_isa(isa, [&](auto isa_c) NPID_ALWAYS_INLINE_LAMBDA {
+        scan_item<acc_t, shapes_for(decltype(isa_c)::value)>(args);
+      });
       for (int64_t lane = 0; lane < valid_here; ++lane) {
         const int64_t count = lists.finish(lane);
         const Neighbour<acc_t>* best = lists.list(lane);

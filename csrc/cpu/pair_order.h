@@ -94,7 +94,7 @@ inline void scan_rows(const FusedArgs& a, double temperature, BadIndexFlag& bad,
                Visit visit, End end_sample) {
   const CpuIsa isa = cpu_isa();
   at::parallel_for(0, a.x.size(0), kSampleGrain, [&](int64_t lo, int64_t hi) {
-    run_for_isa(isa, [&]() NPID_ALWAYS_INLINE_LAMBDA {
+    run_for_isa(isa, [&](auto) NPID_ALWAYS_INLINE_LAMBDA {
       scan_range<scalar_t, bank_t>(a, temperature, bad, lo, hi, begin_sample, visit, end_sample);
     });
   });
@@ -362,7 +362,7 @@ void score_tiles_in_chunks(const TileOrder& order, int64_t chunks, int64_t B, in
     for (int64_t c = chunks * task_begin / tasks; c < chunks * task_end / tasks; ++c) {
       const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
       const int64_t base = c * chunk_slot_stride(B);
-      run_for_isa(isa, [&]() NPID_ALWAYS_INLINE_LAMBDA {
+      run_for_isa(isa, [&](auto) NPID_ALWAYS_INLINE_LAMBDA {
         score_tiles<acc_t, bank_t>(order, t0, t1, B, n, base, xa, bank, d, inv_t,
                                    thread_epilogue, accumulator);
       });

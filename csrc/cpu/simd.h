@@ -30,15 +30,19 @@ namespace cpu {
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 CpuIsa cpu_isa();
 
-// f() compiled for the ISA (picked at run time, cpu_isa()): f is an NPID_ALWAYS_INLINE_LAMBDA
-// calling always-inline code, which all takes the target of the variant it is inlined into. The
-// extension is built without -march flags so one wheel runs anywhere.
+// f(IsaConstant<isa>{}) compiled for the ISA (picked at run time, cpu_isa()): f is an
+// NPID_ALWAYS_INLINE_LAMBDA calling always-inline code, which all takes the target of the
+// variant it is inlined into; the argument gives code whose constants depend on the ISA
+// (knn_cpu.cpp's panel shapes) the ISA as a type. The extension is built without -march flags
+// so one wheel runs anywhere.
+template <CpuIsa kIsa>
+using IsaConstant = std::integral_constant<CpuIsa, kIsa>;
 template <typename F>
-NPID_TARGET_AVX512 void run_avx512(F& f) { f(); }
+NPID_TARGET_AVX512 void run_avx512(F& f) { f(IsaConstant<CpuIsa::kAvx512>{}); }
 template <typename F>
-NPID_TARGET_AVX2 void run_avx2(F& f) { f(); }
+NPID_TARGET_AVX2 void run_avx2(F& f) { f(IsaConstant<CpuIsa::kAvx2>{}); }
 template <typename F>
-void run_baseline(F& f) { f(); }
+void run_baseline(F& f) { f(IsaConstant<CpuIsa::kBaseline>{}); }
 template <typename F>
 NPID_ALWAYS_INLINE void run_for_isa(CpuIsa isa, F&& f) {
   switch (isa) {
@@ -58,10 +62,13 @@ NPID_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
 // single accumulator (what `omp simd reduction` gives) makes the d/8 multiply-adds one
 // dependency chain of 4-cycle FMAs and then adds the lanes one by one through the stack:
 // ~100 cycles per row, which bounds the fused losses once their rows come from cache.
-template <typename T>
+// A GCC vector of kBytes bytes of T: 32 (AVX2) in the loss kernels; knn_cpu.cpp's panels
+// also use 16. (A vector_size that depends on a template parameter must sit in a template of
+// its element type too, or GCC drops the attribute.)
+template <typename T, int kBytes = 32>
 struct VectorOf {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(kBytes)));
+  static constexpr int64_t kLanes = kBytes / sizeof(T);
 };
 
 template <typename V, typename T>
