@@ -29,6 +29,8 @@ from typing import Dict, List, Optional
 PAPER_KNN = {"param-softmax": 63.0, "softmax": 80.8, "nce-1": 42.5, "nce-10": 63.4, "nce-512": 78.4, "nce-4096": 80.4}
 SETTING_ORDER = ["random-init", "param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096",
                  "nce-512-first-batch-z", "nce-4096-first-batch-z", "softmax-ce-4096", "supervised"]
+# Seeds the table stage runs per setting (scripts/cifar10_cpu.sh); the others run seed 0 only.
+TABLE_SEEDS = {"random-init": 2, "softmax": 2, "nce-4096": 2, "nce-1": 2}
 
 
 def _row(folder: str, name: str) -> Optional[Dict]:
@@ -108,6 +110,13 @@ def settings(rows: List[Dict]) -> "OrderedDict[str, List[Dict]]":
         grouped.setdefault(r["row"].rsplit("-seed", 1)[0], []).append(r)
     order = {name: i for i, name in enumerate(SETTING_ORDER)}
     return OrderedDict(sorted(grouped.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def missing_table_rows(rows: List[Dict]) -> List[str]:
+    """The table stage's rows without a result yet: seed 0's, then seed 1's."""
+    done = {r["row"] for r in rows}
+    return [f"{name}-seed{seed}" for seed in range(max(TABLE_SEEDS.values())) for name in SETTING_ORDER
+            if seed < TABLE_SEEDS.get(name, 1) and f"{name}-seed{seed}" not in done]
 
 
 def render_table(rows: List[Dict], unfinished: List[str]) -> str:

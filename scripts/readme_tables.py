@@ -173,6 +173,34 @@ def fashion_mnist_block() -> str:
     return "\n".join(lines)
 
 
+CIFAR10_TABLE = "results/cifar10-cpu/table.json"
+
+
+def _cifar10_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cifar10_report", os.path.join(ROOT, "scripts", "cifar10_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cifar10_block() -> str:
+    """The table stage's report (scripts/cifar10_report.py) of the committed rows, and what is still to run."""
+    report, data = _cifar10_report(), _read_json(CIFAR10_TABLE)
+    rows = data["rows"]
+    text = report.render_table(rows, []).rstrip("\n")
+    epochs = sorted({r["epochs"] for r in rows if r.get("epochs")})
+    setup = sorted({f"{r['arch']} width {r['width']}, {r['augment']} augmentation" for r in rows})
+    text += (f"\n\nCIFAR-10 (the JPEG copy described in results/cifar10-cpu/README.md), all "
+             f"{max(r['train_images'] for r in rows):,} training and {max(r['eval_images'] for r in rows):,} test "
+             f"images, {', '.join(setup)}, {'/'.join(map(str, epochs))} epochs, cosine schedule; file `{CIFAR10_TABLE}`.")
+    missing = report.missing_table_rows(rows)
+    if missing:
+        text += " Rows not run yet: " + ", ".join(missing) + "."
+    return text
+
+
 def history_block() -> str:
     """One row per committed pytest-benchmark run that timed the B=64, K=4096 NCE fp32 step."""
     lines = ["| file | measured (UTC) | commit | threads | PyTorch | torch.compile | npid, idx | npid, in-kernel "
@@ -262,7 +290,8 @@ def knn_block() -> str:
 
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "README.md": {"digits": digits_block, "performance-cpu": performance_block,
-                  "accuracy-fashion-mnist": fashion_mnist_block, "knn-cpu": knn_block},
+                  "accuracy-fashion-mnist": fashion_mnist_block, "knn-cpu": knn_block,
+                  "accuracy-cifar10": cifar10_block},
     "docs/performance-history.md": {"history": history_block},
     "docs/training.md": {"proximal-cost": proximal_cost_block},
 }
