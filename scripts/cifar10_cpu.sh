@@ -17,6 +17,11 @@
 #   figure3 the paper's Figure 3: NCE m = 4096 (Z per step) with the proximal term, lambda = 10, 30, 50,
 #           the same set-up; lambda = 0 is the table's nce-4096-seed0. The report draws each row's
 #           per-step loss (steps.csv) in OUT_DIR/figure3.png.
+#   scale   CIFAR-10 analogues of the paper's ImageNet Tables 4 and 5, NCE m = 4096 (Z per step):
+#           embedding size d = 32, 64, 256 and training-set fraction 10%, 30% (the bank holds only
+#           the fraction; kNN on all test images); d = 128 at 100% is the table's nce-4096-seed0.
+#   figure4 the paper's Figure 4 analogue: NCE m = 4096 (Z per step) with the weighted kNN evaluated
+#           after every epoch, drawn against the training loss in OUT_DIR/figure4.png.
 # A finished row (OUT_DIR/<stage>/<row>/results.json) is skipped and an unfinished one continues
 # from its checkpoint (npid-train --resume), so rerunning the same command after an interruption
 # (or with EXTRA="--max-minutes-this-run M" for time-limited pieces) completes the stage. After
@@ -26,7 +31,7 @@
 # set-up stage's choice).
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n '2,20p' "$0" >&2
+    sed -n '2,25p' "$0" >&2
     exit 2
 fi
 DATA=$(realpath -m "$1")
@@ -119,8 +124,23 @@ for stage in $STAGES; do
                 --proximal "$lam"
         done
         ;;
+    scale)
+        enc=(--arch "$ARCH" --width "$WIDTH" --augment "$AUGMENT" --epochs "$EPOCHS" --schedule cosine --linear-probe)
+        nce4096=(--loss nce --nce-k 4096 --z-mode batch --seed 0)
+        for d in 32 64 256; do
+            row scale "nce-4096-d$d-seed0" "${enc[@]}" "${nce4096[@]}" --low-dim "$d"
+        done
+        for fraction in 0.1 0.3; do
+            row scale "nce-4096-fraction$fraction-seed0" "${enc[@]}" "${nce4096[@]}" --train-fraction "$fraction"
+        done
+        ;;
+    figure4)
+        enc=(--arch "$ARCH" --width "$WIDTH" --augment "$AUGMENT" --epochs "$EPOCHS" --schedule cosine)
+        row figure4 nce-4096-eval-every-epoch-seed0 "${enc[@]}" --loss nce --nce-k 4096 --z-mode batch --seed 0 \
+            --eval-every 1
+        ;;
     *)
-        echo "cifar10_cpu.sh: unknown stage $stage (known: setup, table, figure3)" >&2
+        echo "cifar10_cpu.sh: unknown stage $stage (known: setup, table, figure3, scale, figure4)" >&2
         exit 2
         ;;
     esac

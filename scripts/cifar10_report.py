@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Collects the rows of one stage of scripts/cifar10_cpu.sh into a table.
 
-    python3 scripts/cifar10_report.py results/cifar10-cpu setup|table|figure3
+    python3 scripts/cifar10_report.py results/cifar10-cpu setup|table|figure3|scale|figure4
 
 reads OUT/<stage>/<row>/results.json and log.csv of every finished row and writes OUT/<stage>.md
 and OUT/<stage>.json. For the set-up stage the evaluation set is 5,000 images held out of the
@@ -11,8 +11,10 @@ with several seeds ("<setting>-seed<N>") are reported as mean and half-range, be
 CIFAR-10 number. For the figure3 stage (the paper's Figure 3: NCE m = 4096 with the proximal term's
 lambda = 0, 10, 30, 50; lambda = 0 is the table stage's nce-4096-seed0) it reads each row's steps.csv
 and draws the per-step NCE part and total loss in OUT/figure3.png, with the standard deviation of the
-per-step NCE loss over the last epoch as the number for the oscillation. Rows still running are
-listed as not finished.
+per-step NCE loss over the last epoch as the number for the oscillation. The scale stage (embedding
+size d and training-set fraction; the table's nce-4096-seed0 is d = 128 at 100%) gives two small
+tables; figure4 reads one run's per-epoch loss and weighted kNN and draws one against the other in
+OUT/figure4.png. Rows still running are listed as not finished.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from typing import Dict, List, Optional
 PAPER_KNN = {"param-softmax": 63.0, "softmax": 80.8, "nce-1": 42.5, "nce-10": 63.4, "nce-512": 78.4, "nce-4096": 80.4}
 SETTING_ORDER = ["random-init", "param-softmax", "softmax", "nce-1", "nce-10", "nce-512", "nce-4096",
                  "nce-512-first-batch-z", "nce-4096-first-batch-z", "softmax-ce-4096", "supervised"]
+# Seeds the table stage runs per setting (scripts/cifar10_cpu.sh); the others run seed 0 only.
+TABLE_SEEDS = {"random-init": 2, "softmax": 2, "nce-4096": 2, "nce-1": 2}
 
 
 def _row(folder: str, name: str) -> Optional[Dict]:
@@ -106,6 +110,13 @@ def settings(rows: List[Dict]) -> "OrderedDict[str, List[Dict]]":
         grouped.setdefault(r["row"].rsplit("-seed", 1)[0], []).append(r)
     order = {name: i for i, name in enumerate(SETTING_ORDER)}
     return OrderedDict(sorted(grouped.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def missing_table_rows(rows: List[Dict]) -> List[str]:
+    """The table stage's rows without a result yet: seed 0's, then seed 1's."""
+    done = {r["row"] for r in rows}
+    return [f"{name}-seed{seed}" for seed in range(max(TABLE_SEEDS.values())) for name in SETTING_ORDER
+            if seed < TABLE_SEEDS.get(name, 1) and f"{name}-seed{seed}" not in done]
 
 
 def render_table(rows: List[Dict], unfinished: List[str]) -> str:
@@ -196,6 +207,120 @@ def plot_figure3(rows: List[Dict], path: str) -> bool:
     return True
 
 
+# The scale stage's rows, by (embedding size d, training fraction); (128, 1.0) is the table's row.
+SCALE_ROWS = OrderedDict([((32, 1.0), "scale/nce-4096-d32-seed0"), ((64, 1.0), "scale/nce-4096-d64-seed0"),
+                          ((128, 1.0), "table/nce-4096-seed0"), ((256, 1.0), "scale/nce-4096-d256-seed0"),
+                          ((128, 0.1), "scale/nce-4096-fraction0.1-seed0"),
+                          ((128, 0.3), "scale/nce-4096-fraction0.3-seed0")])
+
+
+def scale_rows(out_dir: str) -> List[Dict]:
+    rows = []
+    for (d, fraction), rel in SCALE_ROWS.items():
+        stage, name = rel.split("/")
+        r = _row(os.path.join(out_dir, stage), name)
+        if r is None:
+            continue
+        with open(os.path.join(out_dir, rel, "results.json")) as f:
+            res = json.load(f)
+        r.update({"row": rel, "low_dim": res.get("low_dim"), "train_fraction": fraction})
+        if r["low_dim"] != d:
+            raise SystemExit(f"{rel}: results.json says low_dim {r['low_dim']}, the stage expects {d}")
+        rows.append(r)
+    return rows
+
+
+def render_scale(rows: List[Dict], unfinished: List[str]) -> str:
+    lines = ["NCE m = 4096, Z per step, the table's encoder and 15 epochs; weighted kNN (k = 200) top-1 on the 10,000 "
+             "test images against the bank of the images trained on, and a linear probe, %. The paper's Tables 4 "
+             "and 5 ask the same questions on ImageNet with a ResNet18.", ""]
+    for title, varies, key in (("Embedding size (the paper's Table 4)", "d", "low_dim"),
+                               ("Training-set fraction (the paper's Table 5)", "fraction of the 50,000", "train_fraction")):
+        chosen = [r for r in rows if (r["train_fraction"] == 1.0 if key == "low_dim" else r["low_dim"] == 128)]
+        lines += [f"{title}:", "", f"| {varies} | training images | kNN, features | kNN, bank | linear probe, 128-d "
+                  "or d | linear probe, pooled | training minutes | row |", "|--:|--:|--:|--:|--:|--:|--:|---|"]
+        for r in sorted(chosen, key=lambda r: r[key]):
+            value = f"{r[key]:g}" if key == "low_dim" else f"{100 * r[key]:g}%"
+            lines.append(f"| {value} | {r['train_images']:,} | {_f(r['knn_features'])} | {_f(r['knn_bank'])} "
+                         f"| {_f(r['linear_lowdim'])} | {_f(r['linear_pooled'])} | {_f(r['train_minutes'], 1)} "
+                         f"| `{r['row']}` |")
+        lines.append("")
+    return _finish(lines[:-1], unfinished)
+
+
+FIGURE4_ROW = "figure4/nce-4096-eval-every-epoch-seed0"
+
+
+def figure4_rows(out_dir: str) -> List[Dict]:
+    """The run's epochs: training loss and the weighted kNN after each (log.csv)."""
+    log = os.path.join(out_dir, FIGURE4_ROW, "log.csv")
+    if not os.path.exists(os.path.join(out_dir, FIGURE4_ROW, "results.json")) or not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [{"epoch": int(r["epoch"]), "loss": float(r["loss"]),
+                 "knn": float(r["knn_top1"]) if r.get("knn_top1") else None,
+                 "nn1": float(r["knn1_top1"]) if r.get("knn1_top1") else None} for r in csv.DictReader(f)]
+
+
+def render_figure4(rows: List[Dict], unfinished: List[str]) -> str:
+    lines = ["NCE m = 4096, Z per step, 15 epochs: the training loss (mean over the epoch's steps) and the weighted "
+             "kNN (k = 200) top-1 of the 10,000 test images against the memory bank after each epoch, %, from "
+             f"`{FIGURE4_ROW}/log.csv`; drawn in figure4.png.", "",
+             "| epoch | training loss | weighted kNN | 1-NN |", "|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['epoch']} | {_f(r['loss'], 4)} | {_f(r['knn'])} | {_f(r['nn1'])} |")
+    return _finish(lines, unfinished)
+
+
+def plot_figure4(rows: List[Dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    points = [r for r in rows if r["knn"] is not None]
+    ax.plot([r["loss"] for r in points], [r["knn"] for r in points], "o-")
+    for r in points:
+        ax.annotate(str(r["epoch"]), (r["loss"], r["knn"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.invert_xaxis()  # training runs left to right as the loss falls
+    ax.set_xlabel("training loss (epoch mean)")
+    ax.set_ylabel("weighted kNN top-1 on the test images, %")
+    ax.set_title("kNN accuracy against training loss (numbers: epochs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _write_stage(out_dir: str, stage: str, text: str, payload: Dict) -> None:
+    with open(os.path.join(out_dir, f"{stage}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, f"{stage}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    print(text)
+
+
+def main_scale(out_dir: str) -> int:
+    rows = scale_rows(out_dir)
+    done = {r["row"] for r in rows}
+    unfinished = [rel for rel in SCALE_ROWS.values() if rel not in done and os.path.isdir(os.path.join(out_dir, rel))]
+    _write_stage(out_dir, "scale", render_scale(rows, unfinished), {"stage": "scale", "rows": rows, "unfinished": unfinished})
+    return 0
+
+
+def main_figure4(out_dir: str) -> int:
+    rows = figure4_rows(out_dir)
+    unfinished = [FIGURE4_ROW] if not rows and os.path.isdir(os.path.join(out_dir, FIGURE4_ROW)) else []
+    text = render_figure4(rows, unfinished)
+    if rows and not plot_figure4(rows, os.path.join(out_dir, "figure4.png")):
+        text += "\n(matplotlib is not installed: figure4.png was not drawn)\n"
+    _write_stage(out_dir, "figure4", text, {"stage": "figure4", "row": FIGURE4_ROW, "epochs": rows, "unfinished": unfinished})
+    return 0
+
+
 def main(argv: List[str]) -> int:
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
@@ -203,16 +328,16 @@ def main(argv: List[str]) -> int:
     out_dir, stage = argv[1], argv[2]
     if stage == "figure3":
         return main_figure3(out_dir)
+    if stage == "scale":
+        return main_scale(out_dir)
+    if stage == "figure4":
+        return main_figure4(out_dir)
     rows = collect(out_dir, stage)
     folder = os.path.join(out_dir, stage)
     started = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
     unfinished = [n for n in started if n not in {r["row"] for r in rows}]
     text = render_table(rows, unfinished) if stage == "table" else render(rows, stage, unfinished)
-    with open(os.path.join(out_dir, f"{stage}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, f"{stage}.json"), "w") as f:
-        json.dump({"stage": stage, "rows": rows, "unfinished": unfinished}, f, indent=1)
-    print(text)
+    _write_stage(out_dir, stage, text, {"stage": stage, "rows": rows, "unfinished": unfinished})
     return 0
 
 
@@ -223,11 +348,7 @@ def main_figure3(out_dir: str) -> int:
     text = render_figure3(rows, unfinished)
     if rows and not plot_figure3(rows, os.path.join(out_dir, "figure3.png")):
         text += "\n(matplotlib is not installed: figure3.png was not drawn)\n"
-    with open(os.path.join(out_dir, "figure3.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "figure3.json"), "w") as f:
-        json.dump({"stage": "figure3", "rows": rows, "unfinished": unfinished}, f, indent=1)
-    print(text)
+    _write_stage(out_dir, "figure3", text, {"stage": "figure3", "rows": rows, "unfinished": unfinished})
     return 0
 
 

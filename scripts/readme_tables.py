@@ -173,6 +173,34 @@ def fashion_mnist_block() -> str:
     return "\n".join(lines)
 
 
+CIFAR10_TABLE = "results/cifar10-cpu/table.json"
+
+
+def _cifar10_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cifar10_report", os.path.join(ROOT, "scripts", "cifar10_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cifar10_block() -> str:
+    """The table stage's report (scripts/cifar10_report.py) of the committed rows, and what is still to run."""
+    report, data = _cifar10_report(), _read_json(CIFAR10_TABLE)
+    rows = data["rows"]
+    text = report.render_table(rows, []).rstrip("\n")
+    epochs = sorted({r["epochs"] for r in rows if r.get("epochs")})
+    setup = sorted({f"{r['arch']} width {r['width']}, {r['augment']} augmentation" for r in rows})
+    text += (f"\n\nCIFAR-10 (the JPEG copy described in results/cifar10-cpu/README.md), all "
+             f"{max(r['train_images'] for r in rows):,} training and {max(r['eval_images'] for r in rows):,} test "
+             f"images, {', '.join(setup)}, {'/'.join(map(str, epochs))} epochs, cosine schedule; file `{CIFAR10_TABLE}`.")
+    missing = report.missing_table_rows(rows)
+    if missing:
+        text += " Rows not run yet: " + ", ".join(missing) + "."
+    return text
+
+
 def history_block() -> str:
     """One row per committed pytest-benchmark run that timed the B=64, K=4096 NCE fp32 step."""
     lines = ["| file | measured (UTC) | commit | threads | PyTorch | torch.compile | npid, idx | npid, in-kernel "
@@ -200,10 +228,72 @@ def history_block() -> str:
     return "\n".join(lines)
 
 
+# The proximal term's cost: the B=64 step with lambda = 0 and lambda > 0 in one pytest-benchmark run.
+PROXIMAL_COST_RUN = "benchmarks/results/cpu-2026-12-07-proximal.json"
+
+
+def proximal_cost_block() -> str:
+    data = _read_json(PROXIMAL_COST_RUN)
+    info = data["benchmarks"][0]["extra_info"]
+    lam = next(b["extra_info"]["proximal"] for b in data["benchmarks"] if b["extra_info"]["provider"] == "npid_proximal")
+    lines = [f"File `{PROXIMAL_COST_RUN}`: one pytest-benchmark run, {data.get('datetime', '?')[:16].replace('T', ' ')} "
+             f"UTC on {info.get('device_name', '?')}, {info.get('num_threads', '?')} threads, commit "
+             f"{str(info.get('commit'))[:7]}; median of each row's rounds.", "",
+             f"| training step (loss, backward, bank update) | λ = 0 | λ = {lam:g} | λ > 0 / λ = 0 "
+             "| peak extra MiB, λ = 0 / λ > 0 |", "|---|--:|--:|--:|--:|"]
+    for (op, dtype, pass_, B, K, N, D), prov in sorted(_bench_cases(data).items(), key=lambda c: (str(c[0][0]), str(c[0][1]))):
+        if pass_ != "step" or "npid" not in prov or "npid_proximal" not in prov:
+            continue
+        off, on = prov["npid"], prov["npid_proximal"]
+        label = {"nce": "NCE", "softmax-ce": "softmax-CE"}.get(op, op)
+        lines.append(f"| {label}, {dtype} bank, B={B} K={K:,} n={N:,} d={D} | {_ms(off[0])} ms | {_ms(on[0])} ms "
+                     f"| {on[0] / off[0]:.2f} | {_mib(off[1])} / {_mib(on[1])} |")
+    return "\n".join(lines)
+
+
+def knn_runs() -> List[str]:
+    """The newest idle-machine comparison of experiments/knn-faiss/compare.py."""
+    runs = sorted(glob.glob(os.path.join(ROOT, "experiments", "knn-faiss", "results", "compare-idle-*.json")),
+                  key=lambda p: (_read_json(os.path.relpath(p, ROOT)).get("measured") or "", p))
+    if not runs:
+        raise SystemExit("no experiments/knn-faiss/results/compare-idle-*.json: run experiments/knn-faiss/compare.py")
+    return [os.path.relpath(runs[-1], ROOT)]
+
+
+def knn_block() -> str:
+    path = knn_runs()[0]
+    data = _read_json(path)
+    env = data["environment"]
+    lines = [f"File `{path}`: {env.get('cpu', '?')}, {env.get('threads', '?')} threads each, torch "
+             f"{env.get('torch', '?')}, faiss-cpu {env.get('faiss', '?')}, commit {str(env.get('commit'))[:7]}"
+             f"{' with uncommitted changes' if env.get('commit_dirty') else ''}; the providers interleaved, best of "
+             f"{data.get('repeats', '?')} (median in brackets); d = 128, fp32, unit rows; other processes' load "
+             f"during the timings at most {max(s.get('foreign_cpus') or 0 for s in data['shapes']):.2f} CPUs.", "",
+             "| queries × bank rows, k | npid `knn_topk` | faiss IndexFlatIP | torch matmul + topk, chunked "
+             "| faiss / npid | peak extra MiB: npid / faiss / torch |", "|---|--:|--:|--:|--:|--:|"]
+    for shape in data["shapes"]:
+        prov = shape["providers"]
+
+        def cell(name):
+            p = prov.get(name)
+            return "—" if p is None else f"{_ms(p['best_s'] * 1e3)} ms ({_ms(p['median_s'] * 1e3)})"
+
+        def peak(name):
+            return _mib(prov[name].get("peak_rss_extra_bytes")) if name in prov else "—"
+
+        ratio = (f"{prov['faiss']['best_s'] / prov['ours']['best_s']:.2f}×" if "faiss" in prov and "ours" in prov
+                 else "—")
+        lines.append(f"| {shape['Q']:,} × {shape['n']:,}, k={shape['k']} | {cell('ours')} | {cell('faiss')} "
+                     f"| {cell('torch')} | {ratio} | {peak('ours')} / {peak('faiss')} / {peak('torch')} |")
+    return "\n".join(lines)
+
+
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "README.md": {"digits": digits_block, "performance-cpu": performance_block,
-                  "accuracy-fashion-mnist": fashion_mnist_block},
+                  "accuracy-fashion-mnist": fashion_mnist_block, "knn-cpu": knn_block,
+                  "accuracy-cifar10": cifar10_block},
     "docs/performance-history.md": {"history": history_block},
+    "docs/training.md": {"proximal-cost": proximal_cost_block},
 }
 
 

@@ -1,8 +1,9 @@
 """scripts/cifar10_cpu.sh at toy size: the set-up stage evaluates on images held out of the
 training set (never the test set), the table stage runs every row of the paper's Table 1 plus the
 supervised reference with two seeds where asked, both reports list every row, a rerun skips
-finished rows, and the figure3 stage trains the proximal term's lambdas and measures the per-step
-loss's oscillation from steps.csv."""
+finished rows, the figure3 stage trains the proximal term's lambdas and measures the per-step
+loss's oscillation from steps.csv, the scale stage varies d and the training fraction, and the
+figure4 stage logs the weighted kNN after every epoch."""
 import csv
 import json
 import os
@@ -81,3 +82,47 @@ def test_figure3_stage_runs_the_lambdas_and_measures_the_oscillation(tmp_path, t
         assert all(float(s["proximal_loss"]) > 0 for s in steps)
     assert (out / "figure3.png").stat().st_size > 0
     assert "| 30 |" in (out / "figure3.md").read_text()
+
+
+@pytest.fixture
+def small_cifar(tmp_path):
+    """100 training images: 10% of them still fill a batch and a few negatives."""
+    rng = np.random.default_rng(9)
+    path = tmp_path / "s.npz"
+    np.savez(path, train_x=rng.integers(0, 255, (100, 32, 32, 3), dtype=np.uint8), train_y=np.arange(100) % 10,
+             test_x=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), test_y=np.arange(10) % 10)
+    return path
+
+
+@pytest.mark.slow
+def test_scale_stage_varies_the_embedding_size_and_the_training_fraction(tmp_path, small_cifar):
+    out = tmp_path / "out"
+    result = cifar10_cpu(small_cifar, out, STAGES="scale", ARCH="cnn4", WIDTH="4", EPOCHS="1",
+                         EXTRA="--batch-size 4 --nce-k 4 --knn-k 4 --svm-max-train 40")
+    assert result.returncode == 0, result.stderr + result.stdout
+    rows = {r["row"]: r for r in json.loads((out / "scale.json").read_text())["rows"]}
+    for d in (32, 64, 256):
+        r = rows[f"scale/nce-4096-d{d}-seed0"]
+        assert r["low_dim"] == d and r["train_images"] == 100 and r["train_fraction"] == 1.0
+        res = json.loads((out / "scale" / f"nce-4096-d{d}-seed0" / "results.json").read_text())
+        assert res["low_dim"] == d and res["test_images"] == 10
+    for fraction, images in ((0.1, 10), (0.3, 30)):
+        r = rows[f"scale/nce-4096-fraction{fraction}-seed0"]
+        assert r["train_images"] == images and r["low_dim"] == 128 and r["eval_images"] == 10
+    text = (out / "scale.md").read_text()
+    assert "| 256 | 100 |" in text and "| 10% | 10 |" in text and "| 30% | 30 |" in text
+
+
+@pytest.mark.slow
+def test_figure4_stage_evaluates_the_knn_after_every_epoch(tmp_path, tiny_cifar):
+    out = tmp_path / "out"
+    result = cifar10_cpu(tiny_cifar, out, STAGES="figure4", ARCH="cnn4", WIDTH="4", EPOCHS="3",
+                         EXTRA="--batch-size 8 --nce-k 8 --knn-k 4")
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = json.loads((out / "figure4.json").read_text())
+    with open(out / report["row"] / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2, 3]
+    assert [e["knn"] for e in report["epochs"]] == [float(r["knn_top1"]) for r in log]
+    assert [e["loss"] for e in report["epochs"]] == [float(r["loss"]) for r in log]
+    assert (out / "figure4.png").stat().st_size > 0

@@ -39,9 +39,12 @@ def check_against_reference(q, bank, k, precision="fp32"):
 
 # Q: 1-6 the dot kernel; 7, 17, 33 a narrow / middle / wide last panel; 300 several items.
 # n = 20000 with a small Q: the bank is split into slices. k = n - 1 and k = n: one slice.
+# (70, 20000, 128): five panels and slices of ~10 blocks of 512 rows, the last one ragged, so
+# each block's passes request the next block.
 @pytest.mark.parametrize("Q,n,d,k", [
     (1, 20000, 16, 50), (5, 3000, 37, 200), (6, 20000, 3, 7), (7, 1000, 33, 10), (17, 5000, 8, 100),
     (33, 20000, 16, 200), (300, 2000, 24, 20), (3, 300, 5, 299), (40, 257, 9, 257), (2, 1, 4, 1),
+    (70, 20000, 128, 100),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_knn_paths_match_reference(isa, Q, n, d, k, dtype):

@@ -244,8 +244,19 @@ NPID_ALWAYS_INLINE uint32_t sign_bits(const M& m) {
 
 // Both kernels read a tile's rows a feature at a time, or a short stretch of each, which the
 // hardware prefetchers do not follow well: with few queries (little work per row) the panel
-// kernel waited on memory at ~5 GB/s. Each tile requests the rows this many tiles ahead.
+// kernel waited on memory at ~5 GB/s. Where nothing fetched a block earlier, the first panel's
+// pass over it requests the rows this many tiles ahead; the later panels find it in L2.
 constexpr int64_t kPrefetchTiles = 4;
+
+// With many panels per item, the first pass over each block still waited on memory (a 256 KiB
+// block from DRAM in the time of one panel's products; ~6% of the kernel at Q = 1,000, NOTES.md).
+// So every panel pass over a block also requests its share of the item's next block into the
+// cache, a few lines per tile, and that block's first pass then reads it from L2.
+struct Lookahead {
+  const char* begin = nullptr;
+  int64_t lines = 0, lines_per_tile = 0;
+};
+constexpr int64_t kLookaheadMinPanels = 4;
 
 // The kernel: kRows bank rows x (kVecs vectors of queries) per tile, all in registers. For each
 // feature j, one load per query vector and one broadcast per row feed kRows * kVecs FMAs; the
@@ -257,7 +268,8 @@ template <typename acc_t, int kVecBytes, int kVecs, int kRows>
 NPID_ALWAYS_INLINE void scan_panel(const acc_t* __restrict__ panel, int64_t d,
                                    const acc_t* __restrict__ rows, int64_t row_stride, int64_t r_begin,
                                    int64_t r_end, int64_t first_row_index, TopkLists<acc_t>& lists,
-                                   int64_t lane0, int64_t valid_lanes) {
+                                   int64_t lane0, int64_t valid_lanes, bool prefetch_rows,
+                                   Lookahead ahead) {
   using V = typename VectorOf<acc_t, kVecBytes>::type;
   using M = typename VectorOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, kVecBytes>::type;
   constexpr int64_t L = kVecBytes / sizeof(acc_t);
@@ -268,8 +280,13 @@ NPID_ALWAYS_INLINE void scan_panel(const acc_t* __restrict__ panel, int64_t d,
     const acc_t* rp[kRows];
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) rp[i] = rows + std::min<int64_t>(r0 + i, r_end - 1) * row_stride;
-    for (int64_t r = r0 + kPrefetchTiles * kRows, stop = std::min(r + kRows, r_end); r < stop; ++r)
-      prefetch_row(rows + r * row_stride, d * static_cast<int64_t>(sizeof(acc_t)));
+    if (prefetch_rows)
+      for (int64_t r = r0 + kPrefetchTiles * kRows, stop = std::min(r + kRows, r_end); r < stop; ++r)
+        prefetch_row(rows + r * row_stride, d * static_cast<int64_t>(sizeof(acc_t)));
+    for (int64_t l = 0, n = std::min(ahead.lines_per_tile, ahead.lines); l < n; ++l)
+      __builtin_prefetch(ahead.begin + 64 * l, 0, 2);
+    ahead.begin += 64 * ahead.lines_per_tile;
+    ahead.lines -= ahead.lines_per_tile;
     V acc[kRows][kVecs];
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i)
@@ -399,6 +416,7 @@ template <typename acc_t, const PanelShape* kShapes>
 NPID_ALWAYS_INLINE void scan_item(const ItemArgs<acc_t>& a) {
   constexpr PanelShape s0 = kShapes[0], s1 = kShapes[1], s2 = kShapes[2];
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  bool block_fetched = false;  // by the previous block's passes
   for (int64_t b0 = a.r_begin; b0 < a.r_end; b0 += a.block_rows) {
     const int64_t rows = std::min(a.block_rows, a.r_end - b0);
     at::Tensor converted;
@@ -412,27 +430,42 @@ NPID_ALWAYS_INLINE void scan_item(const ItemArgs<acc_t>& a) {
       base = converted.const_data_ptr<acc_t>();
       stride = a.d;
     }
+    // The next block, when it is read in place and there are panels enough to share it.
+    const int64_t npanels = a.p_end - a.p_begin;
+    const int64_t next_rows = std::min(a.block_rows, a.r_end - (b0 + rows));
+    const bool look_ahead = a.direct_rows != nullptr && a.row_stride == a.d && npanels >= kLookaheadMinPanels &&
+                            next_rows > 0;
+    const char* next_block = reinterpret_cast<const char*>(base + rows * stride);
+    const int64_t next_lines = (next_rows * a.d * static_cast<int64_t>(sizeof(acc_t)) + 63) / 64;
+    const int64_t tiles = (rows + 7) / 8;  // about: every shape here has 6 or 8 rows a tile
     for (int64_t p = a.p_begin; p < a.p_end; ++p) {
       const Panel& panel = a.panels[p];
       const acc_t* data = a.packed + panel.offset;
+      const bool first_pass = p == a.p_begin && !block_fetched;
+      Lookahead ahead;
+      if (look_ahead) {
+        const int64_t i = p - a.p_begin, from = next_lines * i / npanels, to = next_lines * (i + 1) / npanels;
+        ahead = {next_block + 64 * from, to - from, (to - from + tiles - 1) / tiles};
+      }
       switch (panel.kind) {
         case 0:
           scan_panel<acc_t, s0.vec_bytes, s0.vecs, s0.rows>(data, a.d, base, stride, 0, rows, b0, *a.lists,
-                                                            panel.lane0, a.valid_lanes);
+                                                            panel.lane0, a.valid_lanes, first_pass, ahead);
           break;
         case 1:
           scan_panel<acc_t, s1.vec_bytes, s1.vecs, s1.rows>(data, a.d, base, stride, 0, rows, b0, *a.lists,
-                                                            panel.lane0, a.valid_lanes);
+                                                            panel.lane0, a.valid_lanes, first_pass, ahead);
           break;
         case 2:
           scan_panel<acc_t, s2.vec_bytes, s2.vecs, s2.rows>(data, a.d, base, stride, 0, rows, b0, *a.lists,
-                                                            panel.lane0, a.valid_lanes);
+                                                            panel.lane0, a.valid_lanes, first_pass, ahead);
           break;
         default:
           scan_dot<acc_t>(data, panel.width, a.d, base, stride, rows, b0, *a.lists, panel.lane0);
           break;
       }
     }
+    block_fetched = look_ahead;
   }
 }
 

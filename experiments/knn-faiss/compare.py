@@ -28,6 +28,7 @@ Usage (from the repository root, npid_kernels built in place):
 from __future__ import annotations
 
 import argparse
+import datetime
 import ctypes
 import json
 import os
@@ -298,7 +299,8 @@ def main(argv=None):
         skipped["faiss"] = faiss_problem()
         names.remove("faiss")
         print(f"faiss skipped: {skipped['faiss']}", file=sys.stderr)
-    out = {"environment": environment(args.threads), "repeats": args.repeats, "skipped": skipped, "shapes": []}
+    out = {"environment": environment(args.threads), "repeats": args.repeats, "skipped": skipped,
+           "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "shapes": []}
     for shape in args.shapes.split(","):
         Q, n = (int(v) for v in shape.lower().split("x"))
         row = run_shape(Q, n, args.d, args.k, args.threads, args.repeats, names, args.check_queries)
