@@ -84,7 +84,7 @@ NPID_ALWAYS_INLINE void store_vector(T* p, const V& v) {
 }
 
 // x . rows[i] in vector lanes for kRows bank rows at once (a sample's pairs in one tile of the
-// bank, tile_order.h): each vector of x is loaded once for all of them. Two accumulators per
+// bank, pair_order.h): each vector of x is loaded once for all of them. Two accumulators per
 // row keep the multiply-add chains shorter than the loads.
 template <int kRows, typename acc_t>
 NPID_ALWAYS_INLINE void dot_products_lanes(const acc_t* __restrict__ x,
