@@ -184,13 +184,21 @@ def render_figure3(rows: List[Dict], unfinished: List[str]) -> str:
     return _finish(lines, unfinished)
 
 
-def plot_figure3(rows: List[Dict], path: str) -> bool:
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_figure3(rows: List[Dict], path: str) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     for r in rows:
@@ -273,12 +281,8 @@ def render_figure4(rows: List[Dict], unfinished: List[str]) -> str:
 
 
 def plot_figure4(rows: List[Dict], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     points = [r for r in rows if r["knn"] is not None]

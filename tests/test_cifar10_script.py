@@ -25,13 +25,17 @@ def cifar10_cpu(data, out, **env):
                           env=environ, capture_output=True, text=True, timeout=1500)
 
 
-@pytest.fixture
-def tiny_cifar(tmp_path):
-    rng = np.random.default_rng(8)
-    path = tmp_path / "c.npz"
-    np.savez(path, train_x=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), train_y=np.arange(40) % 10,
+def random_cifar_npz(path, train_images, seed):
+    rng = np.random.default_rng(seed)
+    np.savez(path, train_x=rng.integers(0, 255, (train_images, 32, 32, 3), dtype=np.uint8),
+             train_y=np.arange(train_images) % 10,
              test_x=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), test_y=np.arange(10) % 10)
     return path
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    return random_cifar_npz(tmp_path / "c.npz", 40, seed=8)
 
 
 @pytest.mark.slow
@@ -87,11 +91,7 @@ def test_figure3_stage_runs_the_lambdas_and_measures_the_oscillation(tmp_path, t
 @pytest.fixture
 def small_cifar(tmp_path):
     """100 training images: 10% of them still fill a batch and a few negatives."""
-    rng = np.random.default_rng(9)
-    path = tmp_path / "s.npz"
-    np.savez(path, train_x=rng.integers(0, 255, (100, 32, 32, 3), dtype=np.uint8), train_y=np.arange(100) % 10,
-             test_x=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), test_y=np.arange(10) % 10)
-    return path
+    return random_cifar_npz(tmp_path / "s.npz", 100, seed=9)
 
 
 @pytest.mark.slow
