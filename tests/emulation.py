@@ -11,22 +11,19 @@ runtime and point here); NPID_TEST_DEVICES=emu restricts the matrix to the emula
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
 from npid_kernels import ops
+from script_modules import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _loaded: str | None = None
 
 
 def build_script():
-    spec = importlib.util.spec_from_file_location("build_emu", os.path.join(ROOT, "scripts", "build_emu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/build_emu.py")
 
 
 def load() -> str:

@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+from script_modules import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -25,11 +27,7 @@ def test_readme_main_job_uses_the_driver_on_the_default_dataset():
 def test_generated_tables_agree_with_the_committed_files():
     """README.md's and docs/performance-history.md's tables are what scripts/readme_tables.py
     writes from the committed results today."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_script("scripts/readme_tables.py")
     for path, blocks in tables.BLOCKS.items():
         text = (ROOT / path).read_text()
         assert tables.render(text, blocks, path) == text, f"{path} is stale: run python scripts/readme_tables.py"
@@ -37,11 +35,7 @@ def test_generated_tables_agree_with_the_committed_files():
 
 def test_the_readme_check_fails_on_an_edited_number(tmp_path, monkeypatch):
     """The check has teeth: a number typed over in a generated block is caught."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_script("scripts/readme_tables.py")
     text = (ROOT / "README.md").read_text()
     begin = text.index("<!-- BEGIN generated: digits -->")
     edited = text[:begin] + text[begin:].replace("%", "1%", 1)

@@ -11,6 +11,7 @@ from npid_kernels import reference as R
 from npid_kernels.nn import NPIDLoss
 
 from conftest import relative_error, unit_rows
+from script_modules import load_script
 
 T = 0.07
 
@@ -309,14 +310,7 @@ def test_exclude_positive_effect_script_measures_collisions():
     """experiments/exclude-positive/exclude_positive_effect.py on a random bank: at n = 10 with
     K = 9 about 0.9 negatives per sample are the positive and carry part of the gradient weight;
     excluding them changes the gradient; at n = 5,000 collisions are rare."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                        "exclude-positive", "exclude_positive_effect.py")
-    spec = importlib.util.spec_from_file_location("exclude_positive_effect", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("experiments/exclude-positive/exclude_positive_effect.py")
     bank = unit_rows(5000, 16, dtype=torch.float32)
     small = script.measure(bank, 10, 9, "per-sample", "nce", B=64)
     assert 0.5 < small["collisions_per_sample"] < 1.4
@@ -330,14 +324,7 @@ def test_exclude_positive_effect_script_measures_collisions():
 def test_exclude_positive_training_script_pairs_runs_by_seed():
     """experiments/exclude-positive/exclude_positive_training.py's table: per row, excluded - kept
     paired by seed."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                        "exclude-positive", "exclude_positive_training.py")
-    spec = importlib.util.spec_from_file_location("exclude_positive_training", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("experiments/exclude-positive/exclude_positive_training.py")
     runs = []
     for i, row in enumerate(script.ROWS):
         for seed, base in ((0, 90.0), (1, 80.0)):
