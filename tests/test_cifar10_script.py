@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from script_modules import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("STAGES", "EXTRA", "HOLDOUT", "ARCH", "WIDTH", "AUGMENT", "EPOCHS")
 
@@ -111,6 +113,19 @@ def test_scale_stage_varies_the_embedding_size_and_the_training_fraction(tmp_pat
         assert r["train_images"] == images and r["low_dim"] == 128 and r["eval_images"] == 10
     text = (out / "scale.md").read_text()
     assert "| 256 | 100 |" in text and "| 10% | 10 |" in text and "| 30% | 30 |" in text
+
+
+def test_scale_report_sets_imagenet_numbers_only_beside_their_own_setting():
+    """The ImageNet/ResNet18 column holds a number only where a cited source gives one (d = 128 on all
+    the images); every other row says it has none."""
+    report = load_script("scripts/cifar10_report.py")
+    rows = [dict(row=f"r{d}-{fraction}", low_dim=d, train_fraction=fraction, train_images=int(50000 * fraction),
+                 knn_features=40.0, knn_bank=38.0, linear_lowdim=45.0, linear_pooled=47.0, train_minutes=15.0)
+            for d, fraction in ((32, 1.0), (128, 1.0), (128, 0.1))]
+    lines = {line.split("`")[1]: line for line in report.render_scale(rows, []).splitlines() if "`r" in line}
+    assert "| 41.0 |" in lines["r128-1.0"]
+    assert "41.0" not in lines["r32-1.0"] and "| — |" in lines["r32-1.0"]
+    assert "41.0" not in lines["r128-0.1"] and "| — |" in lines["r128-0.1"]
 
 
 @pytest.mark.slow
