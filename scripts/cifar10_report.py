@@ -362,7 +362,9 @@ def main_figure3(out_dir: str) -> int:
     text = render_figure3(rows, unfinished)
     if rows and not plot_figure3(rows, os.path.join(out_dir, "figure3.png")):
         text += "\n(matplotlib is not installed: figure3.png was not drawn)\n"
-    _write_stage(out_dir, "figure3", text, {"stage": "figure3", "rows": rows, "unfinished": unfinished})
+    # The per-step series stay in each row's steps.csv; the JSON keeps what the table reports.
+    summary = [{k: v for k, v in r.items() if k not in ("steps", "nce_loss", "total_loss")} for r in rows]
+    _write_stage(out_dir, "figure3", text, {"stage": "figure3", "rows": summary, "unfinished": unfinished})
     return 0
 
 

@@ -201,6 +201,34 @@ def cifar10_block() -> str:
     return text
 
 
+CIFAR10_DIR = "results/cifar10-cpu"
+
+
+def _not_run_yet(expected, rows) -> str:
+    done = {r["row"] for r in rows}
+    missing = [rel for rel in expected if rel not in done]
+    return " Rows not run yet: " + ", ".join(missing) + "." if missing else ""
+
+
+def cifar10_figure3_block() -> str:
+    """The figure3 stage's report of the committed rows: each lambda's loss oscillation and kNN."""
+    report = _cifar10_report()
+    rows = report.figure3_rows(os.path.join(ROOT, CIFAR10_DIR))
+    text = report.render_figure3(rows, []).rstrip("\n")
+    text += (f"\n\nFiles: each row's `steps.csv` and `results.json` under `{CIFAR10_DIR}/`; the curves: "
+             f"`{CIFAR10_DIR}/figure3.png`." if rows else "")
+    return text + _not_run_yet(report.FIGURE3_ROWS.values(), rows)
+
+
+def cifar10_scale_block() -> str:
+    """The scale stage's report of the committed rows: embedding size and training-set fraction."""
+    report = _cifar10_report()
+    rows = report.scale_rows(os.path.join(ROOT, CIFAR10_DIR))
+    text = report.render_scale(rows, []).rstrip("\n")
+    text += f"\n\nFiles: each row's `results.json` under `{CIFAR10_DIR}/`." if rows else ""
+    return text + _not_run_yet(report.SCALE_ROWS.values(), rows)
+
+
 def history_block() -> str:
     """One row per committed pytest-benchmark run that timed the B=64, K=4096 NCE fp32 step."""
     lines = ["| file | measured (UTC) | commit | threads | PyTorch | torch.compile | npid, idx | npid, in-kernel "
@@ -291,7 +319,8 @@ def knn_block() -> str:
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "README.md": {"digits": digits_block, "performance-cpu": performance_block,
                   "accuracy-fashion-mnist": fashion_mnist_block, "knn-cpu": knn_block,
-                  "accuracy-cifar10": cifar10_block},
+                  "accuracy-cifar10": cifar10_block, "cifar10-figure3": cifar10_figure3_block,
+                  "cifar10-scale": cifar10_scale_block},
     "docs/performance-history.md": {"history": history_block},
     "docs/training.md": {"proximal-cost": proximal_cost_block},
 }
