@@ -215,10 +215,8 @@ def plot_figure3(rows: List[Dict], path: str) -> bool:
     return True
 
 
-# ImageNet/ResNet18 numbers for the scale stage's settings, by (d, fraction). Only d = 128 on all of
-# ImageNet has a source here: lemniscate's README gives its released ResNet18 (NCE, m = 4096) 41.0%
-# top-1 nearest neighbour. The paper's other Table 4/5 entries are in no source this repo can cite,
-# so they are left out rather than quoted from memory.
+# ImageNet/ResNet18 numbers beside the scale stage's settings, by (d, fraction): only those a source
+# here can be cited for (IMAGENET_SOURCE), never numbers from memory.
 IMAGENET_RESNET18 = {(128, 1.0): 41.0}
 IMAGENET_SOURCE = ("ImageNet/ResNet18: lemniscate.pytorch's README, its released ResNet18 (NCE m = 4096, d = 128, "
                    "all of ImageNet), top-1 nearest neighbour; the paper's other Table 4/5 entries are not in any "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import functools
 import glob
 import json
 import os
@@ -173,9 +174,11 @@ def fashion_mnist_block() -> str:
     return "\n".join(lines)
 
 
-CIFAR10_TABLE = "results/cifar10-cpu/table.json"
+CIFAR10_DIR = "results/cifar10-cpu"
+CIFAR10_TABLE = f"{CIFAR10_DIR}/table.json"
 
 
+@functools.lru_cache(maxsize=None)
 def _cifar10_report():
     import importlib.util
 
@@ -199,9 +202,6 @@ def cifar10_block() -> str:
     if missing:
         text += " Rows not run yet: " + ", ".join(missing) + "."
     return text
-
-
-CIFAR10_DIR = "results/cifar10-cpu"
 
 
 def _not_run_yet(expected, rows) -> str:
