@@ -229,6 +229,15 @@ def cifar10_scale_block() -> str:
     return text + _not_run_yet(report.SCALE_ROWS.values(), rows)
 
 
+def cifar10_figure4_block() -> str:
+    """The figure4 stage's report of the committed run: training loss and weighted kNN after each epoch."""
+    report = _cifar10_report()
+    rows = report.figure4_rows(os.path.join(ROOT, CIFAR10_DIR))
+    if not rows:
+        return f"Not run yet: `{report.FIGURE4_ROW}`."
+    return report.render_figure4(rows, []).rstrip("\n") + f"\n\nThe curve: `{CIFAR10_DIR}/figure4.png`."
+
+
 def history_block() -> str:
     """One row per committed pytest-benchmark run that timed the B=64, K=4096 NCE fp32 step."""
     lines = ["| file | measured (UTC) | commit | threads | PyTorch | torch.compile | npid, idx | npid, in-kernel "
@@ -320,7 +329,7 @@ BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "README.md": {"digits": digits_block, "performance-cpu": performance_block,
                   "accuracy-fashion-mnist": fashion_mnist_block, "knn-cpu": knn_block,
                   "accuracy-cifar10": cifar10_block, "cifar10-figure3": cifar10_figure3_block,
-                  "cifar10-scale": cifar10_scale_block},
+                  "cifar10-scale": cifar10_scale_block, "cifar10-figure4": cifar10_figure4_block},
     "docs/performance-history.md": {"history": history_block},
     "docs/training.md": {"proximal-cost": proximal_cost_block},
 }
