@@ -19,7 +19,8 @@
 #           per-step loss (steps.csv) in OUT_DIR/figure3.png.
 #   scale   CIFAR-10 analogues of the paper's ImageNet Tables 4 and 5, NCE m = 4096 (Z per step):
 #           embedding size d = 32, 64, 256 and training-set fraction 10%, 30% (the bank holds only
-#           the fraction; kNN on all test images); d = 128 at 100% is the table's nce-4096-seed0.
+#           the fraction; kNN on all test images), each fraction also untrained (--epochs 0) as
+#           its own kNN floor; d = 128 at 100% is the table's nce-4096-seed0 (floor: random-init-seed0).
 #   figure4 the paper's Figure 4 analogue: NCE m = 4096 (Z per step) with the weighted kNN evaluated
 #           after every epoch, drawn against the training loss in OUT_DIR/figure4.png.
 # A finished row (OUT_DIR/<stage>/<row>/results.json) is skipped and an unfinished one continues
@@ -132,6 +133,10 @@ for stage in $STAGES; do
         done
         for fraction in 0.1 0.3; do
             row scale "nce-4096-fraction$fraction-seed0" "${enc[@]}" "${nce4096[@]}" --train-fraction "$fraction"
+        done
+        for fraction in 0.1 0.3; do  # the same seed picks the same images as the trained row
+            row scale "random-init-fraction$fraction-seed0" "${enc[@]}" --loss softmax --epochs 0 --seed 0 \
+                --train-fraction "$fraction"
         done
         ;;
     figure4)

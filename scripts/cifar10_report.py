@@ -227,6 +227,11 @@ SCALE_ROWS = OrderedDict([((32, 1.0), "scale/nce-4096-d32-seed0"), ((64, 1.0), "
                           ((128, 1.0), "table/nce-4096-seed0"), ((256, 1.0), "scale/nce-4096-d256-seed0"),
                           ((128, 0.1), "scale/nce-4096-fraction0.1-seed0"),
                           ((128, 0.3), "scale/nce-4096-fraction0.3-seed0")])
+# The untrained encoder with the bank of each fraction: a smaller bank alone lowers the kNN, so each
+# fraction is set beside its own floor (same seed, so the same images) rather than the 50,000's.
+SCALE_RANDOM_INIT = OrderedDict([(0.1, "scale/random-init-fraction0.1-seed0"),
+                                 (0.3, "scale/random-init-fraction0.3-seed0"), (1.0, "table/random-init-seed0")])
+SCALE_STAGE_ROWS = list(SCALE_ROWS.values()) + [rel for rel in SCALE_RANDOM_INIT.values() if rel.startswith("scale/")]
 
 
 def scale_rows(out_dir: str) -> List[Dict]:
@@ -241,6 +246,9 @@ def scale_rows(out_dir: str) -> List[Dict]:
         r.update({"row": rel, "low_dim": res.get("low_dim"), "train_fraction": fraction})
         if r["low_dim"] != d:
             raise SystemExit(f"{rel}: results.json says low_dim {r['low_dim']}, the stage expects {d}")
+        if d == 128:
+            floor = _row(out_dir, SCALE_RANDOM_INIT[fraction])
+            r["random_init_knn_features"] = None if floor is None else floor["knn_features"]
         rows.append(r)
     return rows
 
@@ -252,12 +260,15 @@ def render_scale(rows: List[Dict], unfinished: List[str]) -> str:
     for title, varies, key in (("Embedding size (the paper's Table 4)", "d", "low_dim"),
                                ("Training-set fraction (the paper's Table 5)", "fraction of the 50,000", "train_fraction")):
         chosen = [r for r in rows if (r["train_fraction"] == 1.0 if key == "low_dim" else r["low_dim"] == 128)]
-        lines += [f"{title}:", "", f"| {varies} | training images | kNN, features | kNN, bank | linear probe, 128-d "
-                  "or d | linear probe, pooled | training minutes | ImageNet/ResNet18 | row |",
-                  "|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+        floor = key == "train_fraction"
+        lines += [f"{title}:", "", f"| {varies} | training images | kNN, features | "
+                  + ("kNN, features, untrained encoder on the same images | " if floor else "")
+                  + "kNN, bank | linear probe, 128-d or d | linear probe, pooled | training minutes | ImageNet/ResNet18 "
+                  "| row |", "|--:|--:|--:|" + ("--:|" if floor else "") + "--:|--:|--:|--:|--:|---|"]
         for r in sorted(chosen, key=lambda r: r[key]):
             value = f"{r[key]:g}" if key == "low_dim" else f"{100 * r[key]:g}%"
-            lines.append(f"| {value} | {r['train_images']:,} | {_f(r['knn_features'])} | {_f(r['knn_bank'])} "
+            untrained = f" {_f(r.get('random_init_knn_features'))} |" if floor else ""
+            lines.append(f"| {value} | {r['train_images']:,} | {_f(r['knn_features'])} |{untrained} {_f(r['knn_bank'])} "
                          f"| {_f(r['linear_lowdim'])} | {_f(r['linear_pooled'])} | {_f(r['train_minutes'], 1)} "
                          f"| {IMAGENET_RESNET18.get((r['low_dim'], r['train_fraction']), '—')} | `{r['row']}` |")
         lines.append("")
@@ -315,10 +326,14 @@ def _write_stage(out_dir: str, stage: str, text: str, payload: Dict) -> None:
     print(text)
 
 
+def scale_rows_to_run(out_dir: str) -> List[str]:
+    """The scale stage's rows without a results.json yet, started or not."""
+    return [rel for rel in SCALE_STAGE_ROWS if not os.path.exists(os.path.join(out_dir, rel, "results.json"))]
+
+
 def main_scale(out_dir: str) -> int:
     rows = scale_rows(out_dir)
-    done = {r["row"] for r in rows}
-    unfinished = [rel for rel in SCALE_ROWS.values() if rel not in done and os.path.isdir(os.path.join(out_dir, rel))]
+    unfinished = [rel for rel in scale_rows_to_run(out_dir) if os.path.isdir(os.path.join(out_dir, rel))]
     _write_stage(out_dir, "scale", render_scale(rows, unfinished), {"stage": "scale", "rows": rows, "unfinished": unfinished})
     return 0
 

@@ -223,10 +223,12 @@ def cifar10_figure3_block() -> str:
 def cifar10_scale_block() -> str:
     """The scale stage's report of the committed rows: embedding size and training-set fraction."""
     report = _cifar10_report()
-    rows = report.scale_rows(os.path.join(ROOT, CIFAR10_DIR))
+    folder = os.path.join(ROOT, CIFAR10_DIR)
+    rows = report.scale_rows(folder)
     text = report.render_scale(rows, []).rstrip("\n")
     text += f"\n\nFiles: each row's `results.json` under `{CIFAR10_DIR}/`." if rows else ""
-    return text + _not_run_yet(report.SCALE_ROWS.values(), rows)
+    to_run = report.scale_rows_to_run(folder)
+    return text + (" Rows not run yet: " + ", ".join(to_run) + "." if to_run else "")
 
 
 def cifar10_figure4_block() -> str:

@@ -111,8 +111,13 @@ def test_scale_stage_varies_the_embedding_size_and_the_training_fraction(tmp_pat
     for fraction, images in ((0.1, 10), (0.3, 30)):
         r = rows[f"scale/nce-4096-fraction{fraction}-seed0"]
         assert r["train_images"] == images and r["low_dim"] == 128 and r["eval_images"] == 10
+        # Each fraction's floor: the untrained encoder with the same images in its bank.
+        floor = json.loads((out / "scale" / f"random-init-fraction{fraction}-seed0" / "results.json").read_text())
+        assert floor["epochs"] == 0 and floor["train_images"] == images
+        assert r["random_init_knn_features"] == floor["knn_top1_features"]
     text = (out / "scale.md").read_text()
     assert "| 256 | 100 |" in text and "| 10% | 10 |" in text and "| 30% | 30 |" in text
+    assert "untrained encoder on the same images" in text
 
 
 def test_scale_report_sets_imagenet_numbers_only_beside_their_own_setting():
@@ -122,6 +127,8 @@ def test_scale_report_sets_imagenet_numbers_only_beside_their_own_setting():
     rows = [dict(row=f"r{d}-{fraction}", low_dim=d, train_fraction=fraction, train_images=int(50000 * fraction),
                  knn_features=40.0, knn_bank=38.0, linear_lowdim=45.0, linear_pooled=47.0, train_minutes=15.0)
             for d, fraction in ((32, 1.0), (128, 1.0), (128, 0.1))]
+    for r in rows[1:]:
+        r["random_init_knn_features"] = 30.0
     lines = {line.split("`")[1]: line for line in report.render_scale(rows, []).splitlines() if "`r" in line}
     assert "| 41.0 |" in lines["r128-1.0"]
     assert "41.0" not in lines["r32-1.0"] and "| — |" in lines["r32-1.0"]
