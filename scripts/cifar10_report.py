@@ -261,10 +261,11 @@ def render_scale(rows: List[Dict], unfinished: List[str]) -> str:
                                ("Training-set fraction (the paper's Table 5)", "fraction of the 50,000", "train_fraction")):
         chosen = [r for r in rows if (r["train_fraction"] == 1.0 if key == "low_dim" else r["low_dim"] == 128)]
         floor = key == "train_fraction"
-        lines += [f"{title}:", "", f"| {varies} | training images | kNN, features | "
-                  + ("kNN, features, untrained encoder on the same images | " if floor else "")
-                  + "kNN, bank | linear probe, 128-d or d | linear probe, pooled | training minutes | ImageNet/ResNet18 "
-                  "| row |", "|--:|--:|--:|" + ("--:|" if floor else "") + "--:|--:|--:|--:|--:|---|"]
+        columns = ([varies, "training images", "kNN, features"]
+                   + (["kNN, features, untrained encoder on the same images"] if floor else [])
+                   + ["kNN, bank", "linear probe, 128-d or d", "linear probe, pooled", "training minutes",
+                      "ImageNet/ResNet18", "row"])
+        lines += [f"{title}:", "", "| " + " | ".join(columns) + " |", "|" + "--:|" * (len(columns) - 1) + "---|"]
         for r in sorted(chosen, key=lambda r: r[key]):
             value = f"{r[key]:g}" if key == "low_dim" else f"{100 * r[key]:g}%"
             untrained = f" {_f(r.get('random_init_knn_features'))} |" if floor else ""
@@ -326,14 +327,14 @@ def _write_stage(out_dir: str, stage: str, text: str, payload: Dict) -> None:
     print(text)
 
 
-def scale_rows_to_run(out_dir: str) -> List[str]:
-    """The scale stage's rows without a results.json yet, started or not."""
-    return [rel for rel in SCALE_STAGE_ROWS if not os.path.exists(os.path.join(out_dir, rel, "results.json"))]
+def rows_to_run(out_dir: str, rels) -> List[str]:
+    """Those of the rows `rels` (paths under out_dir) without a results.json yet, started or not."""
+    return [rel for rel in rels if not os.path.exists(os.path.join(out_dir, rel, "results.json"))]
 
 
 def main_scale(out_dir: str) -> int:
     rows = scale_rows(out_dir)
-    unfinished = [rel for rel in scale_rows_to_run(out_dir) if os.path.isdir(os.path.join(out_dir, rel))]
+    unfinished = [rel for rel in rows_to_run(out_dir, SCALE_STAGE_ROWS) if os.path.isdir(os.path.join(out_dir, rel))]
     _write_stage(out_dir, "scale", render_scale(rows, unfinished), {"stage": "scale", "rows": rows, "unfinished": unfinished})
     return 0
 

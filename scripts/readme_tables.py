@@ -204,9 +204,8 @@ def cifar10_block() -> str:
     return text
 
 
-def _not_run_yet(expected, rows) -> str:
-    done = {r["row"] for r in rows}
-    missing = [rel for rel in expected if rel not in done]
+def _not_run_yet(report, rels) -> str:
+    missing = report.rows_to_run(os.path.join(ROOT, CIFAR10_DIR), rels)
     return " Rows not run yet: " + ", ".join(missing) + "." if missing else ""
 
 
@@ -217,18 +216,16 @@ def cifar10_figure3_block() -> str:
     text = report.render_figure3(rows, []).rstrip("\n")
     text += (f"\n\nFiles: each row's `steps.csv` and `results.json` under `{CIFAR10_DIR}/`; the curves: "
              f"`{CIFAR10_DIR}/figure3.png`." if rows else "")
-    return text + _not_run_yet(report.FIGURE3_ROWS.values(), rows)
+    return text + _not_run_yet(report, report.FIGURE3_ROWS.values())
 
 
 def cifar10_scale_block() -> str:
     """The scale stage's report of the committed rows: embedding size and training-set fraction."""
     report = _cifar10_report()
-    folder = os.path.join(ROOT, CIFAR10_DIR)
-    rows = report.scale_rows(folder)
+    rows = report.scale_rows(os.path.join(ROOT, CIFAR10_DIR))
     text = report.render_scale(rows, []).rstrip("\n")
     text += f"\n\nFiles: each row's `results.json` under `{CIFAR10_DIR}/`." if rows else ""
-    to_run = report.scale_rows_to_run(folder)
-    return text + (" Rows not run yet: " + ", ".join(to_run) + "." if to_run else "")
+    return text + _not_run_yet(report, report.SCALE_STAGE_ROWS)
 
 
 def cifar10_figure4_block() -> str:
